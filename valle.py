@@ -246,22 +246,31 @@ class Codec:
         """A random EnCodec whose codes still follow the audio, for tests and offline demos.
 
         An untrained EncodecModel has all-zero codebooks (they wait for a k-means init), so it
-        would encode every frame to code 0. We fill each codebook with Gaussian vectors shaped
-        like that level's residuals on a fixed probe signal, so that nearest-neighbour codes
-        vary with the input. Its decoder is untrained: it turns codes into noise, not speech.
+        would encode every frame to code 0. We fill each codebook with encoder frames of a
+        speech-like probe signal (harmonics of a wandering pitch, noise bursts, pauses), level
+        by level on the residuals, plus a little jitter: a k-means init without iterations.
+        Codes then spread over many entries and vary with the input. Its decoder is untrained:
+        it turns codes into noise, not speech.
         """
         from encodec import EncodecModel
         with torch.random.fork_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch.manual_seed(seed)
             model = EncodecModel.encodec_model_24khz(pretrained=False)
-            t = torch.arange(2 * SAMPLE_RATE) / SAMPLE_RATE  # 2 s probe: chirp + noise bursts
-            probe = torch.sin(2 * math.pi * (100 + 400 * t) * t) + torch.randn_like(t) * (t % 0.5 < 0.25)
+            t = torch.arange(6 * SAMPLE_RATE) / SAMPLE_RATE  # 6 s probe
+            pitch = 80 + 300 * (1 + torch.sin(2 * math.pi * 0.7 * t))  # Hz
+            phase = 2 * math.pi * torch.cumsum(pitch, 0) / SAMPLE_RATE
+            voiced = sum(torch.sin(k * phase) / k for k in range(1, 12))
+            voiced = voiced * (torch.sin(2 * math.pi * 1.3 * t) > -0.3)  # with pauses
+            noise = torch.randn_like(t) * (torch.sin(2 * math.pi * 2.1 * t) > 0.6)  # fricatives
+            probe = 0.3 * voiced + 0.2 * noise
             with torch.no_grad():
-                residual = model.encoder(probe.view(1, 1, -1)).squeeze(0).T  # (T, 128)
+                residual = model.encoder(probe.view(1, 1, -1)).squeeze(0).T  # (450, 128)
                 for layer in model.quantizer.vq.layers:
                     book = layer._codebook
-                    book.embed.copy_(residual.mean(0) + residual.std(0) * torch.randn_like(book.embed))
+                    pick = torch.randint(0, len(residual), (book.embed.shape[0],))
+                    jitter = 0.1 * residual.std(0) * torch.randn_like(book.embed)
+                    book.embed.copy_(residual[pick] + jitter)  # (1024, 128)
                     book.inited.fill_(1)
                     residual = residual - book.dequantize(book.quantize(residual))
         return cls(model, f"untrained-seed{seed}")
@@ -530,15 +539,16 @@ class NARModel(nn.Module):
         h = h[:, L + 1 + prompt.shape[2]: L + 1 + prompt.shape[2] + T]  # target frames (B, T, d)
         return h @ self.code_embs[j].weight.T  # (B, T, 1024), tied head
 
-    def loss(self, text, text_lens, codes, code_lens, generator=None):
+    def loss(self, text, text_lens, codes, code_lens, generator=None, j=None):
         """Training loss (Eq. 17): split each utterance into prompt and target, draw j.
 
         The prompt is a random prefix (10-50% of the utterance, all 8 codebooks), the target
-        the rest; j ~ U{1..7} for the batch. Loss only on target frames of codebook j.
-        Returns (loss, top-1 accuracy, j).
+        the rest; j ~ U{1..7} for the batch unless given. Loss only on target frames of
+        codebook j. Returns (loss, top-1 accuracy, j).
         """
         device = codes.device
-        j = int(torch.randint(1, N_CODEBOOKS, (1,), generator=generator))
+        if j is None:
+            j = int(torch.randint(1, N_CODEBOOKS, (1,), generator=generator))
         frac = 0.1 + 0.4 * torch.rand(len(codes), generator=generator)
         lens = code_lens.cpu()
         split = torch.minimum((lens * frac).long().clamp(min=1), lens - 1)  # both parts non-empty

@@ -321,9 +321,9 @@ def test_test_codec_codes_follow_the_audio(codec):
 # --- learning --------------------------------------------------------------------
 
 def test_tiny_ar_and_nar_overfit_one_utterance(codec):
-    """Both losses fall from ~6.9 (uniform over 1024 codes) to under 0.2 in 200 steps (seen:
-    AR 0.005, NAR ~0.05), and the overfit AR then continues its own prompt with exactly the
-    training codes, <eos> included."""
+    """Both losses fall from ~6.9 (uniform over 1024 codes) in 250 steps: the AR to under 0.05
+    (seen: 0.003), the NAR, averaged over codebooks 1..7, to under 0.6 (seen: 0.15). The overfit
+    AR then continues its own prompt with exactly the training codes, <eos> included."""
     torch.manual_seed(0)
     t = torch.arange(int(1.2 * 24000)) / 24000
     codes = codec.encode(torch.sin(2 * math.pi * (150 + 300 * t) * t))[None]  # (1, 8, 90)
@@ -334,16 +334,18 @@ def test_tiny_ar_and_nar_overfit_one_utterance(codec):
     ar, nar = valle.ARModel(cfg), valle.NARModel(cfg)
     opt = torch.optim.AdamW(list(ar.parameters()) + list(nar.parameters()), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    first = None
-    for step in range(200):
+    nar_loss = lambda j: nar.loss(text, text_lens, codes, lens, torch.Generator().manual_seed(1), j)[0]  # noqa: E731
+    first = ar.loss(text, text_lens, codes, lens)[0].item(), nar_loss(3).item()
+    for step in range(250):
         ar_loss, _ = ar.loss(text, text_lens, codes, lens)
-        nar_loss, _, _ = nar.loss(text, text_lens, codes, lens, g)
-        first = first or (ar_loss.item(), nar_loss.item())
+        loss, _, _ = nar.loss(text, text_lens, codes, lens, g)
         opt.zero_grad()
-        (ar_loss + nar_loss).backward()
+        (ar_loss + loss).backward()
         opt.step()
     assert first[0] > 6.5 and first[1] > 6.5
-    assert ar_loss.item() < 0.2 and nar_loss.item() < 0.2
+    with torch.no_grad():
+        final_nar = sum(nar_loss(j).item() for j in range(1, 8)) / 7
+    assert ar_loss.item() < 0.05 and final_nar < 0.6, (ar_loss.item(), final_nar)
     ar.eval()
     prompt = codes[0, 0, :20]
     out = valle.generate_ar(ar, text, torch.ones_like(text, dtype=torch.bool), prompt, 100,
