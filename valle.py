@@ -215,6 +215,24 @@ def load_audio(path):
     return AF.resample(wav, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else wav
 
 
+def trim_silence(wav, threshold_db=-40.0, margin_s=0.05):
+    """Cut leading and trailing audio quieter than threshold_db below the peak (20 ms frames).
+
+    A voice prompt that ends in silence invites <eos>: in training, an utterance's final
+    silence is followed by <eos>, so the AR would stop right after such a prompt.
+    """
+    frame = SAMPLE_RATE // 50
+    if len(wav) < frame:
+        return wav
+    rms = wav[: len(wav) // frame * frame].view(-1, frame).pow(2).mean(1).sqrt()  # (frames,)
+    loud = (rms > rms.max() * 10 ** (threshold_db / 20)).nonzero()
+    if len(loud) == 0:
+        return wav[:0]
+    margin = int(margin_s * SAMPLE_RATE)
+    start = max(0, int(loud[0]) * frame - margin)
+    return wav[start: min(len(wav), (int(loud[-1]) + 1) * frame + margin)]
+
+
 class Codec:
     """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
 

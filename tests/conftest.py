@@ -21,3 +21,44 @@ def models():
     torch.manual_seed(0)
     cfg = valle.get_config("tiny", dropout=0.0)
     return valle.ARModel(cfg).eval(), valle.NARModel(cfg).eval()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(*args, env=None, cwd=ROOT, timeout=600):
+    """Run one of our scripts with this interpreter; returns the CompletedProcess."""
+    import subprocess
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                          env=full_env, timeout=timeout)
+
+
+def write_corpus(root, n_speakers=3, per_speaker=4, sr=16000):
+    """A tiny corpus in the folder layout: tones that change with the text, 0.8-1.6 s each."""
+    import numpy as np
+    import soundfile as sf
+    words = ["red", "green", "blue", "yellow", "quiet", "loud", "early", "late"]
+    rng = np.random.default_rng(0)
+    for s in range(n_speakers):
+        os.makedirs(os.path.join(root, f"spk{s}"), exist_ok=True)
+        for u in range(per_speaker):
+            text = " ".join(rng.choice(words, size=3)) + "."
+            seconds = 0.8 + 0.8 * rng.random()
+            t = np.arange(int(seconds * sr)) / sr
+            f0 = 120 + 60 * s + 40 * u
+            wav = 0.3 * np.sin(2 * np.pi * f0 * t * (1 + 0.3 * t)) + 0.02 * rng.standard_normal(len(t))
+            sf.write(os.path.join(root, f"spk{s}", f"u{u}.wav"), wav.astype(np.float32), sr)
+            with open(os.path.join(root, f"spk{s}", f"u{u}.txt"), "w") as f:
+                f.write(text)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A prepared tiny dataset (12 utterances, 3 speakers, untrained test codec)."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(root / "src"))
+    out = run_script("data/prepare.py", "--layout", "folder", "--src", str(root / "src"),
+                     "--out", str(root / "prepared"), "--codec", "untrained")
+    assert out.returncode == 0, out.stderr
+    return str(root / "prepared")

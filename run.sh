@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The quick start's two commands; each sets itself up (a venv in .venv from requirements.txt).
+#   bash run.sh demo   prepare the bundled demo data, train the tiny preset, speak a sentence
+#   bash run.sh test   run the test suite (extra arguments go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${VALLE_VENV:-.venv}"
+stamp="$VENV/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "== installing requirements into $VENV (once; torch is a large download)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r requirements.txt
+  rm -f "$VENV"/.requirements-* && touch "$stamp"
+fi
+PY="$VENV/bin/python"
+
+case "${1:-}" in
+  test)
+    shift
+    exec "$PY" -m pytest -q tests "$@"
+    ;;
+  demo)
+    STEPS="${DEMO_STEPS:-300}"
+    if [ ! -f data/prepared/demo/meta.json ]; then
+      "$PY" data/prepare.py --layout folder --src data/demo --out data/prepared/demo
+    fi
+    rm -rf runs/demo
+    "$PY" train.py --data data/prepared/demo --out runs/demo --preset tiny --max-steps "$STEPS" \
+      --lr 1e-3 --warmup 50 --batch-frames 3000 --eval-every 100 --log-every 25
+    "$PY" sample.py --checkpoint runs/demo/best.pt \
+      --prompt data/demo/us_female/us_female_03.flac \
+      --prompt-text "The train to the city leaves at half past nine." \
+      --text "The little boat drifted slowly toward the island." --out runs/demo/out.wav
+    ;;
+  *)
+    echo "usage: bash run.sh demo | bash run.sh test [pytest arguments]" >&2
+    exit 2
+    ;;
+esac

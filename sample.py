@@ -1,0 +1,168 @@
+"""
+Speak English text in the voice of a short recording.
+
+    python sample.py --checkpoint runs/demo/best.pt --text "Hello there." \
+        --prompt voice.wav --prompt-text "what voice.wav says" --out out.wav
+
+Prompting modes (VALL-E §5):
+  cross         (default) the prompt is another recording of the speaker; out.wav holds the
+                new sentence only
+  continuation  the prompt is the start of the utterance; out.wav holds prompt + continuation
+Several sentences at once: --text-file lines.txt (one per line) runs them as one batch and
+writes out_1.wav, out_2.wav, ... Errors print one line and exit with status 2, writing nothing.
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+import valle
+
+MIN_PROMPT_SECONDS = 1.0  # shorter prompts carry too little of the voice
+MAX_PROMPT_SECONDS = 10.0  # longer ones are cropped: the paper prompts with 3 s
+SILENCE_PEAK = 1e-3  # a prompt whose peak stays below this is silent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the sentence to speak")
+    text.add_argument("--text-file", help="a file of sentences, one per line, run as a batch")
+    p.add_argument("--prompt", required=True, help="voice prompt audio (WAV, FLAC, OGG; any rate)")
+    p.add_argument("--prompt-text", required=True, help="transcript of the prompt")
+    p.add_argument("--out", default="out.wav", help="output WAV (24 kHz)")
+    p.add_argument("--checkpoint", default="runs/demo/best.pt", help="from train.py")
+    p.add_argument("--mode", choices=["cross", "continuation"], default="cross")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same audio")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.8, help="nucleus; 0 = greedy (with RAS)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--ras-window", type=int, default=10, help="RAS: previous codes looked at (K)")
+    p.add_argument("--ras-threshold", type=float, default=0.1, help="RAS: repetition ratio t_r")
+    p.add_argument("--no-ras", action="store_true", help="plain nucleus sampling")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="samples per sentence (seeds seed, seed+1, ...), written as _c1, _c2, ...")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="cap on each output's length")
+    p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
+    return p.parse_args(argv)
+
+
+def output_paths(out, n_texts, n_candidates):
+    stem, ext = os.path.splitext(out)
+    names = []
+    for i in range(n_texts):
+        for c in range(n_candidates):
+            name = stem + (f"_{i + 1}" if n_texts > 1 else "") + (f"_c{c + 1}" if n_candidates > 1 else "")
+            names.append(name + ext)
+    return names  # text-major: [(text 1, cand 1), (text 1, cand 2), ...]
+
+
+def check_inputs(args):
+    """Everything that can be wrong with the input, before any work is done."""
+    if args.text_file:
+        if not os.path.isfile(args.text_file):
+            raise ValueError(f"no such text file: {args.text_file}")
+        with open(args.text_file, encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()]
+        if not texts:
+            raise ValueError(f"{args.text_file} holds no sentences")
+    else:
+        texts = [args.text]
+    for t in texts + [args.prompt_text]:
+        valle.text_to_ids(t)  # ValueError for empty or unpronounceable text
+    if not args.out.lower().endswith(".wav"):
+        raise ValueError(f"--out must name a .wav file, not {args.out}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write to {folder}: create it or choose another --out")
+    if not 0 <= args.top_p <= 1 or args.temperature <= 0 or args.candidates < 1:
+        raise ValueError("need 0 <= --top-p <= 1, --temperature > 0 and --candidates >= 1")
+    wav = valle.load_audio(args.prompt)
+    if wav.abs().max() < SILENCE_PEAK:
+        raise ValueError(f"the prompt {args.prompt} is silent: record some speech")
+    wav = valle.trim_silence(wav)  # leading and trailing silence
+    seconds = len(wav) / valle.SAMPLE_RATE
+    if seconds < MIN_PROMPT_SECONDS:
+        raise ValueError(f"the prompt holds {seconds:.2f} s of sound: give at least "
+                         f"{MIN_PROMPT_SECONDS} s of speech")
+    if seconds > MAX_PROMPT_SECONDS:
+        print(f"warning: prompt cropped to its first {MAX_PROMPT_SECONDS:.0f} s; "
+              "--prompt-text should say only what is spoken there", file=sys.stderr)
+        wav = wav[: int(MAX_PROMPT_SECONDS * valle.SAMPLE_RATE)]
+    return texts, wav
+
+
+def load_codec(kind, checkpoint):
+    if kind == "pretrained":
+        try:
+            return valle.Codec.pretrained(checkpoint)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}); offline, pass "
+                             "--encodec-checkpoint /path/to/encodec_24khz-d7cc33bc.th") from None
+    seed = int(kind.removeprefix("untrained-seed"))
+    print("note: this checkpoint was trained on codes of the untrained test codec (the pretrained "
+          "EnCodec was not available): the output is noise with the right timing, not speech.",
+          file=sys.stderr)
+    return valle.Codec.untrained(seed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    texts, prompt_wav = check_inputs(args)
+    cfg, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
+    if ar is None or nar is None:
+        raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
+                         "train both (train.py --models ar,nar)")
+    codec = load_codec(ckpt["codec"], args.encodec_checkpoint)
+    prompt_codes = codec.encode(prompt_wav).to(device)  # (8, Tp)
+    sampling = valle.Sampling(args.temperature, args.top_k, args.top_p, args.ras_window,
+                              args.ras_threshold, ras=not args.no_ras)
+
+    last_print = [0.0]
+
+    def progress(step, total):  # at most twice a second
+        if time.time() - last_print[0] > 0.5:
+            last_print[0] = time.time()
+            print(f"AR decoding: group {step} of at most {total}", file=sys.stderr, flush=True)
+
+    start = time.time()
+    results = [[] for _ in texts]
+    for c in range(args.candidates):
+        codes = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
+                               seed=args.seed + c, max_seconds=args.max_seconds, progress=progress)
+        for i, code in enumerate(codes):
+            if args.mode == "continuation":
+                code = torch.cat([prompt_codes, code], dim=1)
+            results[i].append(code)
+    waves = [codec.decode(code.cpu()) for per_text in results for code in per_text]
+    wall = time.time() - start
+
+    import soundfile as sf
+    audio_seconds = 0.0
+    for path, wav in zip(output_paths(args.out, len(texts), args.candidates), waves):
+        if len(wav) == 0:
+            print(f"warning: the model produced no speech for {path}; not written", file=sys.stderr)
+            continue
+        tmp = path + ".tmp"
+        sf.write(tmp, wav.clamp(-1, 1).numpy(), valle.SAMPLE_RATE, format="WAV", subtype="PCM_16")
+        os.replace(tmp, path)  # never a half-written file under the real name
+        audio_seconds += len(wav) / valle.SAMPLE_RATE
+        print(f"wrote {path}: {len(wav) / valle.SAMPLE_RATE:.2f} s")
+    print(f"{audio_seconds:.2f} s of audio in {wall:.2f} s on {device}: real-time factor "
+          f"{wall / max(audio_seconds, 1e-9):.3f} (wall / audio; below 1 is faster than real time)")
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

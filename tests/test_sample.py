@@ -1,0 +1,150 @@
+"""sample.py end to end, its bad inputs, and the README's two commands."""
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import valle
+from conftest import ROOT, run_script
+
+PROMPT_TEXT = "The train leaves at nine."
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random checkpoint (made here, untrained codec) and a 2-second voice prompt."""
+    d = tmp_path_factory.mktemp("sample")
+    torch.manual_seed(0)
+    cfg = valle.get_config("tiny", dropout=0.0)
+    valle.save_checkpoint(str(d / "model.pt"), config=cfg.to_dict(), phones=valle.PHONES,
+                          codec="untrained-seed0", ar=valle.ARModel(cfg).state_dict(),
+                          nar=valle.NARModel(cfg).state_dict())
+    t = np.arange(2 * 16000) / 16000
+    sf.write(d / "prompt.wav", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    return d
+
+
+def sample(d, *args, out="out.wav"):
+    base = {"--checkpoint": str(d / "model.pt"), "--prompt": str(d / "prompt.wav"),
+            "--prompt-text": PROMPT_TEXT, "--out": str(d / out), "--max-seconds": "1.5"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = [x for kv in base.items() for x in kv if x is not None]
+    if "--text" not in base and "--text-file" not in base:
+        argv += ["--text", "Hello world."]
+    return run_script("sample.py", *argv)
+
+
+def test_writes_24khz_wav_and_reports_the_real_time_factor(setup):
+    out = sample(setup, "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    audio, sr = sf.read(setup / "out.wav")
+    assert sr == 24000 and audio.ndim == 1 and 0 < len(audio) <= 1.5 * 24000 + 320
+    assert np.abs(audio).max() > 0.0
+    assert f"{len(audio) / 24000:.2f} s" in out.stdout and "real-time factor" in out.stdout
+    again = sample(setup, "--seed", "3", out="again.wav")
+    assert np.array_equal(sf.read(setup / "again.wav")[0], audio)  # a seed reproduces
+
+
+def test_continuation_mode_keeps_the_prompt(setup):
+    cross = sample(setup, "--top-p", "0", "--no-ras", out="cross.wav")
+    cont = sample(setup, "--top-p", "0", "--no-ras", "--mode", "continuation", out="cont.wav")
+    assert cross.returncode == 0 and cont.returncode == 0, cross.stderr + cont.stderr
+    n_cross = len(sf.read(setup / "cross.wav")[0])
+    n_cont = len(sf.read(setup / "cont.wav")[0])
+    assert n_cont == n_cross + 150 * 320  # + the 2 s prompt (nothing to trim): 150 frames
+
+
+def test_batch_of_sentences_and_candidates(setup):
+    (setup / "lines.txt").write_text("First sentence.\n\nSecond one, a bit longer.\n")
+    out = sample(setup, "--text-file", str(setup / "lines.txt"), "--candidates", "2", out="b.wav")
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in setup.iterdir() if p.name.startswith("b_"))
+    assert names == ["b_1_c1.wav", "b_1_c2.wav", "b_2_c1.wav", "b_2_c2.wav"]
+
+
+def bad(setup, *args, out="bad.wav", match):
+    result = sample(setup, *args, out=out)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0], result.stderr
+    assert not os.path.exists(setup / out) and not os.path.exists(setup / (out + ".tmp"))
+
+
+def test_bad_prompts(setup, tmp_path):
+    bad(setup, "--prompt", str(tmp_path / "missing.wav"), match="no such audio file")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really")
+    bad(setup, "--prompt", str(tmp_path / "junk.wav"), match="cannot read")
+    (tmp_path / "notes.txt").write_text("hello")
+    bad(setup, "--prompt", str(tmp_path / "notes.txt"), match="cannot read")
+    sf.write(tmp_path / "short.wav", np.full(8000, 0.2, np.float32), 16000)
+    bad(setup, "--prompt", str(tmp_path / "short.wav"), match="at least 1.0 s of speech")
+    sf.write(tmp_path / "silent.wav", np.zeros(48000, np.float32), 24000)
+    bad(setup, "--prompt", str(tmp_path / "silent.wav"), match="silent")
+
+
+def test_long_prompt_is_cropped_with_a_warning(setup, tmp_path):
+    t = np.arange(12 * 8000) / 8000
+    sf.write(tmp_path / "long.wav", np.stack([np.sin(2 * np.pi * 200 * t)] * 2, 1).astype(np.float32), 8000)
+    out = sample(setup, "--prompt", str(tmp_path / "long.wav"), "--mode", "continuation", out="long.wav")
+    assert out.returncode == 0 and "prompt cropped to its first 10 s" in out.stderr
+    assert len(sf.read(setup / "long.wav")[0]) >= 10 * 24000
+
+
+def test_bad_text_checkpoint_and_output(setup, tmp_path):
+    bad(setup, "--text", "", match="nothing to pronounce")
+    bad(setup, "--text", "?! 123"[:2], match="nothing to pronounce")
+    bad(setup, "--checkpoint", str(tmp_path / "none.pt"), match="no checkpoint")
+    ckpt = torch.load(setup / "model.pt", weights_only=True)
+    ckpt["config"]["d_model"] = 256  # weights from another config
+    valle.save_checkpoint(str(tmp_path / "other.pt"), **ckpt)
+    bad(setup, "--checkpoint", str(tmp_path / "other.pt"), match="do not fit its config")
+    ckpt["config"]["d_model"], ckpt["phones"] = 128, valle.PHONES[:-1]
+    valle.save_checkpoint(str(tmp_path / "phones.pt"), **ckpt)
+    bad(setup, "--checkpoint", str(tmp_path / "phones.pt"), match="another phone table")
+    bad(setup, out="no/such/folder/x.wav", match="cannot write")
+    bad(setup, out="x.mp3", match="must name a .wav")
+
+
+# --- the README's two commands -----------------------------------------------------
+
+def copy_project(dst):
+    for name in ["run.sh", "valle.py", "train.py", "sample.py", "requirements.txt"]:
+        shutil.copy(os.path.join(ROOT, name), dst)
+    shutil.copytree(os.path.join(ROOT, "data"), os.path.join(dst, "data"),
+                    ignore=shutil.ignore_patterns("prepared", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(dst, "tests"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def run_sh(cwd, *args, **env):
+    import subprocess
+    return subprocess.run(["bash", "run.sh", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "VALLE_VENV": sys.prefix, **env}, timeout=900)
+
+
+def test_readme_demo_command(tmp_path):
+    """`bash run.sh demo`, shortened to 3 training steps: prepares, trains, speaks."""
+    copy_project(tmp_path)
+    out = run_sh(tmp_path, "demo", DEMO_STEPS="3")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "80 utterances, 4 speakers" in out.stdout
+    assert "val      3 |" in out.stdout
+    audio, sr = sf.read(tmp_path / "runs" / "demo" / "out.wav")
+    assert sr == 24000 and len(audio) > 24000
+
+
+def test_readme_test_command(tmp_path):
+    """`bash run.sh test`, on a subset: it runs pytest and fails when a test fails."""
+    copy_project(tmp_path)
+    out = run_sh(tmp_path, "test", "tests/test_valle.py", "-k", "group_ungroup")
+    assert out.returncode == 0 and "4 passed" in out.stdout, out.stdout + out.stderr
+    (tmp_path / "tests" / "test_fails.py").write_text("def test_fails():\n    assert False\n")
+    out = run_sh(tmp_path, "test", "tests/test_fails.py")
+    assert out.returncode == 1 and "1 failed" in out.stdout
+    out = run_sh(tmp_path, "test", "tests/test_valle.py", "-k", "no_such_test")
+    assert out.returncode == 5  # pytest: no test ran, which fails CI too
