@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quick start's two commands; each sets itself up (a venv in .venv from requirements.txt).
 #   bash run.sh demo   prepare the bundled demo data, train the tiny preset, speak a sentence
-#   bash run.sh test   run the test suite (extra arguments go to pytest)
+#   bash run.sh test   run the test suite (arguments, if any, go to pytest instead of tests/)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VALLE_VENV:-.venv}"
@@ -18,10 +18,10 @@ PY="$VENV/bin/python"
 case "${1:-}" in
   test)
     shift
-    exec "$PY" -m pytest -q tests "$@"
+    exec "$PY" -m pytest -q "$@"  # all of tests/ (pytest.ini), or the files/options given
     ;;
   demo)
-    STEPS="${DEMO_STEPS:-300}"
+    STEPS="${DEMO_STEPS:-200}"
     if [ ! -f data/prepared/demo/meta.json ]; then
       "$PY" data/prepare.py --layout folder --src data/demo --out data/prepared/demo
     fi

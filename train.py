@@ -48,6 +48,8 @@ p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (VALL-
 p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (VALL-E: 32k)")
 p.add_argument("--weight-decay", type=float, default=0.01)
 p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+p.add_argument("--concat-prob", type=float, default=0.5,
+               help="chance that a training example is two utterances of one speaker joined")
 p.add_argument("--val-fraction", type=float, default=0.05, help="utterances held out")
 p.add_argument("--eval-every", type=int, default=200)
 p.add_argument("--log-every", type=int, default=20)
@@ -105,25 +107,55 @@ class Dataset:
         return self.phones[po: po + pn].astype(np.int64), self.codes[co: co + cn].T.astype(np.int64)
 
 
-def make_batches(data, ids, batch_frames, seed):
-    """Bucket by duration: sort by length (random ties), fill batches up to batch_frames padded
-    frames, shuffle the batches. Deterministic for a seed."""
-    rng = np.random.default_rng(seed)
-    ids = np.asarray(ids)[rng.permutation(len(ids))]
-    ids = ids[np.argsort(data.index[ids, 3], kind="stable")]
-    batches, current = [], []
+def make_examples(data, ids, concat_prob, rng, max_frames, max_text):
+    """Each utterance alone or, with probability concat_prob, followed by another utterance of
+    the same speaker. Inference reads prompt transcript + text and continues the prompt's
+    codes, so it runs longer than one training utterance: joined pairs train the positions
+    and the cross-utterance prompting that inference uses. Pairs must fit the model."""
+    by_speaker = {}
     for i in ids:
-        if current and data.index[i, 3] * (len(current) + 1) > batch_frames:
+        by_speaker.setdefault(data.index[i, 4], []).append(i)
+    examples = []
+    for i in ids:
+        same = by_speaker[data.index[i, 4]]
+        j = same[rng.integers(len(same))]
+        fits = (data.index[i, 3] + data.index[j, 3] <= max_frames
+                and data.index[i, 1] + data.index[j, 1] + 1 <= max_text)
+        examples.append((i, j) if rng.random() < concat_prob and j != i and fits else (i,))
+    return examples
+
+
+def make_batches(data, examples, batch_frames, rng):
+    """Bucket by duration: sort by length (random ties), fill batches up to batch_frames padded
+    frames, shuffle the batches. Deterministic for a generator's state."""
+    lengths = np.array([sum(data.index[i, 3] for i in ex) for ex in examples])
+    order = rng.permutation(len(examples))
+    order = order[np.argsort(lengths[order], kind="stable")]
+    batches, current = [], []
+    for k in order:
+        if current and lengths[k] * (len(current) + 1) > batch_frames:
             batches.append(current)
             current = []
-        current.append(int(i))
+        current.append(examples[k])
     batches.append(current)
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
-def collate(data, ids):
-    items = [data.item(i) for i in ids]
-    text, _ = valle.pad_ids([list(t) for t, _ in items])
+def epoch_batches(ids, epoch, concat_prob):
+    rng = np.random.default_rng(args.seed * 1000 + epoch)
+    examples = make_examples(data, ids, concat_prob, rng, cfg.max_frames, cfg.max_text_tokens)
+    return make_batches(data, examples, args.batch_frames, rng)
+
+
+def collate(data, examples):
+    """Examples (tuples of utterance ids) -> padded text (B, L), lengths, codes (B, 8, T), lengths."""
+    items = []
+    for ex in examples:
+        parts = [data.item(i) for i in ex]
+        text = sum(([valle.PHONE_ID[valle.WORD_BOUNDARY]] * (k > 0) + list(t)
+                    for k, (t, _) in enumerate(parts)), [])
+        items.append((text, np.concatenate([c for _, c in parts], axis=1)))
+    text, _ = valle.pad_ids([t for t, _ in items])
     T = max(c.shape[1] for _, c in items)
     codes = torch.zeros(len(items), valle.N_CODEBOOKS, T, dtype=torch.long)
     for k, (_, c) in enumerate(items):
@@ -134,11 +166,6 @@ def collate(data, ids):
 
 
 data = Dataset(args.data)
-order = np.random.default_rng(args.seed).permutation(len(data))
-n_val = max(1, round(args.val_fraction * len(data))) if len(data) > 1 else 0
-val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
-if not train_ids:
-    die(f"{args.data} has too few utterances to train on")
 
 # -----------------------------------------------------------------------------
 # Models, from scratch, a checkpoint to fine-tune, or our own last checkpoint
@@ -196,6 +223,17 @@ if args.compile:
     model = torch.compile(model)
 if ddp:
     model = nn.parallel.DistributedDataParallel(model)
+
+# Hold out a seeded fraction for validation; drop utterances longer than the position tables.
+fits = (data.index[:, 3] <= cfg.max_frames) & (data.index[:, 1] <= cfg.max_text_tokens)
+if not fits.all():
+    log(f"skipping {int((~fits).sum())} utterances longer than the model's {cfg.max_frames} frames "
+        f"or {cfg.max_text_tokens} phones")
+order = [int(i) for i in np.random.default_rng(args.seed).permutation(len(data)) if fits[i]]
+n_val = max(1, round(args.val_fraction * len(order))) if len(order) > 1 else 0
+val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
+if not train_ids:
+    die(f"{args.data} has too few utterances to train on")
 n_params = sum(p.numel() for p in raw.parameters())
 log(f"config {cfg.to_dict()} | {n_params / 1e6:.1f}M parameters | {args.models} | "
     f"{len(train_ids)} train / {len(val_ids)} val utterances | {world} process(es) on {device}")
@@ -229,8 +267,8 @@ def evaluate():
     raw.eval()
     g = torch.Generator().manual_seed(1234)  # the same prompt splits at every evaluation
     sums, count = {}, 0
-    for ids in make_batches(data, val_ids, args.batch_frames, seed=0):
-        text, text_lens, codes, code_lens = collate(data, ids)
+    for examples in epoch_batches(val_ids, 0, concat_prob=0.0):  # single utterances
+        text, text_lens, codes, code_lens = collate(data, examples)
         with autocast():
             if ar is not None:
                 loss, acc = ar.loss(text, text_lens, codes, code_lens)
@@ -262,7 +300,7 @@ def save(path, val):
 end = min(args.max_steps, args.stop_at or args.max_steps)
 t0, frames = time.time(), 0
 while step < end:
-    batches = make_batches(data, train_ids, args.batch_frames, seed=args.seed * 1000 + epoch)
+    batches = epoch_batches(train_ids, epoch, args.concat_prob)
     batches = batches[: len(batches) // world * world][rank::world]  # equal share per process
     if pos + args.grad_accum > len(batches):
         epoch, pos = epoch + 1, 0

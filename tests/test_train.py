@@ -22,11 +22,12 @@ def losses(stdout):
 
 
 def test_training_lowers_validation_loss_and_saves_a_loadable_checkpoint(prepared, tmp_path):
-    out = train(prepared, tmp_path, "--max-steps", "60", "--eval-every", "20", "--log-every", "20")
+    out = train(prepared, tmp_path, "--max-steps", "60", "--eval-every", "5", "--log-every", "20")
     assert out.returncode == 0, out.stderr
     vals = [(float(a), float(n)) for a, n in re.findall(r"val\s+\d+ \| ar ([\d.]+) nar ([\d.]+)", out.stdout)]
-    assert len(vals) == 3
-    assert vals[-1][0] < vals[0][0] - 0.3 and vals[-1][1] < vals[0][1] - 0.3, vals
+    assert len(vals) == 12
+    # seen: AR 6.78 -> 4.97, NAR 6.83 -> 5.45 from step 5 to step 60
+    assert vals[-1][0] < vals[0][0] - 1.0 and vals[-1][1] < vals[0][1] - 1.0, vals
     assert "top-1 accuracy per codebook 0:" in out.stdout
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)  # plain tensors and dicts only
     cfg, ar, nar, _ = valle.load_checkpoint(str(tmp_path / "best.pt"))
