@@ -21,7 +21,7 @@ case "${1:-}" in
     exec "$PY" -m pytest -q "$@"  # all of tests/ (pytest.ini), or the files/options given
     ;;
   demo)
-    STEPS="${DEMO_STEPS:-200}"
+    STEPS="${DEMO_STEPS:-300}"
     if [ ! -f data/prepared/demo/meta.json ]; then
       "$PY" data/prepare.py --layout folder --src data/demo --out data/prepared/demo
     fi
