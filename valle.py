@@ -680,7 +680,8 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
                          "use a shorter prompt or a smaller maximum duration")
     groups = prompt_groups.expand(B, Np, G)  # (B, Np, G)
     all_valid = lambda n: torch.ones(B, n, dtype=torch.bool, device=device)  # noqa: E731
-    history = prompt_groups.reshape(1, -1).expand(B, -1)  # (B, Np*G): RAS history
+    K = max(1, sampling.ras_window)
+    history = prompt_groups.reshape(1, -1)[:, -K:].expand(B, -1)  # (B, <=K): RAS history
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), max_groups * G, dtype=torch.long, device=device)
 
@@ -699,7 +700,7 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
             ended = ~done & (code == EOS)
             lengths = torch.where(ended, step * G + g, lengths)
             done |= ended
-            history = torch.cat([history, code[:, None]], dim=1)
+            history = torch.cat([history, code[:, None]], dim=1)[:, -K:]
             new.append(code)
         new = torch.stack(new, dim=1)[:, None]  # (B, 1, G)
         groups = torch.cat([groups, new], dim=1)  # (B, Np + step + 1, G)

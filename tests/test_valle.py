@@ -351,3 +351,14 @@ def test_tiny_ar_and_nar_overfit_one_utterance(codec):
     out = valle.generate_ar(ar, text, torch.ones_like(text, dtype=torch.bool), prompt, 100,
                             valle.Sampling(top_p=0.0, ras=False))[0]
     assert torch.equal(out, codes[0, 0, 20:])
+
+
+def test_trim_silence_cuts_both_ends_with_a_margin():
+    sr = valle.SAMPLE_RATE
+    tone = 0.5 * torch.sin(2 * math.pi * 200 * torch.arange(sr) / sr)
+    wav = torch.cat([torch.zeros(sr // 2), tone, torch.zeros(sr)])  # 0.5 s + 1 s + 1 s
+    out = valle.trim_silence(wav)
+    assert abs(len(out) - (sr + 2 * int(0.05 * sr))) <= sr // 50  # the tone and two 50 ms margins
+    assert out.abs().max() == tone.abs().max()
+    assert len(valle.trim_silence(torch.zeros(sr))) == 0
+    assert torch.equal(valle.trim_silence(tone), tone)
