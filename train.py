@@ -220,7 +220,7 @@ else:
 model = Both(ar, nar).train()
 raw = model  # the uncompiled, unwrapped module whose weights we save
 if args.compile:
-    model = torch.compile(model)
+    model = torch.compile(model, dynamic=True)  # batch shapes vary: avoid a compile per shape
 if ddp:
     model = nn.parallel.DistributedDataParallel(model)
 
