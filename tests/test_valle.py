@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 import valle
 from valle import EOS
@@ -79,6 +80,44 @@ def test_cached_decoding_matches_naive(G, top_p):
     for cached, naive in zip(*runs):
         assert len(cached) > 0
         assert torch.equal(cached, naive)
+
+
+@pytest.mark.skipif(not valle.USE_ONEDNN, reason="this torch has no oneDNN")
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64), (1, 1, 2, 64), "transposed"])
+def test_onednn_linear_matches_f_linear(shape):
+    torch.manual_seed(0)
+    x = torch.randn(64, 5).T if shape == "transposed" else torch.randn(*shape)
+    w, b = torch.randn(300, 64), torch.randn(300)
+    with torch.inference_mode():
+        for bias in (b, None):
+            assert torch.allclose(valle.linear(x, w, bias), F.linear(x, w, bias), atol=1e-5)
+    wg = w.clone().requires_grad_()
+    valle.linear(x, wg, b).sum().backward()  # training keeps the autograd path
+    assert torch.allclose(wg.grad, x.reshape(-1, 64).sum(0).expand(300, 64), atol=1e-4)
+
+
+@pytest.mark.skipif(not valle.USE_ONEDNN, reason="this torch has no oneDNN")
+def test_decoding_does_not_depend_on_the_cpu_kernel(models, monkeypatch):
+    ar, nar = models
+    text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
+    groups = torch.randint(0, 1024, (2, 9, ar.cfg.group_size))
+    codes = torch.randint(0, 1024, (2, 8, 18))
+
+    @torch.inference_mode()
+    def outputs():
+        x, v = ar.embed(text, valid, groups, torch.ones(2, 9, dtype=torch.bool))
+        cache = valle.KVCache(ar.cfg, 2, x.shape[1] + 1)
+        prefill = ar.logits(ar(x[:, :-1], v[:, :-1], cache))
+        step = ar.logits(ar(x[:, -1:], v[:, -1:], cache))  # one matrix-vector decode step
+        nar_logits = nar(text, valid, codes[..., :6], torch.ones(2, 6, dtype=torch.bool),
+                         codes[..., 6:], torch.ones(2, 12, dtype=torch.bool), 3)
+        return prefill, step, nar_logits
+
+    fast = outputs()
+    monkeypatch.setattr(valle, "USE_ONEDNN", False)
+    for a, b in zip(fast, outputs()):
+        assert a.abs().max() > 0.1  # real logits, not zeros
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
 def test_same_seed_same_codes_other_seed_other_codes(models):
