@@ -4,6 +4,7 @@ Speed and memory of VALL-E 2 on this machine: prints a table, asserts nothing.
     python bench.py --preset paper --threads 2          # the CPU figures in the README
     python bench.py --preset paper --device cuda --bf16
     python bench.py --preset tiny --quick               # a smoke run in seconds
+    python bench.py --preset paper --compile            # + the compiled decode step on a CPU
 
 Random weights (speed does not depend on them). <eos> is masked so that every run decodes the
 same number of steps. Warm-up before timing, the median of --repeats runs, CUDA synchronised.
@@ -27,6 +28,8 @@ p.add_argument("--prompt-seconds", type=float, default=3.0)
 p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
 p.add_argument("--bf16", action="store_true", help="bfloat16 weights for decoding")
 p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
+p.add_argument("--compile", action="store_true",
+               help="also time the compiled fixed-shape decode step (always on CUDA)")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 device = torch.device(args.device)
@@ -124,8 +127,9 @@ bws = read_bandwidths()
 for kernel, b in bws.items():
     row(f"matrix-vector read bandwidth, {kernel}", f"{b / 1e9:.1f} GB/s", "W x, 256 MB fp32 W")
 bw = max(bws.values())  # the floor is set by the fastest kernel, not by the one we use
-if cuda:
-    row("device copy bandwidth", f"{copy_bandwidth() / 1e9:.0f} GB/s", "read + write")
+if cuda:  # the GPU floor: weight bytes at the copy bandwidth (bytes read + written per second)
+    bw = max(bw, copy_bandwidth())
+    row("device copy bandwidth", f"{bw / 1e9:.0f} GB/s", "read + write; the floor uses it")
 ar_seconds = {}
 for G in (1, 2, 4, 8):
     torch.manual_seed(0)
@@ -133,9 +137,9 @@ for G in (1, 2, 4, 8):
     ar = NoEOS(cfg).to(device, dtype).eval()
     text, text_valid, prompt = make_inputs(cfg)
     steps = frames // G
-    run = lambda cache, n=steps: valle.generate_ar(  # noqa: E731
+    run = lambda cache, n=steps, compile=False: valle.generate_ar(  # noqa: E731
         ar, text, text_valid, prompt[0], n, valle.Sampling(), torch.Generator(device).manual_seed(0),
-        use_cache=cache)
+        use_cache=cache, compile=compile)
     total = timed(lambda: run(True))
     prefill = timed(lambda: run(True, 1))  # prefill + one step
     ar_seconds[G] = total
@@ -145,7 +149,19 @@ for G in (1, 2, 4, 8):
     row(f"AR G={G}: cached decode, {steps} steps", f"{total:.2f} s",
         f"prefill {1000 * prefill:.0f} ms, then {1000 * per_step:.1f} ms/step; floor "
         f"{1000 * floor:.1f} ms/step (weights {ar_weight_bytes(ar) / 1e6:.0f} MB / best read "
-        f"bandwidth): {per_step / floor:.2f}x{default}")
+        f"bandwidth): {per_step / floor:.2f}x{default}; weights read at "
+        f"{ar_weight_bytes(ar) / per_step / 1e9:.1f} GB/s")
+    if G == 2 and (args.compile or cuda):
+        t = time.perf_counter()
+        run(True, 2, compile=True)  # compiles on the first call
+        first = time.perf_counter() - t
+        total_c = timed(lambda: run(True, compile=True))
+        prefill_c = timed(lambda: run(True, 1, compile=True))
+        per_step_c = (total_c - prefill_c) / (steps - 1)
+        row(f"AR G={G}: compiled fixed-shape decode step" + (", CUDA graphs" if cuda else ""),
+            f"{total_c:.2f} s", f"{1000 * per_step_c:.1f} ms/step, {per_step_c / floor:.2f}x the "
+            f"floor, weights read at {ar_weight_bytes(ar) / per_step_c / 1e9:.1f} GB/s; first "
+            f"call {first:.0f} s (compiling)")
     if G == 2 or args.quick:
         # The naive path costs one full forward per step, growing with the sequence: time it at
         # a few lengths and integrate, rather than waiting for every step.

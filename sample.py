@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    help="samples per sentence (seeds seed, seed+1, ...), written as _c1, _c2, ...")
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap on each output's length")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the AR decode step, a CUDA graph on a GPU (slower on a CPU)")
     return p.parse_args(argv)
 
 
@@ -136,7 +138,8 @@ def main(argv=None):
     results = [[] for _ in texts]
     for c in range(args.candidates):
         codes = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
-                               seed=args.seed + c, max_seconds=args.max_seconds, progress=progress)
+                               seed=args.seed + c, max_seconds=args.max_seconds, progress=progress,
+                               compile=args.compile)
         for i, code in enumerate(codes):
             if args.mode == "continuation":
                 code = torch.cat([prompt_codes, code], dim=1)

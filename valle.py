@@ -336,8 +336,12 @@ class Linear(nn.Linear):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions.
 
-    Decoding appends one group per step at `self.length`; `valid` marks which cached
-    positions are real tokens (padding inside a batch is not).
+    Eager decoding appends one group per step at the Python int `length` and attends to the
+    filled part only. A compiled decode step (torch.compile, CUDA graphs) needs the same
+    shapes and no changing Python numbers at every call: after `fix_shapes()`, each call
+    writes one position at the tensor `pos` and attends to the whole buffer, the unfilled
+    part masked out. `valid` marks which cached positions are real tokens (padding inside a
+    batch is not).
     """
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
@@ -346,9 +350,19 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # positions filled so far
+        self.pos = None  # with fixed shapes: (1,) tensor, the position the next call writes
+
+    def fix_shapes(self):
+        self.pos = torch.tensor([self.length], device=self.k.device)
+        for t in (self.k, self.v, self.valid, self.pos):  # CUDA graphs replay on these addresses
+            torch._dynamo.mark_static_address(t)
 
     def update(self, layer, k, v):
         """Store this call's (B, nh, q, hs) keys/values; return all keys/values so far."""
+        if self.pos is not None:
+            self.k[layer].index_copy_(2, self.pos, k)
+            self.v[layer].index_copy_(2, self.pos, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise RuntimeError(f"KV cache is full ({self.k.shape[3]} positions)")
@@ -408,13 +422,19 @@ class Transformer(nn.Module):
 
     def forward(self, x, valid, cache=None):
         """x (B, S, d), valid (B, S) -> (B, S, d). With a cache, x holds only the new positions."""
-        if cache is not None:
+        if cache is not None and cache.pos is not None:  # fixed shapes: one query at cache.pos
+            cache.valid.index_copy_(1, cache.pos, valid)
+            mask = cache.valid[:, None, None, :]  # every filled position is in the query's past
+        elif cache is not None:
             cache.valid[:, cache.length:cache.length + x.shape[1]] = valid
-            valid = cache.valid[:, :cache.length + x.shape[1]]
-        mask = attention_mask(valid, x.shape[1], self.causal)
+            mask = attention_mask(cache.valid[:, :cache.length + x.shape[1]], x.shape[1], self.causal)
+        else:
+            mask = attention_mask(valid, x.shape[1], self.causal)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
-        if cache is not None:
+        if cache is not None and cache.pos is not None:
+            cache.pos += 1
+        elif cache is not None:
             cache.length += x.shape[1]
         return self.ln_f(x)
 
@@ -685,15 +705,31 @@ def pad_ids(seqs, device=None):
     return ids, ids != PAD_ID
 
 
+def decode_step(model, new, pos, cache):
+    """One cached AR step: the last group (B, 1, G) at audio positions (B, 1) -> next logits."""
+    valid = torch.ones(new.shape[:2], dtype=torch.bool, device=new.device)
+    return model.logits(model(model.embed_groups(new, pos), valid, cache))  # (B, 1, G, 1025)
+
+
+@lru_cache(maxsize=None)
+def compiled_decode_step(device_type):
+    """decode_step compiled for a fixed-shape cache; on CUDA replayed as a CUDA graph, which
+    removes the launch cost of its ~200 small kernels. Each new batch size or cache size
+    compiles again (generate_ar rounds cache sizes up to keep those few)."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
 @torch.inference_mode()
 def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Sampling(),
-                generator=None, use_cache=True, progress=None):
+                generator=None, use_cache=True, progress=None, compile=False):
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
     Prefill text + prompt once, then one group per step; inside a group the G codes are
     drawn one at a time so that RAS sees each (§3.4.1). An item stops at its first <eos> or
     after `max_groups` steps. use_cache=False recomputes the whole sequence at every step:
-    the slow reference that the cached path must match exactly.
+    the slow reference that the cached path must match exactly. compile=True runs the cached
+    step through torch.compile with fixed shapes (worth it on a GPU; on a CPU it is slower).
     """
     cfg, device = model.cfg, text.device
     G, B = cfg.group_size, text.shape[0]
@@ -711,13 +747,20 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
 
     if use_cache:
         x, valid = model.embed(text, text_valid, groups, all_valid(Np))
-        cache = KVCache(cfg, B, x.shape[1] + max_groups, device, x.dtype)
-        h = model(x, valid, cache)[:, -1:]  # (B, 1, d)
+        max_len = x.shape[1] + max_groups
+        if compile:
+            max_len = -(-max_len // 256) * 256  # a few sizes, so a few compiles
+        cache = KVCache(cfg, B, max_len, device, x.dtype)
+        logits = model.logits(model(x, valid, cache)[:, -1:])  # prefill: (B, 1, G, 1025)
+        step_fn = decode_step
+        if compile:
+            cache.fix_shapes()
+            step_fn = compiled_decode_step(device.type)
     for step in range(max_groups):
         if not use_cache:  # the naive path: everything from scratch
             x, valid = model.embed(text, text_valid, groups, all_valid(groups.shape[1]))
-            h = model(x, valid)[:, -1:]
-        logits = model.logits(h)[:, 0].float()  # (B, G, 1025)
+            logits = model.logits(model(x, valid)[:, -1:])
+        logits = logits[:, 0].float()  # (B, G, 1025)
         new = []
         for g in range(G):  # the group's codes, one at a time
             code = repetition_aware_sample(logits[:, g], history, generator, sampling)
@@ -734,7 +777,7 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
             break
         if use_cache:  # feed the new group at audio position 1 + its index (0 is <bos>)
             pos = torch.full((B, 1), groups.shape[1], device=device)
-            h = model(model.embed_groups(new, pos), all_valid(1), cache)  # (B, 1, d)
+            logits = step_fn(model, new, pos, cache)
     codes = groups[:, Np:].reshape(B, -1)  # (B, steps * G)
     return [codes[i, : lengths[i]] for i in range(B)]
 
@@ -758,7 +801,7 @@ def generate_nar(model, text, text_valid, prompt, c0_list):
 
 
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
-             max_seconds=None, use_cache=True, progress=None):
+             max_seconds=None, use_cache=True, progress=None, compile=False):
     """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes.
 
     prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
@@ -780,7 +823,7 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
         raise ValueError(f"the prompt fills the model's {ar.cfg.max_frames} frames: shorten it")
     generator = torch.Generator(device=device).manual_seed(seed)
     c0 = generate_ar(ar, text, text_valid, prompt_codes[0], max_frames // ar.cfg.group_size,
-                     sampling, generator, use_cache, progress)
+                     sampling, generator, use_cache, progress, compile)
     return generate_nar(nar, text, text_valid, prompt_codes, c0)
 
 

@@ -49,6 +49,9 @@ def test_writes_24khz_wav_and_reports_the_real_time_factor(setup):
     assert f"{len(audio) / 24000:.2f} s" in out.stdout and "real-time factor" in out.stdout
     again = sample(setup, "--seed", "3", out="again.wav")
     assert np.array_equal(sf.read(setup / "again.wav")[0], audio)  # a seed reproduces
+    compiled = sample(setup, "--seed", "3", out="compiled.wav", flags=["--compile"])
+    assert compiled.returncode == 0, compiled.stderr
+    assert np.array_equal(sf.read(setup / "compiled.wav")[0], audio)  # the same codes
 
 
 def test_continuation_mode_keeps_the_prompt(setup):

@@ -120,6 +120,21 @@ def test_decoding_does_not_depend_on_the_cpu_kernel(models, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
+def test_compiled_fixed_shape_decoding_matches_naive():
+    # The decode step that a GPU replays as a CUDA graph: compiled here for the CPU, where it
+    # runs the same fixed-shape cache code (tensor write position, whole-buffer attention).
+    torch.manual_seed(2)
+    ar = valle.ARModel(valle.get_config("tiny", group_size=2, dropout=0.0)).eval()
+    text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
+    prompt = torch.randint(0, 1024, (13,))
+    runs = [valle.generate_ar(ar, text, valid, prompt, 20, valle.Sampling(),
+                              torch.Generator().manual_seed(7), use_cache=not naive, compile=not naive)
+            for naive in (False, True)]
+    for compiled, naive in zip(*runs):
+        assert len(compiled) > 0
+        assert torch.equal(compiled, naive)
+
+
 def test_same_seed_same_codes_other_seed_other_codes(models):
     ar, nar = models
     prompt = torch.randint(0, 1024, (8, 50))
