@@ -319,9 +319,12 @@ ONEDNN_MIN_WEIGHT = 2**18  # elements (1 MB in fp32): below this, the per-call c
 
 
 def linear(x, weight, bias=None):
-    """F.linear, through oneDNN on the CPU when no gradient is needed (see USE_ONEDNN)."""
+    """F.linear, through oneDNN on the CPU when no gradient is needed (see USE_ONEDNN).
+
+    Not inside torch.compile, which chooses its own kernels."""
     if (USE_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.numel() >= ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()):
+            and weight.numel() >= ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -353,6 +356,7 @@ class KVCache:
         self.pos = None  # with fixed shapes: (1,) tensor, the position the next call writes
 
     def fix_shapes(self):
+        """From now on: one new position per call, written at the tensor `pos` (see above)."""
         self.pos = torch.tensor([self.length], device=self.k.device)
         for t in (self.k, self.v, self.valid, self.pos):  # CUDA graphs replay on these addresses
             torch._dynamo.mark_static_address(t)
