@@ -348,17 +348,20 @@ class KVCache:
     """
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor per layer, not one view of a big one: a compiled step then writes each in
+        # place (a write into a view of a graph input can become a copy of the whole base).
+        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
         self.length = 0  # positions filled so far
         self.pos = None  # with fixed shapes: (1,) tensor, the position the next call writes
 
     def fix_shapes(self):
         """From now on: one new position per call, written at the tensor `pos` (see above)."""
-        self.pos = torch.tensor([self.length], device=self.k.device)
-        for t in (self.k, self.v, self.valid, self.pos):  # CUDA graphs replay on these addresses
+        self.pos = torch.tensor([self.length], device=self.valid.device)
+        for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these addresses
             torch._dynamo.mark_static_address(t)
 
     def update(self, layer, k, v):
@@ -368,11 +371,11 @@ class KVCache:
             self.v[layer].index_copy_(2, self.pos, v)
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise RuntimeError(f"KV cache is full ({self.k.shape[3]} positions)")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def attention_mask(valid_keys, q_len, causal):
