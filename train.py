@@ -6,9 +6,14 @@ Train or fine-tune the VALL-E 2 AR and NAR models on a prepared dataset (data/pr
     python train.py --data ... --out runs/demo --resume                                     # continue
     torchrun --nproc_per_node 8 train.py --data ... --preset paper --out runs/paper          # 8 GPUs
 
-Every --eval-every steps: validation loss and top-1 accuracy per codebook, then
-<out>/last.pt (to resume) and, when validation improved, <out>/best.pt. Checkpoints are written
-atomically and hold the full config; they load with torch.load(weights_only=True).
+Every --eval-every steps: validation loss and top-1 accuracy per codebook on a fixed held-out
+set, then <out>/last.pt (to resume) and, when validation improved, <out>/best.pt. Checkpoints are
+written atomically and hold the full config; they load with torch.load(weights_only=True).
+
+The data path is built for corpus size (LibriTTS: 350k utterances): an epoch's batches are
+planned once per epoch, and collated ahead of the training loop by DataLoader workers
+(--workers; none by default on the CPU, where they would compete with training for cores).
+Each progress line says how long the loop waited for its next batch.
 """
 import argparse
 import json
@@ -16,6 +21,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -24,151 +30,239 @@ import torch.nn as nn
 
 import valle
 
+# Columns of a prepared dataset's index.npy (written by data/prepare.py).
+PHONE_OFFSET, PHONE_COUNT, FRAME_OFFSET, FRAME_COUNT, SPEAKER = range(5)
+NO_PARTNER = -1  # an example that is one utterance, not two joined
+
 
 def die(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--data", required=True, help="folder written by data/prepare.py")
-p.add_argument("--out", required=True, help="folder for checkpoints and the log")
-p.add_argument("--preset", default="tiny", choices=valle.PRESETS, help="model size (new runs)")
-p.add_argument("--group-size", type=int, default=2, choices=[1, 2, 4, 8], help="G (new runs)")
-p.add_argument("--dropout", type=float, help="override the preset's dropout (new runs)")
-p.add_argument("--models", default="ar,nar", choices=["ar,nar", "ar", "nar"], help="which to train")
-p.add_argument("--init-from", help="checkpoint to fine-tune from (weights only, new optimizer)")
-p.add_argument("--resume", action="store_true", help="continue <out>/last.pt exactly")
-p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps in the whole run")
-p.add_argument("--stop-at", type=int, help="save and stop at this step (resume later)")
-p.add_argument("--batch-frames", type=int, default=6000, help="acoustic frames per batch (padded)")
-p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
-p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (VALL-E: 5e-4)")
-p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (VALL-E: 32k)")
-p.add_argument("--weight-decay", type=float, default=0.01)
-p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-p.add_argument("--concat-prob", type=float, default=0.5,
-               help="chance that a training example is two utterances of one speaker joined")
-p.add_argument("--val-fraction", type=float, default=0.05, help="utterances held out")
-p.add_argument("--eval-every", type=int, default=200)
-p.add_argument("--log-every", type=int, default=20)
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
-p.add_argument("--threads", type=int, help="CPU threads per process")
-args = p.parse_args()
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", required=True, help="folder written by data/prepare.py")
+    g.add_argument("--out", required=True, help="folder for checkpoints")
+    g.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of utterances held out for validation")
+    g.add_argument("--val-max", type=int, default=300,
+                   help="at most this many held-out utterances (the same ones at every evaluation)")
+    g.add_argument("--workers", type=int,
+                   help="DataLoader processes that collate batches ahead (default: 0 on CPU, 2 on CUDA)")
+    g = p.add_argument_group("model (new runs; a checkpoint brings its own)")
+    g.add_argument("--preset", default="tiny", choices=valle.PRESETS, help="model size")
+    g.add_argument("--group-size", type=int, choices=[1, 2, 4, 8],
+                   help="G, frames per AR step (default 2)")
+    g.add_argument("--dropout", type=float, help="override the preset's dropout")
+    g.add_argument("--models", default="ar,nar", choices=["ar,nar", "ar", "nar"], help="which to train")
+    g.add_argument("--init-from", help="checkpoint to fine-tune from (weights only, new optimizer)")
+    g.add_argument("--resume", action="store_true", help="continue <out>/last.pt exactly")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=2000, help="optimizer steps in the whole run")
+    g.add_argument("--stop-at", type=int, help="save and stop at this step (resume later)")
+    g.add_argument("--batch-frames", type=int, default=6000,
+                   help="acoustic frames per batch, padding included (VALL-E: 6k per GPU)")
+    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (VALL-E: 5e-4)")
+    g.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (VALL-E: 32k)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
+    g.add_argument("--clip", type=float, default=1.0,
+                   help="gradient norm clipping, for each model on its own")
+    g.add_argument("--concat-prob", type=float, default=0.5,
+                   help="chance that a training example is two utterances of one speaker joined")
+    g = p.add_argument_group("logging and running")
+    g.add_argument("--eval-every", type=int, default=200, help="steps between evaluations")
+    g.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    g.add_argument("--seed", type=int, default=0, help="the same seed gives the same run")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--compile", action="store_true", help="torch.compile the models (for GPUs)")
+    g.add_argument("--threads", type=int, help="CPU threads per process")
+    args = p.parse_args(argv)
+    checks = [
+        (args.val_fraction, 0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+        (args.val_max, args.val_max >= 1, "--val-max must be at least 1"),
+        (args.workers, args.workers is None or args.workers >= 0, "--workers must be 0 or more"),
+        (args.dropout, args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.max_steps, args.max_steps >= 1, "--max-steps must be at least 1"),
+        (args.stop_at, args.stop_at is None or args.stop_at >= 1, "--stop-at must be at least 1"),
+        (args.batch_frames, args.batch_frames >= 1, "--batch-frames must be at least 1"),
+        (args.grad_accum, args.grad_accum >= 1, "--grad-accum must be at least 1"),
+        (args.lr, args.lr > 0, "--lr must be positive"),
+        (args.warmup, args.warmup >= 0, "--warmup must be 0 or more"),
+        (args.weight_decay, args.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        (args.clip, args.clip > 0, "--clip must be positive"),
+        (args.concat_prob, 0 <= args.concat_prob <= 1, "--concat-prob must be in [0, 1]"),
+        (args.eval_every, args.eval_every >= 1, "--eval-every must be at least 1"),
+        (args.log_every, args.log_every >= 1, "--log-every must be at least 1"),
+        (args.threads, args.threads is None or args.threads >= 1, "--threads must be at least 1"),
+    ]
+    for value, ok, msg in checks:
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            die(f"{msg}, not {value}")
+    return args
+
 
 # -----------------------------------------------------------------------------
-# Processes and devices: one per GPU under torchrun, else one
-
-ddp = "RANK" in os.environ
-rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-if args.device == "auto":
-    args.device = "cuda" if torch.cuda.is_available() else "cpu"
-device = torch.device(args.device)
-if ddp:
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-if args.threads:
-    torch.set_num_threads(args.threads)
-main = rank == 0
-log = print if main else (lambda *a, **k: None)
-
-# -----------------------------------------------------------------------------
-# Data: memory-mapped arrays from data/prepare.py
+# Data: memory-mapped arrays from data/prepare.py, batches planned once per epoch
 
 
 class Dataset:
+    """A prepared dataset. The arrays are memory-mapped on first use, in whichever process uses
+    them, so that the object pickles small into DataLoader workers (a pickled np.memmap would
+    copy the whole array)."""
+
     def __init__(self, path):
+        self.path = path
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 self.meta = json.load(f)
             self.index = np.load(os.path.join(path, "index.npy"))
-            self.phones = np.memmap(os.path.join(path, "phones.bin"), dtype=np.uint8, mode="r")
-            self.codes = np.memmap(os.path.join(path, "codes.bin"), dtype=np.int16,
-                                   mode="r").reshape(-1, valle.N_CODEBOOKS)
+            n_phones = os.path.getsize(os.path.join(path, "phones.bin"))  # uint8
+            n_frames = os.path.getsize(os.path.join(path, "codes.bin")) // (2 * valle.N_CODEBOOKS)
         except (OSError, ValueError, KeyError) as e:
-            die(f"no prepared dataset at {path} ({type(e).__name__}: {e}); "
-                "run data/prepare.py first")
+            raise ValueError(f"no prepared dataset at {path} ({type(e).__name__}: {e}); "
+                             "run data/prepare.py first") from None
         if self.meta.get("phones") != valle.PHONES:
-            die(f"{path} was prepared with another phone table: prepare it again")
-        if self.index[-1, 0] + self.index[-1, 1] != len(self.phones) or \
-                self.index[-1, 2] + self.index[-1, 3] != len(self.codes):
-            die(f"{path} is truncated or corrupt: prepare it again")
+            raise ValueError(f"{path} was prepared with another phone table: prepare it again")
+        last = self.index[-1]
+        if (last[PHONE_OFFSET] + last[PHONE_COUNT] != n_phones
+                or last[FRAME_OFFSET] + last[FRAME_COUNT] != n_frames):
+            raise ValueError(f"{path} is truncated or corrupt: prepare it again")
+        self._phones = self._codes = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_phones": None, "_codes": None}
 
     def __len__(self):
         return len(self.index)
 
     def item(self, i):
-        po, pn, co, cn, _ = self.index[i]
-        return self.phones[po: po + pn].astype(np.int64), self.codes[co: co + cn].T.astype(np.int64)
+        """Utterance i -> phone ids (n,) uint8 and codes (T, 8) int16, as stored."""
+        if self._phones is None:
+            self._phones = np.memmap(os.path.join(self.path, "phones.bin"), dtype=np.uint8, mode="r")
+            self._codes = np.memmap(os.path.join(self.path, "codes.bin"), dtype=np.int16,
+                                    mode="r").reshape(-1, valle.N_CODEBOOKS)
+        po, pn, co, cn = self.index[i, :SPEAKER]
+        return self._phones[po: po + pn], self._codes[co: co + cn]
 
 
-def make_examples(data, ids, concat_prob, rng, max_frames, max_text):
+def make_examples(index, ids, concat_prob, rng, max_frames, max_text):
     """Each utterance alone or, with probability concat_prob, followed by another utterance of
-    the same speaker. Inference reads prompt transcript + text and continues the prompt's
-    codes, so it runs longer than one training utterance: joined pairs train the positions
-    and the cross-utterance prompting that inference uses. Pairs must fit the model."""
-    by_speaker = {}
-    for i in ids:
-        by_speaker.setdefault(data.index[i, 4], []).append(i)
-    examples = []
-    for i in ids:
-        same = by_speaker[data.index[i, 4]]
-        j = same[rng.integers(len(same))]
-        fits = (data.index[i, 3] + data.index[j, 3] <= max_frames
-                and data.index[i, 1] + data.index[j, 1] + 1 <= max_text)
-        examples.append((i, j) if rng.random() < concat_prob and j != i and fits else (i,))
-    return examples
+    the same speaker: (n, 2) ids, the second NO_PARTNER when alone.
+
+    Inference reads prompt transcript + text and continues the prompt's codes, so it runs
+    longer than one training utterance: joined pairs train the positions and the
+    cross-utterance prompting that inference uses. A pair must fit the model's tables.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    speaker = index[ids, SPEAKER]
+    by_speaker = np.argsort(speaker, kind="stable")  # positions in ids, grouped by speaker
+    first = np.searchsorted(speaker[by_speaker], speaker, side="left")  # each speaker's range
+    count = np.searchsorted(speaker[by_speaker], speaker, side="right") - first
+    partner = ids[by_speaker[first + (rng.random(len(ids)) * count).astype(np.int64)]]
+    fits = ((index[ids, FRAME_COUNT] + index[partner, FRAME_COUNT] <= max_frames)
+            & (index[ids, PHONE_COUNT] + index[partner, PHONE_COUNT] + 1 <= max_text))
+    join = (rng.random(len(ids)) < concat_prob) & (partner != ids) & fits
+    return np.stack([ids, np.where(join, partner, NO_PARTNER)], axis=1)  # (n, 2)
 
 
-def make_batches(data, examples, batch_frames, rng):
+def example_frames(index, examples):
+    """(n, 2) examples -> (n,) frames of each."""
+    second = np.where(examples[:, 1] == NO_PARTNER, 0, index[examples[:, 1], FRAME_COUNT])
+    return index[examples[:, 0], FRAME_COUNT] + second
+
+
+def make_batches(lengths, batch_frames, rng, min_batches=1):
     """Bucket by duration: sort by length (random ties), fill batches up to batch_frames padded
-    frames, shuffle the batches. Deterministic for a generator's state."""
-    lengths = np.array([sum(data.index[i, 3] for i in ex) for ex in examples])
-    order = rng.permutation(len(examples))
+    frames, shuffle the batches -> list of arrays of example positions. With fewer than
+    min_batches batches (tiny data, many processes), the sorted examples are split evenly."""
+    if len(lengths) == 0:
+        return []
+    order = rng.permutation(len(lengths))
     order = order[np.argsort(lengths[order], kind="stable")]
-    batches, current = [], []
-    for k in order:
-        if current and lengths[k] * (len(current) + 1) > batch_frames:
-            batches.append(current)
-            current = []
-        current.append(examples[k])
-    batches.append(current)
+    sorted_lengths = lengths[order].tolist()  # Python ints: this loop runs once per epoch
+    batches, start = [], 0
+    for k, n in enumerate(sorted_lengths):
+        if k > start and n * (k - start + 1) > batch_frames:  # padded to the longest, the last
+            batches.append(order[start:k])
+            start = k
+    batches.append(order[start:])
+    if len(batches) < min_batches <= len(order):
+        batches = np.array_split(order, min_batches)
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
-def epoch_batches(ids, epoch, concat_prob):
-    rng = np.random.default_rng(args.seed * 1000 + epoch)
-    examples = make_examples(data, ids, concat_prob, rng, cfg.max_frames, cfg.max_text_tokens)
-    return make_batches(data, examples, args.batch_frames, rng)
-
-
 def collate(data, examples):
-    """Examples (tuples of utterance ids) -> padded text (B, L), lengths, codes (B, 8, T), lengths."""
-    items = []
-    for ex in examples:
-        parts = [data.item(i) for i in ex]
-        text = sum(([valle.PHONE_ID[valle.WORD_BOUNDARY]] * (k > 0) + list(t)
-                    for k, (t, _) in enumerate(parts)), [])
-        items.append((text, np.concatenate([c for _, c in parts], axis=1)))
-    text, _ = valle.pad_ids([t for t, _ in items])
-    T = max(c.shape[1] for _, c in items)
-    codes = torch.zeros(len(items), valle.N_CODEBOOKS, T, dtype=torch.long)
-    for k, (_, c) in enumerate(items):
-        codes[k, :, : c.shape[1]] = torch.from_numpy(c)
-    text_lens = torch.tensor([len(t) for t, _ in items])
-    code_lens = torch.tensor([c.shape[1] for _, c in items])
-    return [x.to(device) for x in (text, text_lens, codes, code_lens)]
+    """(B, 2) examples -> text (B, L), text lengths (B,), codes (B, 8, T), code lengths (B,)."""
+    texts, codes = [], []
+    for first, second in examples:
+        text, code = data.item(first)
+        if second != NO_PARTNER:  # two utterances: the texts joined at a word boundary
+            text2, code2 = data.item(second)
+            text = np.concatenate([text, [valle.PHONE_ID[valle.WORD_BOUNDARY]], text2])
+            code = np.concatenate([code, code2])
+        texts.append(text)
+        codes.append(code)
+    text_lens = torch.tensor([len(t) for t in texts])
+    code_lens = torch.tensor([len(c) for c in codes])
+    text = np.full((len(texts), int(text_lens.max())), valle.PAD_ID, dtype=np.int64)
+    code = np.zeros((len(codes), int(code_lens.max()), valle.N_CODEBOOKS), dtype=np.int64)
+    for k, (t, c) in enumerate(zip(texts, codes)):
+        text[k, : len(t)] = t
+        code[k, : len(c)] = c
+    return torch.from_numpy(text), text_lens, torch.from_numpy(code).transpose(1, 2), code_lens
 
 
-data = Dataset(args.data)
+class EpochPlan:
+    """This process's share of each epoch's batches, a function of (seed, epoch) only, so a
+    resumed run and every DataLoader worker plan the same batches. Plans are built once per
+    epoch (a 350k-utterance corpus takes about a second) and the last one is kept."""
+
+    def __init__(self, index, ids, args, cfg, rank=0, world=1):
+        self.index, self.ids, self.rank, self.world = index, ids, rank, world
+        self.seed, self.concat_prob, self.batch_frames = args.seed, args.concat_prob, args.batch_frames
+        self.max_frames, self.max_text = cfg.max_frames, cfg.max_text_tokens
+        self._epoch, self._batches = None, None
+
+    def batches(self, epoch):
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            examples = make_examples(self.index, self.ids, self.concat_prob, rng,
+                                     self.max_frames, self.max_text)
+            batches = make_batches(example_frames(self.index, examples), self.batch_frames, rng,
+                                   min_batches=self.world)
+            batches = batches[: len(batches) // self.world * self.world][self.rank::self.world]
+            self._epoch, self._batches = epoch, [examples[b] for b in batches]
+        return self._batches
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Key (epoch, k) -> batch k of this process's share of that epoch, collated. A DataLoader
+    over these keys collates in its workers, ahead of the training loop."""
+
+    def __init__(self, data, plan):
+        self.data, self.plan = data, plan
+
+    def __getitem__(self, key):
+        epoch, k = key
+        return key, collate(self.data, self.plan.batches(epoch)[k])
+
+
+def batch_keys(plan, epoch, k):
+    """(epoch, k) keys from the given position on, epoch after epoch, without end."""
+    while True:
+        n = len(plan.batches(epoch))
+        if n == 0:  # make_batches never gives an empty share; guard against a silent spin
+            raise RuntimeError(f"epoch {epoch} has no batches for this process")
+        yield from ((epoch, i) for i in range(k, n))
+        epoch, k = epoch + 1, 0
+
 
 # -----------------------------------------------------------------------------
-# Models, from scratch, a checkpoint to fine-tune, or our own last checkpoint
+# Models
 
 
 class Both(nn.Module):
@@ -187,168 +281,238 @@ class Both(nn.Module):
         return out
 
 
-os.makedirs(args.out, exist_ok=True)
-last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-source = last_path if args.resume else args.init_from
-ckpt = None
-if source:
-    try:
-        cfg, ar, nar, ckpt = valle.load_checkpoint(source, device)
-    except (FileNotFoundError, ValueError) as e:
-        die(str(e) + ("" if not args.resume else "; drop --resume to start a new run"))
-    if ckpt.get("codec") != data.meta["codec"]:
-        die(f"{source} was trained on codes of codec {ckpt.get('codec')}, {args.data} holds "
-            f"codes of {data.meta['codec']}: prepare the data with the same codec")
-    if args.group_size != cfg.group_size and "--group-size" in sys.argv:
-        die(f"{source} has group size {cfg.group_size}; it cannot continue with {args.group_size}")
-    wanted = args.models.split(",")
-    ar = ar if "ar" in wanted else None
-    nar = nar if "nar" in wanted else None
-    if ("ar" in wanted and ar is None) or ("nar" in wanted and nar is None):
-        die(f"{source} holds no {' or '.join(w for w in wanted if ckpt.get(w) is None)} model; "
-            f"choose --models accordingly")
-else:
-    if os.path.exists(last_path):
-        die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
-    overrides = {"group_size": args.group_size}
-    if args.dropout is not None:
-        overrides["dropout"] = args.dropout
-    cfg = valle.get_config(args.preset, **overrides)
-    torch.manual_seed(args.seed)
-    ar = valle.ARModel(cfg).to(device) if "ar" in args.models else None
-    nar = valle.NARModel(cfg).to(device) if "nar" in args.models else None
-model = Both(ar, nar).train()
-raw = model  # the uncompiled, unwrapped module whose weights we save
-if args.compile:
-    model = torch.compile(model, dynamic=True)  # batch shapes vary: avoid a compile per shape
-if ddp:
-    model = nn.parallel.DistributedDataParallel(model)
-
-# Hold out a seeded fraction for validation; drop utterances longer than the position tables.
-fits = (data.index[:, 3] <= cfg.max_frames) & (data.index[:, 1] <= cfg.max_text_tokens)
-if not fits.all():
-    log(f"skipping {int((~fits).sum())} utterances longer than the model's {cfg.max_frames} frames "
-        f"or {cfg.max_text_tokens} phones")
-order = [int(i) for i in np.random.default_rng(args.seed).permutation(len(data)) if fits[i]]
-n_val = max(1, round(args.val_fraction * len(order))) if len(order) > 1 else 0
-val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
-if not train_ids:
-    die(f"{args.data} has too few utterances to train on")
-n_params = sum(p.numel() for p in raw.parameters())
-log(f"config {cfg.to_dict()} | {n_params / 1e6:.1f}M parameters | {args.models} | "
-    f"{len(train_ids)} train / {len(val_ids)} val utterances | {world} process(es) on {device}")
-
-decay = [p for n, p in raw.named_parameters() if p.dim() >= 2]
-no_decay = [p for n, p in raw.named_parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                              betas=(0.9, 0.95), fused=device.type == "cuda")
-step, epoch, pos, best_val = 0, 0, 0, math.inf
-if args.resume:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    step, epoch, pos, best_val = ckpt["step"], ckpt["epoch"], ckpt["pos"], ckpt["best_val"]
-    log(f"resumed {last_path} at step {step}")
+def seed_for(args, rank, step):
+    """Dropout and the NAR's prompt splits of one step: a function of (seed, rank, step), so a
+    resumed run draws exactly what an uninterrupted one would have drawn."""
+    torch.manual_seed(args.seed * 1_000_003 + rank * 10_007 + step)
+    return torch.Generator().manual_seed(args.seed + rank * 7919 + step * 104_729)
 
 
-def lr_at(step):
+def lr_at(args, step):
     """Linear warm-up to the peak, then linear decay to 0 at --max-steps (VALL-E §5)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr * max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup))
 
 
-def autocast():
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
-def evaluate():
-    """Validation loss and top-1 accuracy: AR on codebook 0, NAR on each codebook 1..7."""
+def evaluate(raw, data, val_batches, device, autocast, world):
+    """Validation loss and top-1 accuracy on this process's share of the fixed held-out batches
+    (AR on codebook 0, NAR on each codebook 1..7), summed over processes: every process takes
+    part, so none waits in a collective while another evaluates alone."""
     raw.eval()
-    g = torch.Generator().manual_seed(1234)  # the same prompt splits at every evaluation
-    sums, count = {}, 0
-    for examples in epoch_batches(val_ids, 0, concat_prob=0.0):  # single utterances
-        text, text_lens, codes, code_lens = collate(data, examples)
-        with autocast():
-            if ar is not None:
-                loss, acc = ar.loss(text, text_lens, codes, code_lens)
-                sums["ar"] = sums.get("ar", 0) + loss.item()
-                sums["acc0"] = sums.get("acc0", 0) + acc.item()
-            if nar is not None:
+    sums = torch.zeros(2 + valle.N_CODEBOOKS, dtype=torch.float64)  # ar, nar, acc0..acc7
+    batches = 0
+    for number, examples in val_batches:
+        text, text_lens, codes, code_lens = (x.to(device) for x in collate(data, examples))
+        g = torch.Generator().manual_seed(1234 + number)  # the same prompt split every time
+        with autocast:
+            if raw.ar is not None:
+                loss, acc = raw.ar.loss(text, text_lens, codes, code_lens)
+                sums[0] += loss.item()
+                sums[2] += acc.item()
+            if raw.nar is not None:
                 for j in range(1, valle.N_CODEBOOKS):
-                    loss, acc, _ = nar.loss(text, text_lens, codes, code_lens, g, j=j)
-                    sums["nar"] = sums.get("nar", 0) + loss.item() / (valle.N_CODEBOOKS - 1)
-                    sums[f"acc{j}"] = sums.get(f"acc{j}", 0) + acc.item()
-        count += 1
+                    loss, acc, _ = raw.nar.loss(text, text_lens, codes, code_lens, g, j=j)
+                    sums[1] += loss.item() / (valle.N_CODEBOOKS - 1)
+                    sums[2 + j] += acc.item()
+        batches += 1
+    totals = torch.cat([sums, torch.tensor([batches], dtype=torch.float64)])
+    if world > 1:
+        dist.all_reduce(totals)
     raw.train()
-    return {k: v / count for k, v in sums.items()}
-
-
-def save(path, val):
-    valle.save_checkpoint(
-        path, config=cfg.to_dict(), phones=valle.PHONES, codec=data.meta["codec"],
-        ar=ar.state_dict() if ar is not None else None,
-        nar=nar.state_dict() if nar is not None else None,
-        optimizer=optimizer.state_dict(), step=step, epoch=epoch, pos=pos, best_val=best_val,
-        val=val, args={k: v for k, v in vars(args).items()})
+    if totals[-1] == 0:  # no held-out utterances
+        return {}
+    names = ["ar", "nar"] + [f"acc{k}" for k in range(valle.N_CODEBOOKS)]
+    val = dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
+    drop = (["ar", "acc0"] if raw.ar is None else []) + (
+        ["nar"] + [f"acc{k}" for k in range(1, valle.N_CODEBOOKS)] if raw.nar is None else [])
+    return {k: v for k, v in val.items() if k not in drop}
 
 
 # -----------------------------------------------------------------------------
-# The loop. Random state is re-derived from (seed, rank, step) at every step, so a resumed run
-# draws exactly what an uninterrupted one would have drawn.
+# The run
 
-end = min(args.max_steps, args.stop_at or args.max_steps)
-t0, frames = time.time(), 0
-while step < end:
-    batches = epoch_batches(train_ids, epoch, args.concat_prob)
-    batches = batches[: len(batches) // world * world][rank::world]  # equal share per process
-    if pos + args.grad_accum > len(batches):
-        epoch, pos = epoch + 1, 0
-        continue
-    torch.manual_seed(args.seed * 1_000_003 + rank * 10_007 + step)  # dropout
-    generator = torch.Generator().manual_seed(args.seed + rank * 7919 + step * 104_729)  # NAR splits
-    lr = lr_at(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # Processes and devices: one per GPU under torchrun, else one.
+    ddp = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    workers = args.workers if args.workers is not None else 2 if device.type == "cuda" else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
     try:
+        data = Dataset(args.data)
+    except ValueError as e:
+        die(str(e))
+
+    # Models: from scratch, a checkpoint to fine-tune, or our own last checkpoint.
+    os.makedirs(args.out, exist_ok=True)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+    source = last_path if args.resume else args.init_from
+    ckpt = None
+    if source:
+        try:
+            cfg, ar, nar, ckpt = valle.load_checkpoint(source, device)
+        except (FileNotFoundError, ValueError) as e:
+            die(str(e) + ("" if not args.resume else "; drop --resume to start a new run"))
+        if ckpt.get("codec") != data.meta["codec"]:
+            die(f"{source} was trained on codes of codec {ckpt.get('codec')}, {args.data} holds "
+                f"codes of {data.meta['codec']}: prepare the data with the same codec")
+        if args.group_size is not None and args.group_size != cfg.group_size:
+            die(f"{source} has group size {cfg.group_size}; it cannot continue with {args.group_size}")
+        wanted = args.models.split(",")
+        missing = [w for w in wanted if ckpt.get(w) is None]
+        if missing:
+            die(f"{source} holds no {' or '.join(missing)} model; choose --models accordingly")
+        ar = ar if "ar" in wanted else None
+        nar = nar if "nar" in wanted else None
+    else:
+        if os.path.exists(last_path):
+            die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
+        overrides = {"group_size": args.group_size or 2}
+        if args.dropout is not None:
+            overrides["dropout"] = args.dropout
+        cfg = valle.get_config(args.preset, **overrides)
+        torch.manual_seed(args.seed)
+        ar = valle.ARModel(cfg).to(device) if "ar" in args.models else None
+        nar = valle.NARModel(cfg).to(device) if "nar" in args.models else None
+    raw = Both(ar, nar).train()  # the uncompiled, unwrapped module whose weights we save
+    model = torch.compile(raw, dynamic=True) if args.compile else raw  # batch shapes vary
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model)
+
+    # Hold out a seeded share for validation (capped); drop utterances the tables cannot hold.
+    index = data.index
+    fits = (index[:, FRAME_COUNT] <= cfg.max_frames) & (index[:, PHONE_COUNT] <= cfg.max_text_tokens)
+    if not fits.all():
+        log(f"skipping {int((~fits).sum())} utterances longer than the model's {cfg.max_frames} "
+            f"frames or {cfg.max_text_tokens} phones")
+    order = [int(i) for i in np.random.default_rng(args.seed).permutation(len(data)) if fits[i]]
+    n_val = min(args.val_max, max(1, round(args.val_fraction * len(order)))) if len(order) > 1 else 0
+    val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
+    if len(train_ids) < world:
+        die(f"{args.data} has {len(train_ids)} training utterances, too few for {world} "
+            "process(es): prepare more data or run fewer processes")
+    plan = EpochPlan(index, train_ids, args, cfg, rank, world)
+    per_epoch = len(plan.batches(0))
+    if per_epoch < args.grad_accum:
+        log(f"note: an epoch has {per_epoch} batch(es) per process, fewer than --grad-accum "
+            f"{args.grad_accum}: optimizer steps will span epochs")
+    val_examples = make_examples(index, val_ids, 0.0, np.random.default_rng(0), 0, 0)  # alone
+    val_plan = make_batches(example_frames(index, val_examples), args.batch_frames,
+                            np.random.default_rng(0))
+    val_batches = [(n, val_examples[b]) for n, b in enumerate(val_plan)][rank::world]
+    n_params = sum(p.numel() for p in raw.parameters())
+    log(f"config {cfg.to_dict()} | {n_params / 1e6:.1f}M parameters | {args.models} | "
+        f"{len(train_ids)} train / {len(val_ids)} val utterances | {per_epoch} batches per epoch "
+        f"and process | {world} process(es) on {device} | {workers} data worker(s)")
+
+    decay = [p for p in raw.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    step, epoch, pos, best_val = 0, 0, 0, math.inf
+    if args.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, pos, best_val = ckpt["step"], ckpt["epoch"], ckpt["pos"], ckpt["best_val"]
+        log(f"resumed {last_path} at step {step}")
+
+    def save(path, val):
+        valle.save_checkpoint(
+            path, config=cfg.to_dict(), phones=valle.PHONES, codec=data.meta["codec"],
+            ar=ar.state_dict() if ar is not None else None,
+            nar=nar.state_dict() if nar is not None else None,
+            optimizer=optimizer.state_dict(), step=step, epoch=epoch, pos=pos, best_val=best_val,
+            val=val, args=vars(args))
+
+    loader = torch.utils.data.DataLoader(
+        TrainBatches(data, plan), batch_size=None, sampler=batch_keys(plan, epoch, pos),
+        num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+    batches = iter(loader)
+    models = [(name, m) for name, m in (("ar", ar), ("nar", nar)) if m is not None]
+
+    # The loop: grad_accum batches per optimizer step, then clipping, the step, logging and,
+    # every eval_every steps, evaluation and checkpoints.
+    end = min(args.max_steps, args.stop_at or args.max_steps)
+    t0, frames, waited, run_waited, run_steps = time.time(), 0, 0.0, 0.0, 0
+    while step < end:
+        generator = seed_for(args, rank, step)
+        lr = lr_at(args, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         stats = {}
-        for micro in range(args.grad_accum):
-            batch = collate(data, batches[pos + micro])
-            frames += int(batch[3].sum()) * world
-            sync = micro == args.grad_accum - 1 or not ddp
-            with autocast(), (model.no_sync() if not sync else torch.enable_grad()):
-                out = model(*batch, generator)
-                loss = sum(v for k, v in out.items() if not k.endswith("acc")) / args.grad_accum
-                loss.backward()
-            for k, v in out.items():
-                stats[k] = stats.get(k, 0) + v.item() / args.grad_accum
-        nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    except torch.OutOfMemoryError:
-        die(f"out of memory with --batch-frames {args.batch_frames}: lower it "
-            "(and raise --grad-accum to keep the effective batch)")
-    step, pos = step + 1, pos + args.grad_accum
-    if step % args.log_every == 0 or step == 1:
-        dt = time.time() - t0
-        n = args.log_every if step > 1 else 1
-        losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if not k.endswith("acc"))
-        log(f"step {step:5d} | {losses} | lr {lr:.2e} | {frames / dt:7.0f} frames/s | "
-            f"{1000 * dt / n:6.0f} ms/step", flush=True)
-        t0, frames = time.time(), 0
-    if step % args.eval_every == 0 or step == end:
-        if main:
-            val = evaluate()
-            total = val.get("ar", 0) + val.get("nar", 0)
+        try:
+            for micro in range(args.grad_accum):
+                t = time.perf_counter()
+                (epoch, k), batch = next(batches)
+                waited += time.perf_counter() - t
+                pos = k + 1  # the next batch of this epoch to read
+                text, text_lens, codes, code_lens = (x.to(device, non_blocking=True) for x in batch)
+                frames += int(code_lens.sum()) * world
+                last = micro == args.grad_accum - 1
+                with autocast, (model.no_sync() if ddp and not last else nullcontext()):
+                    out = model(text, text_lens, codes, code_lens, generator)
+                    loss = sum(v for k, v in out.items() if not k.endswith("acc")) / args.grad_accum
+                    loss.backward()
+                for name, v in out.items():
+                    stats[name] = stats.get(name, 0) + v.item() / args.grad_accum
+            # Each model is clipped on its own: the paper trains them as separate models, and
+            # one norm over both would let a spike in one shrink the other's update.
+            norms = {name: float(nn.utils.clip_grad_norm_(m.parameters(), args.clip))
+                     for name, m in models}
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            die(f"out of memory with --batch-frames {args.batch_frames}: lower it "
+                "(and raise --grad-accum to keep the effective batch)")
+        step += 1
+        if step % args.log_every == 0 or step == 1:
+            dt = time.time() - t0
+            n = args.log_every if step > 1 else 1
+            losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if not k.endswith("acc"))
+            grads = " ".join(f"{k} {v:.2f}" for k, v in norms.items())
+            log(f"step {step:5d} | {losses} | grad norm {grads} | lr {lr:.2e} | "
+                f"{frames / dt:7.0f} frames/s | {1000 * dt / n:6.0f} ms/step | "
+                f"data wait {1000 * waited / n:5.1f} ms/step", flush=True)
+            run_waited, run_steps = run_waited + waited, run_steps + n
+            t0, frames, waited = time.time(), 0, 0.0
+        if step % args.eval_every == 0 or step == end:
+            t = time.time()
+            val = evaluate(raw, data, val_batches, device, autocast, world)
             acc = " ".join(f"{k[3:]}:{v:.3f}" for k, v in val.items() if k.startswith("acc"))
             log(f"val  {step:5d} | " + " ".join(f"{k} {val[k]:.3f}" for k in ("ar", "nar") if k in val)
-                + f" | top-1 accuracy per codebook {acc}", flush=True)
-            if total < best_val:
-                best_val = total
-                save(best_path, val)
-            save(last_path, val)
-        t0 = time.time()
-if ddp:
-    dist.barrier()
-    dist.destroy_process_group()
-log(f"done at step {step}: {best_path if os.path.exists(best_path) else last_path}")
+                + f" | top-1 accuracy per codebook {acc} | {time.time() - t:.1f} s", flush=True)
+            if is_main:
+                total = val.get("ar", 0) + val.get("nar", 0)
+                if total < best_val:
+                    best_val = total
+                    save(best_path, val)
+                save(last_path, val)
+            t0 = time.time()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    if run_steps:
+        log(f"data wait: {1000 * run_waited / run_steps:.2f} ms per step on average "
+            f"over {run_steps} logged steps")
+    log(f"done at step {step}: {best_path if os.path.exists(best_path) else last_path}")
+
+
+if __name__ == "__main__":
+    main()
