@@ -114,26 +114,62 @@ def test_bad_text_checkpoint_and_output(setup, tmp_path):
     bad(setup, out="x.mp3", match="must name a .wav")
 
 
-# --- the README's two commands -----------------------------------------------------
+# --- the README's two commands, in a fresh clone ----------------------------------
 
-def copy_project(dst):
-    for name in ["run.sh", "valle.py", "train.py", "sample.py", "requirements.txt", "pytest.ini"]:
-        shutil.copy(os.path.join(ROOT, name), dst)
-    shutil.copytree(os.path.join(ROOT, "data"), os.path.join(dst, "data"),
-                    ignore=shutil.ignore_patterns("prepared", "__pycache__"))
-    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(dst, "tests"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+def git(*args):
+    import subprocess
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+needs_git = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".git")) or not shutil.which("git"),
+                               reason="not a git checkout")
+
+
+@needs_git
+def test_no_tracked_path_is_ignored_or_leaves_the_repository():
+    # A tracked .venv symlink to one machine's path once broke both README commands on every
+    # fresh clone while CI (which sets its own venv) stayed green.
+    assert git("ls-files", "-ci", "--exclude-standard") == ""
+    root = os.path.realpath(ROOT)
+    for name in git("ls-files", "-z").split("\0"):
+        path = os.path.join(ROOT, name)
+        if name and os.path.islink(path):
+            target = os.path.realpath(path)
+            assert target.startswith(root + os.sep) and os.path.exists(target), (name, target)
+
+
+def fresh_clone(dst):
+    """What `git clone` of this checkout gives, with the working tree's versions of the tracked
+    files (so uncommitted changes are tested too) and nothing untracked or ignored."""
+    for name in git("ls-files", "-z").split("\0"):
+        src = os.path.join(ROOT, name)
+        if not name or not os.path.lexists(src):
+            continue
+        os.makedirs(os.path.join(dst, os.path.dirname(name)), exist_ok=True)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), os.path.join(dst, name))
+        else:
+            shutil.copy2(src, os.path.join(dst, name))
 
 
 def run_sh(cwd, *args, **env):
+    """`bash run.sh ...` as the README gives it. The clone's .venv points at this interpreter's
+    venv (the README: run.sh installs into .venv, once), so nothing is downloaded."""
     import subprocess
-    return subprocess.run(["bash", "run.sh", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "VALLE_VENV": sys.prefix, **env}, timeout=900)
+    os.symlink(sys.prefix, os.path.join(cwd, ".venv"))  # fails if the clone already has a .venv
+    try:
+        clean = {k: v for k, v in os.environ.items() if k != "VALLE_VENV"}  # as a new user has it
+        return subprocess.run(["bash", "run.sh", *args], cwd=cwd, capture_output=True, text=True,
+                              env={**clean, **env}, timeout=900)
+    finally:
+        os.remove(os.path.join(cwd, ".venv"))
 
 
+@needs_git
 def test_readme_demo_command(tmp_path):
-    """`bash run.sh demo`, shortened to 3 training steps: prepares, trains, speaks."""
-    copy_project(tmp_path)
+    """`bash run.sh demo` in a fresh clone, shortened to 3 training steps (DEMO_STEPS, which the
+    README documents): prepares, trains, speaks."""
+    fresh_clone(tmp_path)
     out = run_sh(tmp_path, "demo", DEMO_STEPS="3")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "80 utterances, 4 speakers" in out.stdout
@@ -142,9 +178,10 @@ def test_readme_demo_command(tmp_path):
     assert sr == 24000 and len(audio) > 24000
 
 
+@needs_git
 def test_readme_test_command(tmp_path):
-    """`bash run.sh test`, on a subset: it runs pytest and fails when a test fails."""
-    copy_project(tmp_path)
+    """`bash run.sh test` in a fresh clone, on a subset: it runs pytest and fails when a test fails."""
+    fresh_clone(tmp_path)
     out = run_sh(tmp_path, "test", "tests/test_valle.py", "-k", "group_ungroup")
     assert out.returncode == 0 and "4 passed" in out.stdout, out.stdout + out.stderr
     (tmp_path / "tests" / "test_fails.py").write_text("def test_fails():\n    assert False\n")

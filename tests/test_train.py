@@ -6,7 +6,7 @@ import sys
 import torch
 
 import valle
-from conftest import run_script
+from conftest import ROOT, run_script
 
 FAST = ["--preset", "tiny", "--batch-frames", "400", "--lr", "1e-3", "--warmup", "5",
         "--threads", "2"]
@@ -97,3 +97,154 @@ def test_two_process_ddp_on_cpu(prepared, tmp_path):
     assert "2 process(es) on cpu" in out.stdout
     assert sorted(losses(out.stdout)) == [1, 2, 3, 4]
     assert valle.load_checkpoint(str(tmp_path / "last.pt"))[3]["step"] == 4
+
+
+# --- the data path at corpus size: planned epochs, workers, no hangs -------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import train as train_script  # noqa: E402  (importable: the script runs only under __main__)
+
+
+def subset(prepared, n, dst):
+    """The first n utterances of a prepared dataset, as a dataset of their own."""
+    index = np.load(os.path.join(prepared, "index.npy"))[:n]
+    os.makedirs(dst)
+    np.save(os.path.join(dst, "index.npy"), index)
+    for name, dtype, end in (("phones.bin", np.uint8, index[-1, 0] + index[-1, 1]),
+                             ("codes.bin", np.int16, (index[-1, 2] + index[-1, 3]) * 8)):
+        np.fromfile(os.path.join(prepared, name), dtype=dtype)[:end].tofile(os.path.join(dst, name))
+    with open(os.path.join(prepared, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(dst, "meta.json"), "w") as f:
+        json.dump({**meta, "ids": meta["ids"][:n], "utterances": n}, f)
+    return str(dst)
+
+
+def test_importing_train_runs_nothing():
+    out = subprocess.run([sys.executable, "-c", "import train; print('imported')"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "imported\n" and "usage" not in out.stderr
+
+
+def test_epoch_plan_covers_each_utterance_once_and_splits_ranks(prepared):
+    data = train_script.Dataset(prepared)
+    args = train_script.parse_args(["--data", prepared, "--out", "x", "--batch-frames", "300",
+                                    "--concat-prob", "0.5"])
+    cfg = valle.get_config("tiny")
+    ids = list(range(len(data)))
+    one = train_script.EpochPlan(data.index, ids, args, cfg).batches(3)
+    firsts = sorted(int(u) for b in one for u in b[:, 0])
+    assert firsts == ids  # every utterance starts exactly one example per epoch
+    joined = [(int(a), int(b)) for batch in one for a, b in batch if b != train_script.NO_PARTNER]
+    assert joined and all(data.index[a, 4] == data.index[b, 4] != -1 for a, b in joined)  # same speaker
+    for batch in one:  # padded frames within the budget, unless one example alone exceeds it
+        frames = train_script.example_frames(data.index, batch)
+        assert len(batch) == 1 or len(batch) * frames.max() <= 300
+    # the same (seed, epoch) gives the same plan; another epoch another one
+    again = train_script.EpochPlan(data.index, ids, args, cfg).batches(3)
+    assert all(np.array_equal(a, b) for a, b in zip(one, again)) and len(one) == len(again)
+    other = train_script.EpochPlan(data.index, ids, args, cfg).batches(4)
+    assert any(not np.array_equal(a, b) for a, b in zip(one, other))
+    # two processes: equal shares, no batch twice, drawn from the one-process plan
+    shares = [train_script.EpochPlan(data.index, ids, args, cfg, rank, 2).batches(3) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == len(one) // 2
+    seen = [b.tobytes() for share in shares for b in share]
+    assert len(set(seen)) == len(seen) and set(seen) <= {b.tobytes() for b in one}
+
+
+def test_more_processes_than_batches_splits_the_data(prepared):
+    data = train_script.Dataset(prepared)
+    args = train_script.parse_args(["--data", prepared, "--out", "x", "--batch-frames", "100000"])
+    cfg = valle.get_config("tiny")
+    assert len(train_script.EpochPlan(data.index, [0, 1, 2], args, cfg).batches(0)) == 1
+    shares = [train_script.EpochPlan(data.index, [0, 1, 2], args, cfg, r, 2).batches(0) for r in (0, 1)]
+    assert [len(s) for s in shares] == [1, 1]
+
+
+def test_spawned_workers_collate_what_the_main_process_does(prepared):
+    data = train_script.Dataset(prepared)
+    args = train_script.parse_args(["--data", prepared, "--out", "x", "--batch-frames", "400"])
+    plan = train_script.EpochPlan(data.index, list(range(len(data))), args, valle.get_config("tiny"))
+    keys = [(0, 0), (0, 1), (1, 0)]
+    loader = torch.utils.data.DataLoader(train_script.TrainBatches(data, plan), batch_size=None,
+                                         sampler=keys, num_workers=1, multiprocessing_context="spawn")
+    for (key, batch), expected in zip(loader, keys):
+        assert tuple(key) == expected
+        direct = train_script.collate(data, plan.batches(key[0])[key[1]])
+        assert all(torch.equal(a, b) for a, b in zip(batch, direct))
+    text, text_lens, codes, code_lens = direct  # the stored values, padded
+    first = plan.batches(1)[0][0]
+    phones, frames = data.item(first[0])
+    assert text[0, : len(phones)].tolist() == phones.tolist()
+    assert torch.equal(codes[0, :, : len(frames)], torch.from_numpy(frames.T.astype(np.int64)))
+
+
+def test_workers_give_the_same_run(prepared, tmp_path):
+    args = ["--max-steps", "4", "--eval-every", "4", "--log-every", "1"]
+    runs = [train(prepared, tmp_path / f"w{w}", *args, "--workers", str(w)) for w in (0, 1)]
+    for out in runs:
+        assert out.returncode == 0, out.stderr
+    assert losses(runs[0].stdout) == losses(runs[1].stdout) and len(losses(runs[0].stdout)) == 4
+    assert "1 data worker(s)" in runs[1].stdout and "data wait" in runs[1].stdout
+
+
+def test_fewer_batches_than_grad_accum_does_not_hang(prepared, tmp_path):
+    # 12 utterances: 11 train in one batch per epoch, 4 batches per step (this used to spin)
+    out = train(prepared, tmp_path, "--batch-frames", "100000", "--grad-accum", "4",
+                "--max-steps", "3", "--eval-every", "3", "--log-every", "1")
+    assert out.returncode == 0, out.stderr
+    assert "11 train / 1 val utterances" in out.stdout
+    assert "fewer than --grad-accum 4: optimizer steps will span epochs" in out.stdout
+    assert sorted(losses(out.stdout)) == [1, 2, 3]
+    assert valle.load_checkpoint(str(tmp_path / "last.pt"))[3]["epoch"] == 11  # 12 batches read
+
+
+def test_two_processes_on_three_utterances(prepared, tmp_path):
+    tiny = subset(prepared, 3, tmp_path / "three")
+    out = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                     "train.py", "--data", tiny, "--out", str(tmp_path / "run"), *FAST[:-2],
+                     "--threads", "1", "--batch-frames", "100000", "--max-steps", "2",
+                     "--eval-every", "2", "--log-every", "1", env={"OMP_NUM_THREADS": "1"},
+                     timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 train / 1 val utterances | 1 batches per epoch and process" in out.stdout
+    assert sorted(losses(out.stdout)) == [1, 2] and "val      2 | ar" in out.stdout
+    one = subset(prepared, 1, tmp_path / "one")  # nothing to split between two processes
+    out = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+                     "train.py", "--data", one, "--out", str(tmp_path / "run1"), *FAST[:-2],
+                     "--threads", "1", "--max-steps", "2", env={"OMP_NUM_THREADS": "1"}, timeout=240)
+    assert out.returncode != 0 and "too few for 2 process(es)" in out.stderr
+
+
+def test_validation_is_capped_and_fixed(prepared, tmp_path):
+    out = train(prepared, tmp_path, "--val-fraction", "0.5", "--val-max", "2", "--lr", "1e-9",
+                "--max-steps", "2", "--eval-every", "1", "--log-every", "1")
+    assert out.returncode == 0, out.stderr
+    assert "10 train / 2 val utterances" in out.stdout
+    vals = re.findall(r"val\s+\d+ \| (ar [\d.]+ nar [\d.]+)", out.stdout)
+    assert len(vals) == 2 and vals[0] == vals[1]  # same held-out set and splits, weights ~unchanged
+    assert re.search(r"\| [\d.]+ s\n", out.stdout)  # the time each evaluation took
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--grad-accum", "0", "--grad-accum must be at least 1"),
+    ("--batch-frames", "-5", "--batch-frames must be at least 1"),
+    ("--lr", "nan", "--lr must be positive"),
+    ("--concat-prob", "1.5", "--concat-prob must be in [0, 1]"),
+    ("--val-fraction", "1", "--val-fraction must be in [0, 1)"),
+    ("--val-max", "0", "--val-max must be at least 1"),
+    ("--workers", "-1", "--workers must be 0 or more"),
+    ("--clip", "0", "--clip must be positive"),
+    ("--eval-every", "0", "--eval-every must be at least 1"),
+])
+def test_nonsense_flag_values_get_one_line(flag, value, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_script.parse_args(["--data", "d", "--out", "o", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
