@@ -321,9 +321,11 @@ ONEDNN_MIN_WEIGHT = 2**18  # elements (1 MB in fp32): below this, the per-call c
 def linear(x, weight, bias=None):
     """F.linear, through oneDNN on the CPU when no gradient is needed (see USE_ONEDNN).
 
-    Not inside torch.compile, which chooses its own kernels."""
-    if (USE_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+    Not inside torch.compile, which chooses its own kernels, nor under autocast, which would
+    not cast oneDNN's inputs to bf16."""
+    if (USE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.numel() >= ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast casts only F.linear's inputs
             and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -344,28 +346,32 @@ class KVCache:
     shapes and no changing Python numbers at every call: after `fix_shapes()`, each call
     writes one position at the tensor `pos` and attends to the whole buffer, the unfilled
     part masked out. `valid` marks which cached positions are real tokens (padding inside a
-    batch is not).
+    batch is not). Each layer's buffers are allocated at its first write, in the dtype that
+    attention computes in: bf16 under autocast or with bf16 weights, else fp32.
     """
 
-    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+    def __init__(self, cfg, batch_size, max_len, device=None):
+        self.shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
         # One tensor per layer, not one view of a big one: a compiled step then writes each in
         # place (a write into a view of a graph input can become a copy of the whole base).
-        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # positions filled so far
         self.pos = None  # with fixed shapes: (1,) tensor, the position the next call writes
 
     def fix_shapes(self):
-        """From now on: one new position per call, written at the tensor `pos` (see above)."""
+        """From now on: one new position per call, written at the tensor `pos` (see above).
+        Call it after the prefill, which allocates the buffers."""
         self.pos = torch.tensor([self.length], device=self.valid.device)
         for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these addresses
             torch._dynamo.mark_static_address(t)
 
     def update(self, layer, k, v):
         """Store this call's (B, nh, q, hs) keys/values; return all keys/values so far."""
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v[layer] = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
         if self.pos is not None:
             self.k[layer].index_copy_(2, self.pos, k)
             self.v[layer].index_copy_(2, self.pos, v)
@@ -646,7 +652,7 @@ class Sampling:
     top_k: int = 0  # keep the k most likely codes; 0 = off
     top_p: float = 0.8  # nucleus v of Algorithm 1; 0 = greedy (stable only with RAS on)
     ras_window: int = 10  # K: how many previous codes RAS looks at (§3.4.1)
-    ras_threshold: float = 0.1  # t_r: resample from the full distribution above this ratio
+    ras_threshold: float = 0.1  # t_r: resample from the full distribution at this ratio or above
     ras: bool = True  # repetition-aware sampling on/off
 
 
@@ -668,34 +674,47 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def uniform(generators, n, device=None):
+    """n draws from U[0, 1): one per row, each from its own generator when given a list (so a
+    row's draws do not depend on the other rows), else n from the one generator."""
+    if isinstance(generators, (list, tuple)):
+        return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators])
+    device = generators.device if generators is not None else device
+    return torch.rand(n, generator=generators, device=device)
+
+
 def sample(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
-    """(B, V) logits -> (B,) codes drawn with temperature, top-k and top-p."""
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    """(B, V) logits -> (B,) codes drawn with temperature, top-k and top-p.
+
+    Inverse-CDF sampling with one uniform draw per row: `generator` may be one generator or a
+    list of B (one random stream per row)."""
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1).float()
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = uniform(generator, len(logits), logits.device)[:, None] * cdf[:, -1:]  # (B, 1)
+    # the first code whose cumulative mass exceeds u: never a code of probability 0
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
 
 
 def repetition_ratio(codes, history, window):
-    """r = (1/K) * #{k in 1..K : c_t == c_{t-k}} (§3.4.1); history (B, H), -1 = no code.
-
-    We read Algorithm 1's sum over the K codes *before* c_t (the written k=0 term would
-    always match), and resample when r > t_r: with K=10, t_r=0.1 that is two or more
-    repeats among the last ten codes.
-    """
+    """r = (1/K) * #{k in 1..K : c_t == c_{t-k}} (§3.4.1); history (B, H), -1 = no code."""
     recent = history[:, -window:]
-    return (recent == codes[:, None]).sum(dim=1).float() / window
+    return (recent == codes[:, None]).sum(dim=1).double() / window
 
 
 def repetition_aware_sample(logits, history, generator=None, cfg=Sampling()):
-    """Algorithm 1: nucleus sampling, unless the drawn code repeats too often in the
-    history; then a plain random sample from the full distribution instead.
+    """Algorithm 1: nucleus sampling, unless the drawn code repeats in the history; then a
+    plain random sample from the full distribution instead.
 
-    Both draws are always made, so the random stream does not depend on the data.
+    The fallback fires when r >= t_r over the K codes before c_t: with the paper's K=10 and
+    t_r=0.1, as soon as the drawn code appeared once among the last ten. (The written sum,
+    read with k from 0, counts c_t itself and tests r > t_r: the same rule.) Both draws are
+    always made, so the random stream does not depend on the data.
     """
     nucleus = sample(logits, generator, cfg.temperature, cfg.top_k, cfg.top_p)
     if not cfg.ras:
         return nucleus
     fallback = sample(logits, generator, cfg.temperature)
-    too_often = repetition_ratio(nucleus, history, cfg.ras_window) > cfg.ras_threshold
+    too_often = repetition_ratio(nucleus, history, cfg.ras_window) >= cfg.ras_threshold
     return torch.where(too_often, fallback, nucleus)
 
 
@@ -733,7 +752,8 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
     Prefill text + prompt once, then one group per step; inside a group the G codes are
-    drawn one at a time so that RAS sees each (§3.4.1). An item stops at its first <eos> or
+    drawn one at a time so that RAS sees each (§3.4.1). `generator`: one torch.Generator, or a
+    list of B (one random stream per item, see `generate`). An item stops at its first <eos> or
     after `max_groups` steps. use_cache=False recomputes the whole sequence at every step:
     the slow reference that the cached path must match exactly. compile=True runs the cached
     step through torch.compile with fixed shapes (worth it on a GPU; on a CPU it is slower).
@@ -757,7 +777,7 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
         max_len = x.shape[1] + max_groups
         if compile:
             max_len = -(-max_len // 256) * 256  # a few sizes, so a few compiles
-        cache = KVCache(cfg, B, max_len, device, x.dtype)
+        cache = KVCache(cfg, B, max_len, device)
         logits = model.logits(model(x, valid, cache)[:, -1:])  # prefill: (B, 1, G, 1025)
         step_fn = decode_step
         if compile:
@@ -807,17 +827,26 @@ def generate_nar(model, text, text_valid, prompt, c0_list):
     return [target[i, :, : len(c)] for i, c in enumerate(c0_list)]
 
 
+def item_generators(seed, candidates, device):
+    """One random stream per candidate, a function of (seed, candidate) only: an item's codes
+    then depend on its text, the prompt, the seed and its candidate number, never on the other
+    items of its batch or its place among them. Candidate 0 uses the seed itself."""
+    return [torch.Generator(device=device).manual_seed(seed + 1_000_003 * c) for c in range(candidates)]
+
+
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
-             max_seconds=None, use_cache=True, progress=None, compile=False):
+             max_seconds=None, use_cache=True, progress=None, compile=False, candidates=1):
     """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes.
 
     prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
     The model reads prompt_text + text and continues the prompt's codes (VALL-E's prompting);
-    the returned codes are the new speech only. Raises ValueError on empty text.
+    the returned codes are the new speech only. With candidates > 1 every text is sampled that
+    many times, all in one batch: the result is text-major ([text 1 cand 1, text 1 cand 2,
+    ...]). Raises ValueError on empty text.
     """
     device = next(ar.parameters()).device
     prompt_ids = text_to_ids(prompt_text)
-    target_ids = [text_to_ids(t) for t in texts]
+    target_ids = [text_to_ids(t) for t in texts for _ in range(candidates)]
     if any(len(prompt_ids) + 1 + len(ids) > ar.cfg.max_text_tokens for ids in target_ids):
         raise ValueError(f"text too long: at most {ar.cfg.max_text_tokens} phones with the prompt")
     text, text_valid = pad_ids([prompt_ids + [PHONE_ID[WORD_BOUNDARY]] + ids for ids in target_ids],
@@ -828,9 +857,10 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     max_frames = min(max_frames, ar.cfg.max_frames - prompt_codes.shape[1])  # position tables
     if max_frames < ar.cfg.group_size:
         raise ValueError(f"the prompt fills the model's {ar.cfg.max_frames} frames: shorten it")
-    generator = torch.Generator(device=device).manual_seed(seed)
+    # text-major rows, each with its own generator object (rows never share a stream)
+    generators = [g for _ in texts for g in item_generators(seed, candidates, device)]
     c0 = generate_ar(ar, text, text_valid, prompt_codes[0], max_frames // ar.cfg.group_size,
-                     sampling, generator, use_cache, progress, compile)
+                     sampling, generators, use_cache, progress, compile)
     return generate_nar(nar, text, text_valid, prompt_codes, c0)
 
 

@@ -163,6 +163,30 @@ def test_batch_matches_one_at_a_time_when_greedy(models):
         assert torch.equal(together, alone)
 
 
+def test_an_items_codes_do_not_depend_on_its_batch(models):
+    ar, nar = models
+    prompt = torch.randint(0, 1024, (8, 40), generator=torch.Generator().manual_seed(0))
+    sampling = valle.Sampling(top_p=0.8)  # random draws and RAS on
+    run = lambda texts, **kw: valle.generate(ar, nar, texts, prompt, "Voice.", sampling, seed=3,  # noqa: E731
+                                             max_seconds=1, **kw)
+    target = "The sentence we follow."
+    alone = run([target])[0]
+    for batch in ([target, "Two.", "Three words here."], ["One.", target, "Three words here."],
+                  ["One, and more.", "Two.", target]):
+        assert torch.equal(run(batch)[batch.index(target)], alone)
+    # the candidates of one sentence, run as one batch, equal each candidate run on its own
+    three = run([target], candidates=3)
+    assert len({c.shape[1] for c in three}) > 1 or not torch.equal(three[0], three[1])
+    for c, codes in enumerate(three):
+        gens = valle.item_generators(3, c + 1, "cpu")[c:]  # candidate c's stream, alone
+        text, valid = valle.pad_ids([valle.text_to_ids("Voice.") + [valle.PHONE_ID["_"]]
+                                     + valle.text_to_ids(target)])
+        max_groups = min(valle.MAX_FRAMES_PER_TOKEN * len(valle.text_to_ids(target)), 75) // 2
+        c0 = valle.generate_ar(ar, text, valid, prompt[0], max_groups, sampling, gens)[0]
+        assert torch.equal(codes[0], c0)
+    assert torch.equal(three[0], alone)  # candidate 0 is the single sample
+
+
 class LoopyAR(valle.ARModel):
     """Always prefers code 7; <eos> is its second choice (p = 0.27)."""
 
@@ -221,20 +245,80 @@ def test_repetition_ratio_counts_the_previous_k_codes():
     history = torch.tensor([[5, 5, 1, 2, 3, 4, 6, 7, 8, 9, 5],
                             [-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 3]])
     r = valle.repetition_ratio(torch.tensor([5, 3]), history, window=10)
-    assert r.tolist() == pytest.approx([0.2, 0.1])  # the first 5 lies outside the window
+    assert r.tolist() == [0.2, 0.1]  # the first 5 lies outside the window
 
 
-def test_ras_falls_back_only_above_the_threshold():
+def test_ras_falls_back_when_the_code_appeared_once_in_the_window():
+    # Algorithm 1 with K=10, t_r=0.1: one earlier occurrence among the last ten codes is enough
     logits = torch.log(torch.tensor([0.6] + [0.4 / 9] * 9)).expand(2000, 10)  # prefers code 0
     cfg = valle.Sampling(top_p=0.0)  # the nucleus draw is always code 0
     g = torch.Generator().manual_seed(0)
-    once = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]).expand(2000, 10)  # r = 0.1: not above
-    assert (valle.repetition_aware_sample(logits, once, g, cfg) == 0).all()
-    twice = torch.tensor([0, 0, 2, 3, 4, 5, 6, 7, 8, 9]).expand(2000, 10)  # r = 0.2 > 0.1
-    codes = valle.repetition_aware_sample(logits, twice, g, cfg)
+    never = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1]).expand(2000, 20)
+    assert (valle.repetition_aware_sample(logits, never, g, cfg) == 0).all()  # 0 is 11 codes back
+    once = torch.tensor([9, 1, 2, 3, 4, 5, 6, 7, 8, 0]).expand(2000, 10)  # r = 0.1 = t_r
+    codes = valle.repetition_aware_sample(logits, once, g, cfg)
     assert 0.35 < (codes != 0).float().mean() < 0.45  # a plain sample: 40% are not code 0
-    off = valle.repetition_aware_sample(logits, twice, g, valle.Sampling(top_p=0.0, ras=False))
+    off = valle.repetition_aware_sample(logits, once, g, valle.Sampling(top_p=0.0, ras=False))
     assert (off == 0).all()
+    strict = valle.Sampling(top_p=0.0, ras_threshold=0.15)  # now two repeats are needed
+    assert (valle.repetition_aware_sample(logits, once, g, strict) == 0).all()
+
+
+class CycleAR(valle.ARModel):
+    """Greedy decoding loops through codes 100..106 (a period of 7) for ever."""
+
+    def logits(self, h):
+        B, S = h.shape[:2]
+        out = torch.full((B, S, self.cfg.group_size, EOS + 1), -1e9)
+        out[..., 100:107] = 0.0
+        out[..., EOS] = -3.0
+        self.calls = getattr(self, "calls", 0) + 1
+        out[..., 100 + self.calls % 7] = 5.0  # the preferred code moves on at every step (G=1)
+        return out
+
+
+def test_ras_breaks_a_loop_with_a_period_of_seven():
+    # Reading RAS as "two repeats among the last ten" never fires on this loop: 0 fallbacks.
+    ar = CycleAR(valle.get_config("tiny", group_size=1)).eval()
+    text, valid = valle.pad_ids([[12, 13]])
+    prompt = torch.tensor([1, 2, 3, 4])
+    greedy = valle.generate_ar(ar, text, valid, prompt, 30, valle.Sampling(top_p=0.0, ras=False))[0]
+    assert len(greedy) == 30 and greedy[:14].tolist() == [100 + (k + 1) % 7 for k in range(14)]
+    ar.calls = 0
+    ras = valle.generate_ar(ar, text, valid, prompt, 30, valle.Sampling(top_p=0.0),
+                            torch.Generator().manual_seed(0))[0]
+    assert len(ras) < 30 or not torch.equal(ras, greedy)  # the loop was broken
+    assert torch.equal(ras[:7], greedy[:7])  # the first period has no repeat: pure greedy
+
+
+def test_repetition_history_starts_with_the_prompt(monkeypatch):
+    seen = []
+    real = valle.repetition_aware_sample
+    monkeypatch.setattr(valle, "repetition_aware_sample",
+                        lambda logits, history, *a: seen.append(history.clone()) or real(logits, history, *a))
+    ar = valle.ARModel(valle.get_config("tiny", group_size=2, dropout=0.0)).eval()
+    text, valid = valle.pad_ids([[12, 13]])
+    prompt = torch.arange(100, 125)  # 25 codes: the first is clipped to make whole groups
+    valle.generate_ar(ar, text, valid, prompt, 2, valle.Sampling(), torch.Generator().manual_seed(0))
+    assert seen[0].tolist() == [list(range(115, 125))]  # the prompt's last K = 10 codes
+    assert seen[1][0, :-1].tolist() == list(range(116, 125))  # then the drawn code joins
+
+
+def test_temperature_divides_the_logits():
+    logits = torch.log(torch.tensor([1.0, 4.0])).expand(40000, 2)
+    g = torch.Generator().manual_seed(0)
+    share = valle.sample(logits, g, temperature=2.0).float().mean()  # p(1) = 2 / 3, not 16 / 17
+    assert abs(share - 2 / 3) < 0.01
+    assert abs(valle.sample(logits, g, temperature=0.5).float().mean() - 16 / 17) < 0.01
+
+
+def test_each_row_has_its_own_random_stream():
+    logits = torch.randn(3, 50)
+    rows = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7)]  # noqa: E731
+    together = valle.sample(logits, rows())
+    alone = [valle.sample(logits[i:i + 1], [rows()[i]]) for i in range(3)]
+    assert together.tolist() == [int(a) for a in alone]
+    assert valle.sample(logits[[2, 0]], [rows()[2], rows()[0]]).tolist() == [together[2], together[0]]
 
 
 def test_sampling_is_reproducible_with_a_generator():
@@ -424,3 +508,69 @@ def test_trim_silence_cuts_both_ends_with_a_margin():
     assert out.abs().max() == tone.abs().max()
     assert len(valle.trim_silence(torch.zeros(sr))) == 0
     assert torch.equal(valle.trim_silence(tone), tone)
+
+
+# --- bf16: CPU autocast as the proxy for the GPU's ------------------------------------
+
+def cached_and_naive_logits(ar, groups):
+    """Logits of the last 3 positions: from one full forward, and from a prefill + 3 cached
+    single-group steps. Returns (naive, cached, cache)."""
+    text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
+    ones = torch.ones(groups.shape[:2], dtype=torch.bool)
+    x, v = ar.embed(text, valid, groups, ones)
+    naive = ar.logits(ar(x, v))[:, -3:]
+    cache = valle.KVCache(ar.cfg, 2, x.shape[1])
+    ar(x[:, :-3], v[:, :-3], cache)
+    cached = torch.cat([ar.logits(ar(x[:, i:i + 1], v[:, i:i + 1], cache))
+                        for i in range(x.shape[1] - 3, x.shape[1])], dim=1)
+    return naive.float(), cached.float(), cache
+
+
+@pytest.mark.parametrize("size", ["tiny", "onednn"])
+def test_bf16_autocast_decoding_and_training(size):
+    # "onednn": weights above valle.ONEDNN_MIN_WEIGHT, which fp32 inference sends to oneDNN
+    extra = dict(n_layer=2, n_head=8, d_model=512, d_ff=2048) if size == "onednn" else {}
+    torch.manual_seed(0)
+    ar = valle.ARModel(valle.get_config("tiny", dropout=0.0, **extra)).eval()
+    assert (ar.transformer.blocks[0].qkv.weight.numel() >= valle.ONEDNN_MIN_WEIGHT) == (size == "onednn")
+    groups = torch.randint(0, 1024, (2, 9, 2), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        naive32, cached32, cache32 = cached_and_naive_logits(ar, groups)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            naive, cached, cache = cached_and_naive_logits(ar, groups)
+    assert cache32.k[0].dtype == torch.float32 and cache.k[0].dtype == torch.bfloat16
+    assert torch.allclose(naive32, cached32, atol=1e-5)  # fp32: the same up to summation order
+    # bf16 (8 bits of mantissa): logits of scale ~1 agree to a few hundredths
+    assert (naive - cached).abs().max() < 0.05, (naive - cached).abs().max()
+    assert (naive - naive32).abs().max() < 0.1 and (naive - naive32).abs().max() > 0  # really bf16
+    # a training step under autocast: finite, close to fp32, with gradients for every weight
+    ar.train()
+    text, lens = valle.pad_ids([[12, 13, 14, 15, 16]])[0], torch.tensor([5])
+    codes = torch.randint(0, 1024, (1, 8, 30), generator=torch.Generator().manual_seed(2))
+    loss32 = ar.loss(text, lens, codes, torch.tensor([30]))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ar.loss(text, lens, codes, torch.tensor([30]))[0]
+    loss.backward()
+    assert abs(loss.item() - loss32.item()) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ar.parameters()
+               if p is not ar.text_pos.weight)
+
+
+def test_bf16_fixed_shape_step_and_bf16_weights():
+    torch.manual_seed(0)
+    ar = valle.ARModel(valle.get_config("tiny", dropout=0.0)).eval()
+    text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
+    prompt = torch.randint(0, 1024, (13,), generator=torch.Generator().manual_seed(1))
+    run = lambda **kw: valle.generate_ar(ar, text, valid, prompt, 12, valle.Sampling(top_p=0.0),  # noqa: E731
+                                         torch.Generator().manual_seed(7), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive = run(use_cache=False)
+        fixed = run(compile=True)  # the compiled fixed-shape step (it used to fail on the dtype)
+    assert all(len(a) > 0 for a in naive)
+    agree = sum(int((a[: min(len(a), len(b))] == b[: min(len(a), len(b))]).sum()) for a, b in zip(naive, fixed))
+    assert agree >= 0.8 * sum(min(len(a), len(b)) for a, b in zip(naive, fixed))  # bf16 may flip ties
+    bf16 = copy.deepcopy(ar).to(torch.bfloat16)  # what sample.py --bf16 does
+    with torch.inference_mode():
+        _, _, cache = cached_and_naive_logits(bf16, torch.randint(0, 1024, (2, 9, 2)))
+    assert cache.k[0].dtype == torch.bfloat16
+    assert all(len(c) > 0 for c in valle.generate_ar(bf16, text, valid, prompt, 12, valle.Sampling(top_p=0.0)))
