@@ -12,6 +12,7 @@ Several sentences at once: --text-file lines.txt (one per line) runs them as one
 writes out_1.wav, out_2.wav, ... Errors print one line and exit with status 2, writing nothing.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -39,19 +40,38 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["cross", "continuation"], default="cross")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same audio")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.8, help="nucleus; 0 = greedy (with RAS)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--ras-window", type=int, default=10, help="RAS: previous codes looked at (K)")
-    p.add_argument("--ras-threshold", type=float, default=0.1, help="RAS: repetition ratio t_r")
+    p.add_argument("--temperature", type=float, default=valle.Sampling.temperature,
+                   help="divides the logits")
+    p.add_argument("--top-p", type=float, default=valle.Sampling.top_p,
+                   help="nucleus; 0 = greedy (with RAS)")
+    p.add_argument("--top-k", type=int, default=valle.Sampling.top_k, help="0 = off")
+    p.add_argument("--ras-window", type=int, default=valle.Sampling.ras_window,
+                   help="RAS: previous codes looked at (K)")
+    p.add_argument("--ras-threshold", type=float, default=valle.Sampling.ras_threshold,
+                   help="RAS: redraw when the repetition ratio reaches this (t_r)")
     p.add_argument("--no-ras", action="store_true", help="plain nucleus sampling")
     p.add_argument("--candidates", type=int, default=1,
-                   help="samples per sentence (seeds seed, seed+1, ...), written as _c1, _c2, ...")
+                   help="samples per sentence, in one batch, written as _c1, _c2, ...")
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap on each output's length")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the AR decode step, a CUDA graph on a GPU (slower on a CPU)")
-    return p.parse_args(argv)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 weights for inference (default: on with CUDA, off on the CPU)")
+    args = p.parse_args(argv)
+    checks = [
+        ("--temperature", args.temperature, args.temperature > 0, "must be positive"),
+        ("--top-p", args.top_p, 0 <= args.top_p <= 1, "must be in [0, 1]"),
+        ("--top-k", args.top_k, args.top_k >= 0, "must be 0 (off) or more"),
+        ("--ras-window", args.ras_window, args.ras_window >= 1, "must be at least 1"),
+        ("--ras-threshold", args.ras_threshold, 0 < args.ras_threshold <= 1, "must be in (0, 1]"),
+        ("--candidates", args.candidates, args.candidates >= 1, "must be at least 1"),
+        ("--max-seconds", args.max_seconds, args.max_seconds > 0, "must be positive"),
+    ]
+    for flag, value, ok, rule in checks:
+        if not ok or not math.isfinite(value):
+            raise ValueError(f"{flag} {rule}, not {value}")
+    return args
 
 
 def output_paths(out, n_texts, n_candidates):
@@ -82,8 +102,6 @@ def check_inputs(args):
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write to {folder}: create it or choose another --out")
-    if not 0 <= args.top_p <= 1 or args.temperature <= 0 or args.candidates < 1:
-        raise ValueError("need 0 <= --top-p <= 1, --temperature > 0 and --candidates >= 1")
     wav = valle.load_audio(args.prompt)
     if wav.abs().max() < SILENCE_PEAK:
         raise ValueError(f"the prompt {args.prompt} is silent: record some speech")
@@ -113,19 +131,22 @@ def load_codec(kind, checkpoint):
     return valle.Codec.untrained(seed)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
     texts, prompt_wav = check_inputs(args)
     cfg, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
     if ar is None or nar is None:
         raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
                          "train both (train.py --models ar,nar)")
+    if bf16:
+        ar, nar = ar.to(torch.bfloat16), nar.to(torch.bfloat16)
     codec = load_codec(ckpt["codec"], args.encodec_checkpoint)
     prompt_codes = codec.encode(prompt_wav).to(device)  # (8, Tp)
-    sampling = valle.Sampling(args.temperature, args.top_k, args.top_p, args.ras_window,
-                              args.ras_threshold, ras=not args.no_ras)
+    sampling = valle.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              ras_window=args.ras_window, ras_threshold=args.ras_threshold,
+                              ras=not args.no_ras)
 
     last_print = [0.0]
 
@@ -135,37 +156,48 @@ def main(argv=None):
             print(f"AR decoding: group {step} of at most {total}", file=sys.stderr, flush=True)
 
     start = time.time()
-    results = [[] for _ in texts]
-    for c in range(args.candidates):
-        codes = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
-                               seed=args.seed + c, max_seconds=args.max_seconds, progress=progress,
-                               compile=args.compile)
-        for i, code in enumerate(codes):
-            if args.mode == "continuation":
-                code = torch.cat([prompt_codes, code], dim=1)
-            results[i].append(code)
-    waves = [codec.decode(code.cpu()) for per_text in results for code in per_text]
+    codes = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling, seed=args.seed,
+                           max_seconds=args.max_seconds, progress=progress, compile=args.compile,
+                           candidates=args.candidates)  # text-major, like output_paths
+    waves = []
+    for code in codes:
+        if code.shape[1] == 0:  # <eos> at once: nothing to decode (EnCodec rejects 0 frames)
+            waves.append(None)
+            continue
+        if args.mode == "continuation":
+            code = torch.cat([prompt_codes, code], dim=1)
+        waves.append(codec.decode(code.cpu()))
     wall = time.time() - start
 
     import soundfile as sf
-    audio_seconds = 0.0
+    audio_seconds, written = 0.0, 0
     for path, wav in zip(output_paths(args.out, len(texts), args.candidates), waves):
-        if len(wav) == 0:
+        if wav is None:
             print(f"warning: the model produced no speech for {path}; not written", file=sys.stderr)
             continue
         tmp = path + ".tmp"
-        sf.write(tmp, wav.clamp(-1, 1).numpy(), valle.SAMPLE_RATE, format="WAV", subtype="PCM_16")
+        sf.write(tmp, wav.float().clamp(-1, 1).numpy(), valle.SAMPLE_RATE, format="WAV",
+                 subtype="PCM_16")
         os.replace(tmp, path)  # never a half-written file under the real name
         audio_seconds += len(wav) / valle.SAMPLE_RATE
+        written += 1
         print(f"wrote {path}: {len(wav) / valle.SAMPLE_RATE:.2f} s")
+    if not written:
+        raise ValueError("the model produced no speech for any sentence (it ended at once): "
+                         "try another --seed, a higher --top-p, or a longer prompt")
     print(f"{audio_seconds:.2f} s of audio in {wall:.2f} s on {device}: real-time factor "
           f"{wall / max(audio_seconds, 1e-9):.3f} (wall / audio; below 1 is faster than real time)")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """Errors print one line and exit with status 2, writing nothing."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        main()
+        run(parse_args(argv))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -114,6 +114,34 @@ def test_bad_text_checkpoint_and_output(setup, tmp_path):
     bad(setup, out="x.mp3", match="must name a .wav")
 
 
+def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys):
+    import sample as sample_script
+    real = valle.generate
+
+    def first_is_mute(*a, **kw):
+        codes = real(*a, **kw)
+        return [codes[0][:, :0]] + codes[1:]  # as if the AR had drawn <eos> at once
+    monkeypatch.setattr(valle, "generate", first_is_mute)
+    (setup / "two.txt").write_text("First sentence.\nSecond one.\n")
+    argv = ["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
+            "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--text-file", str(setup / "two.txt")]
+    sample_script.main(argv + ["--out", str(setup / "mute.wav")])  # returns: status 0
+    err = capsys.readouterr().err
+    assert "no speech for" in err and "mute_1.wav" in err
+    assert not (setup / "mute_1.wav").exists() and (setup / "mute_2.wav").exists()
+    monkeypatch.setattr(valle, "generate", lambda *a, **kw: [c[:, :0] for c in real(*a, **kw)])
+    with pytest.raises(SystemExit) as e:
+        sample_script.main(argv + ["--out", str(setup / "none.wav")])
+    assert e.value.code == 2 and "produced no speech for any sentence" in capsys.readouterr().err
+
+
+def test_bf16_flag_writes_audio(setup):
+    out = sample(setup, "--seed", "1", out="bf16.wav", flags=["--bf16"])
+    assert out.returncode == 0, out.stderr
+    audio, sr = sf.read(setup / "bf16.wav")
+    assert sr == 24000 and len(audio) > 0
+
+
 # --- the README's two commands, in a fresh clone ----------------------------------
 
 def git(*args):
