@@ -350,6 +350,49 @@ def test_nar_reads_only_codebooks_below_j(models, j):
     assert not torch.allclose(before, nar(text, tv, prompt, pv, changed, tgv, j))
 
 
+def test_nar_prompt_reads_all_eight_codebooks(models):
+    _, nar = models  # Eq. 13: prompt frames embed the sum of all 8 codebooks
+    text, tv, prompt, pv, target, tgv = nar_inputs()
+    before = nar(text, tv, prompt, pv, target, tgv, 2)
+    for k in (0, 3, 7):
+        changed = prompt.clone()
+        changed[:, k] = (changed[:, k] + 1) % 1024
+        assert not torch.allclose(before, nar(text, tv, changed, pv, target, tgv, 2)), k
+
+
+def test_nar_is_told_which_codebook_by_e_j(models):
+    _, nar = models  # the code-ID token e_j (§3.3.2), not e_eos, ends the sequence
+    nar = copy.deepcopy(nar)
+    text, tv, prompt, pv, target, tgv = nar_inputs()
+    before = nar(text, tv, prompt, pv, target, tgv, 4)
+    with torch.no_grad():
+        nar.codebook_id.weight[5] += 1.0  # another codebook's id: no effect on j = 4
+        assert torch.equal(before, nar(text, tv, prompt, pv, target, tgv, 4))
+        nar.codebook_id.weight[4] += 1.0
+        assert not torch.allclose(before, nar(text, tv, prompt, pv, target, tgv, 4))
+
+
+def test_nar_loss_skips_padded_target_frames(models):
+    _, nar = models
+    text, text_valid = valle.pad_ids([[20, 21, 22, 23], [24, 25]])
+    codes = torch.randint(0, 1024, (2, 8, 30), generator=torch.Generator().manual_seed(0))
+    code_lens = torch.tensor([30, 12])
+    j = 3
+    loss, _, _ = nar.loss(text, text_valid.sum(1), codes, code_lens, torch.Generator().manual_seed(5), j)
+    # the same split, item by item: the loss is the mean over real target frames of both items
+    frac = 0.1 + 0.4 * torch.rand(2, generator=torch.Generator().manual_seed(5))
+    total, count = 0.0, 0
+    for i in range(2):
+        n, L = int(code_lens[i]), int(text_valid[i].sum())
+        split = min(max(1, int(n * frac[i])), n - 1)
+        ones = lambda m: torch.ones(1, m, dtype=torch.bool)  # noqa: E731
+        logits = nar(text[i:i + 1, :L], ones(L), codes[i:i + 1, :, :split], ones(split),
+                     codes[i:i + 1, :, split:n], ones(n - split), j)
+        total += F.cross_entropy(logits[0], codes[i, j, split:n], reduction="sum")
+        count += n - split
+    assert torch.allclose(loss, total / count, atol=1e-5)
+
+
 def test_nar_loss_reaches_target_frames_only(models):
     _, nar = models
     captured = {}
