@@ -18,6 +18,7 @@ Each progress line says how long the loop waited for its next batch.
 import argparse
 import json
 import math
+import mmap
 import os
 import sys
 import time
@@ -133,6 +134,12 @@ class Dataset:
             raise ValueError(f"{path} is truncated or corrupt: prepare it again")
         self._phones = self._codes = None
 
+    def _map(self, name, dtype):
+        array = np.memmap(os.path.join(self.path, name), dtype=dtype, mode="r")
+        if hasattr(mmap, "MADV_RANDOM"):  # batches read utterances in random order: the
+            array._mmap.madvise(mmap.MADV_RANDOM)  # kernel's readahead would read 32x too much
+        return array
+
     def __getstate__(self):
         return {**self.__dict__, "_phones": None, "_codes": None}
 
@@ -142,9 +149,8 @@ class Dataset:
     def item(self, i):
         """Utterance i -> phone ids (n,) uint8 and codes (T, 8) int16, as stored."""
         if self._phones is None:
-            self._phones = np.memmap(os.path.join(self.path, "phones.bin"), dtype=np.uint8, mode="r")
-            self._codes = np.memmap(os.path.join(self.path, "codes.bin"), dtype=np.int16,
-                                    mode="r").reshape(-1, valle.N_CODEBOOKS)
+            self._phones = self._map("phones.bin", np.uint8)
+            self._codes = self._map("codes.bin", np.int16).reshape(-1, valle.N_CODEBOOKS)
         po, pn, co, cn = self.index[i, :SPEAKER]
         return self._phones[po: po + pn], self._codes[co: co + cn]
 
