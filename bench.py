@@ -5,6 +5,8 @@ Speed and memory of VALL-E 2 on this machine: prints a table, asserts nothing.
     python bench.py --preset paper --device cuda --bf16
     python bench.py --preset tiny --quick               # a smoke run in seconds
     python bench.py --preset paper --compile            # + the compiled decode step on a CPU
+    python bench.py --data-path                         # training data path at LibriTTS size
+    python bench.py --memory                            # paper preset training memory vs frames
 
 Random weights (speed does not depend on them). <eos> is masked so that every run decodes the
 same number of steps. Warm-up before timing, the median of --repeats runs, CUDA synchronised.
@@ -30,6 +32,11 @@ p.add_argument("--bf16", action="store_true", help="bfloat16 weights for decodin
 p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
 p.add_argument("--compile", action="store_true",
                help="also time the compiled fixed-shape decode step (always on CUDA)")
+p.add_argument("--data-path", action="store_true",
+               help="only the training data path on synthetic 350k- and 3.5k-utterance datasets")
+p.add_argument("--memory", action="store_true",
+               help="only the paper preset's training memory at several batch shapes (minutes)")
+p.add_argument("--memory-point", type=int, nargs=2, metavar=("B", "T"), help=argparse.SUPPRESS)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 device = torch.device(args.device)
@@ -113,6 +120,168 @@ def row(name, value, note=""):
     rows.append((name, value, note))
     print(f"{name:<52} {value:>14}  {note}", flush=True)
 
+
+
+# --- the training data path at corpus size (--data-path) ----------------------------------------
+LIBRITTS_UTTERANCES, LIBRITTS_HOURS, LIBRITTS_SPEAKERS = 354_780, 585.5, 2456
+PHONES_PER_SECOND = 14  # phones + word boundaries of read English
+
+
+def synthetic_dataset(path, n, seed=0):
+    """A prepared dataset shaped like LibriTTS, n utterances: durations log-normal around
+    LibriTTS's mean (5.9 s, 0.5-20 s), ~14 phones per second, 2456 speakers. phones.bin and
+    codes.bin are sparse files (zeros that take no disk): the data path's cost does not depend
+    on the values. Returns the path."""
+    import json
+    import os
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    mean_frames = LIBRITTS_HOURS * 3600 * valle.FRAME_RATE / LIBRITTS_UTTERANCES
+    frames = np.clip(rng.lognormal(np.log(mean_frames) - 0.18, 0.6, n), 38, 1500).astype(np.int64)
+    phones = np.maximum(2, frames * PHONES_PER_SECOND // valle.FRAME_RATE)
+    index = np.zeros((n, 5), dtype=np.int64)
+    index[:, 1], index[:, 3] = phones, frames
+    index[1:, 0], index[1:, 2] = np.cumsum(phones)[:-1], np.cumsum(frames)[:-1]
+    index[:, 4] = rng.integers(0, LIBRITTS_SPEAKERS, n)
+    os.makedirs(path, exist_ok=True)
+    np.save(os.path.join(path, "index.npy"), index)
+    for name, size in (("phones.bin", int(phones.sum())), ("codes.bin", int(frames.sum()) * 16)):
+        with open(os.path.join(path, name), "wb") as f:
+            f.truncate(size)  # sparse
+    meta = {"codec": "untrained-seed0", "phones": valle.PHONES, "utterances": n,
+            "speakers": [str(k) for k in range(LIBRITTS_SPEAKERS)], "frames": int(frames.sum()),
+            "hours": float(frames.sum()) / valle.FRAME_RATE / 3600}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return path
+
+
+def data_path_rows():
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    import numpy as np
+    import train
+    batch_frames = 3000
+    with tempfile.TemporaryDirectory() as tmp:
+        big = synthetic_dataset(f"{tmp}/350k", LIBRITTS_UTTERANCES)
+        small = synthetic_dataset(f"{tmp}/3.5k", LIBRITTS_UTTERANCES // 100, seed=1)
+        data = train.Dataset(big)
+        row("synthetic LibriTTS-size dataset", f"{len(data)} utt",
+            f"{data.meta['hours']:.0f} h, {data.meta['frames'] / 1e6:.0f}M frames, sparse files")
+        targs = train.parse_args(["--data", big, "--out", tmp, "--batch-frames", str(batch_frames)])
+        plan = train.EpochPlan(data.index, list(range(len(data))), targs, valle.get_config("tiny"))
+        t = time.perf_counter()
+        batches = plan.batches(0)
+        build = time.perf_counter() - t
+        row("epoch plan (examples + batches), once per epoch", f"{1000 * build:.0f} ms",
+            f"{len(batches)} batches of <= {batch_frames} frames; amortised "
+            f"{1000 * build / len(batches):.3f} ms/step (the old train.py rebuilt it every step)")
+        picks = np.random.default_rng(0).choice(len(batches), 200, replace=False)
+        t = time.perf_counter()
+        for k in picks:
+            train.collate(data, batches[k])
+        collate = (time.perf_counter() - t) / len(picks)
+        row("collate one batch (in the loop, no workers)", f"{1000 * collate:.2f} ms",
+            f"mean over {len(picks)} batches; with --workers it runs ahead in other processes")
+        row("data overhead per step, amortised, no workers", f"{1000 * (build / len(batches) + collate):.2f} ms",
+            "target <= 5 ms")
+        steps = 8 if args.quick else 40
+        per_step = {}
+        for name, path in (("3.5k", small), ("350k", big)):
+            out = subprocess.run(
+                [sys.executable, "train.py", "--data", path, "--out", f"{tmp}/run-{name}", "--preset",
+                 "tiny", "--batch-frames", str(batch_frames), "--max-steps", str(steps),
+                 "--log-every", str(steps // 4), "--eval-every", str(10 * steps), "--val-max", "20",
+                 "--threads", str(args.threads)], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr)
+            lines = re.findall(r"\| +(\d+) ms/step \| data wait +([\d.]+) ms/step", out.stdout)[1:]
+            per_step[name] = [np.mean([float(a) for a, _ in lines]), np.mean([float(b) for _, b in lines])]
+            row(f"train.py, tiny preset, {name} utterances", f"{per_step[name][0]:.0f} ms/step",
+                f"data wait {per_step[name][1]:.2f} ms/step; steps {steps // 4 + 1}-{steps}, "
+                f"batches of {batch_frames} frames")
+        row("train.py step time, 350k vs 3.5k utterances", f"{per_step['350k'][0] / per_step['3.5k'][0]:.2f}x",
+            "target within 10%")
+
+
+# --- training memory of the paper preset (--memory) -------------------------------------------
+
+
+def memory_point(B, T):
+    """Peak RSS of two training steps of the paper preset (AR + NAR, AdamW) on B x T frames,
+    with ~14 phones of text per second of speech. Runs in its own process: peak RSS is per
+    process."""
+    cfg = valle.get_config("paper")
+    torch.manual_seed(0)
+    ar, nar = valle.ARModel(cfg), valle.NARModel(cfg)
+    opt = torch.optim.AdamW(list(ar.parameters()) + list(nar.parameters()), lr=1e-4)
+    L = max(2, T * PHONES_PER_SECOND // valle.FRAME_RATE)  # text as long as read speech's
+    text = torch.randint(len(valle.PHONES) - len(valle.ARPABET), len(valle.PHONES), (B, L))
+    codes = torch.randint(0, valle.CODEBOOK_SIZE, (B, valle.N_CODEBOOKS, T))
+    lens, text_lens = torch.full((B,), T), torch.full((B,), L)
+    for _ in range(2):  # the second step holds AdamW's state as well
+        loss = ar.loss(text, text_lens, codes, lens)[0] + nar.loss(text, text_lens, codes, lens)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n_params = sum(p.numel() for p in ar.parameters()) + sum(p.numel() for p in nar.parameters())
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, n_params, L)
+
+
+def memory_rows():
+    import subprocess
+    import sys
+    import numpy as np
+    cfg = valle.get_config("paper")
+    points = [(1, 250), (2, 250), (4, 250), (1, 500), (2, 500), (1, 1000)]
+    if args.quick:
+        points = points[:3]
+    X, y = [], []
+    for B, T in points:
+        out = subprocess.run([sys.executable, "bench.py", "--memory-point", str(B), str(T),
+                              "--threads", str(args.threads)], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        peak, n_params, L = (int(v) for v in out.stdout.split())
+        # Sequence lengths: AR text + e_eos + <bos> + T/G groups + <eos> group; NAR text + e_eos
+        # + prompt + target + e_eos + e_j. CPU attention with an explicit mask (and dropout)
+        # takes the math path, which keeps (S x S) weights per head and layer for backward.
+        s_ar, s_nar = L + 3 + T // cfg.group_size, L + 3 + T
+        X.append([1.0, B * T, B * (s_ar ** 2 + s_nar ** 2)])  # text grows with T: in the per-frame part
+        y.append(peak)
+        row(f"training memory, paper preset, {B} x {T} frames", f"{peak / 2**30:.2f} GiB",
+            "peak process RSS, fp32, two AdamW steps")
+    fixed, per_frame, per_s2 = np.linalg.lstsq(np.array(X), np.array(y, dtype=float), rcond=None)[0]
+    fit = np.array(X) @ [fixed, per_frame, per_s2]
+    row("fit: fixed part", f"{fixed / 2**30:.2f} GiB",
+        f"theory: 16 bytes x {n_params / 1e6:.0f}M parameters (weights, gradients, AdamW) = "
+        f"{16 * n_params / 2**30:.2f} GiB, plus the Python/torch runtime; largest fit error "
+        f"{np.abs(fit - y).max() / 2**20:.0f} MiB")
+    row("fit: per frame (linear in B x T)", f"{per_frame / 2**20:.2f} MiB",
+        f"per S^2 (attention weights, CPU math path): {per_s2:.0f} bytes "
+        f"= {per_s2 / (cfg.n_layer * cfg.n_head):.1f} bytes per head and layer")
+    # The GPU estimate: fp32 master weights, gradients and AdamW (16 B/param) + autocast's bf16
+    # weight copies (2 B/param) + the per-frame activations at 6000 frames. A memory-efficient
+    # attention kernel keeps no S x S weights, so the S^2 term is dropped. Activations are
+    # mostly bf16 under autocast (half of fp32) but some stay fp32: the fp32 slope is the bound.
+    gpu_fixed = 18 * n_params
+    hi, lo = gpu_fixed + 6000 * per_frame, gpu_fixed + 6000 * per_frame / 2
+    row("estimate: paper preset, 6000 frames, bf16 autocast on a GPU", f"{lo / 2**30:.0f}-{hi / 2**30:.0f} GiB",
+        "extrapolated from the CPU fit, not measured: 18 B/param + 6000 x per-frame (bf16 half to fp32 whole)")
+
+
+if args.memory_point:
+    memory_point(*args.memory_point)
+    raise SystemExit
+if args.data_path or args.memory:
+    print(f"# bench: {args.threads} threads, torch {torch.__version__}")
+    if args.data_path:
+        data_path_rows()
+    if args.memory:
+        memory_rows()
+    raise SystemExit
 
 frames = int(args.seconds * valle.FRAME_RATE)
 if args.quick:
