@@ -300,6 +300,32 @@ class Codec:
         return frames[0][0][0].long()  # one frame: (codes (1, 8, T), scale=None)
 
     @torch.inference_mode()
+    def encode_batch(self, wavs):
+        """[(n_i,) float waveforms at 24 kHz] -> [(8, ceil(n_i / 320)) long codes], one call.
+
+        The batch runs on the codec's device, right-padded with zeros to its longest item, and
+        each item's codes are cut to its own length: the lengths `encode` gives. Right padding
+        is safe because the 24 kHz EnCodec is causal (its convolutions pad on the left only, its
+        LSTM runs forward): a frame depends on no sample after it, so the zeros after an item
+        reach none of its frames but the last, and that one only through the partial hop it
+        shares with them when n_i is not a multiple of 320 (alone, `encode` pads that hop by
+        reflection). The codes still differ from `encode`'s in near ties: other shapes run other
+        kernels that round differently (encoder outputs differ by ~1e-7), which flips a code
+        whose two nearest codebook entries are about as near. A flip changes the residual, and
+        so often the codes of the levels below. The untrained test codec is full of such ties:
+        2.6% of its codes on the demo corpus differ at 4 or 16 items per call (tested in
+        tests/test_prepare.py); one item per call gives exactly `encode`'s codes.
+        """
+        device = next(self.model.parameters()).device
+        lengths = [len(w) for w in wavs]
+        x = torch.zeros(len(wavs), 1, max(lengths), device=device)  # (B, 1, n_max)
+        for row, wav in zip(x, wavs):
+            row[0, : len(wav)] = wav
+        codes = self.model.encode(x)[0][0].long().cpu()  # (B, 8, ceil(n_max / 320))
+        hop = SAMPLE_RATE // FRAME_RATE
+        return [c[:, : -(-n // hop)] for c, n in zip(codes, lengths)]
+
+    @torch.inference_mode()
     def decode(self, codes):
         """(8, T) codes -> (T * 320,) float waveform."""
         return self.model.decode([(codes.unsqueeze(0).long(), None)]).reshape(-1)

@@ -8,6 +8,19 @@ memory-mapped arrays, an index and a meta file.
     python data/prepare.py --layout vctk --src VCTK-Corpus --out data/prepared/vctk
     python data/prepare.py --layout manifest --src my_list.txt --out data/prepared/mine
 
+At corpus size: EnCodec runs on --device (auto: CUDA when present), --batch-size utterances per
+call (16 on CUDA; 1 on the CPU, where batching is no faster), while --workers processes read,
+resample and phonemize the audio:
+
+    python data/prepare.py --layout libritts --src LibriTTS --out DIR --device cuda --workers 8
+
+Several GPUs or machines: each runs one shard of the chunks into its own DIR/parts-<i>of<n>/;
+copy those folders into one DIR, then merge them into the dataset:
+
+    python data/prepare.py --layout libritts --src LibriTTS --out DIR --shard 0/2   # GPU 0
+    CUDA_VISIBLE_DEVICES=1 python data/prepare.py ... --out DIR --shard 1/2        # GPU 1
+    python data/prepare.py --merge --out DIR
+
 Layouts:
   ljspeech  metadata.csv (id|text|normalized text) + wavs/<id>.wav, one speaker
   libritts  <speaker>/<chapter>/<id>.wav + <id>.normalized.txt (LibriTTS and LibriTTS-R)
@@ -20,25 +33,37 @@ Output (in --out):
   codes.bin   int16 (frames, 8) EnCodec codes of every utterance, back to back
   index.npy   int64 (utterances, 5): phone offset, phone count, frame offset, frame count, speaker
   meta.json   codec, rates, phone table, speakers, utterance ids, counts, skipped files and why
-Work is saved in chunks under --out/parts/, so an interrupted run picks up where it stopped.
-A finished dataset (meta.json present) is never overwritten unless --overwrite is given.
+Work is saved in chunks of 256 utterances under --out/parts/ (--out/parts-<i>of<n>/ for a
+shard), so an interrupted run picks up where it stopped. A finished dataset (meta.json
+present) is never overwritten unless --overwrite is given.
 """
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import os
-import shutil
+import re
 import sys
+import time
 from collections import Counter
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valle  # noqa: E402
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CHUNK = 256  # utterances per saved part
+GPU_BATCH_SIZE = 16  # default utterances per EnCodec call on a GPU; 1 on the CPU (--batch-size)
+# Paths that may differ between the machines of a sharded run: --merge does not compare them.
+MACHINE_PATHS = ("src", "encodec_checkpoint")
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -115,11 +140,11 @@ LAYOUTS = {"ljspeech": ljspeech, "libritts": libritts, "vctk": vctk, "folder": f
 
 
 # -----------------------------------------------------------------------------
-# Encoding
+# Loading: reading, resampling and phonemizing, in --workers processes
 
 
-def encode_one(codec, path, text, min_s, max_s):
-    """-> (phone ids, codes (T, 8) int16) or a reason to skip."""
+def load_one(path, text, min_s, max_s):
+    """-> (phone ids, waveform (n,) float32 at 24 kHz) or a reason to skip."""
     if not text.strip():
         return "empty transcript"
     try:
@@ -137,29 +162,270 @@ def encode_one(codec, path, text, min_s, max_s):
         return f"longer than {max_s} s"
     if wav.abs().max() < 1e-4:
         return "silent"
-    codes = codec.encode(wav).T.numpy().astype(np.int16)  # (T, 8)
-    return ids, codes
+    return ids, wav.numpy()  # a tensor would cross processes as a file descriptor, each
 
 
-def make_codec(name, checkpoint):
+class Utterances(torch.utils.data.Dataset):
+    """(utterance id, speaker, load_one's result) of each item; runs in the DataLoader's workers."""
+
+    def __init__(self, items, min_s, max_s):
+        self.items, self.min_s, self.max_s = items, min_s, max_s
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        utt, path, text, speaker = self.items[i]
+        return utt, speaker, load_one(path, text, self.min_s, self.max_s)
+
+
+def load_in_order(items, min_s, max_s, workers):
+    """Iterate over the loaded items, in order; `workers` processes load ahead of the encoder."""
+    return iter(torch.utils.data.DataLoader(
+        Utterances(items, min_s, max_s), batch_size=None, num_workers=workers,
+        collate_fn=tuple,  # hand each item over as it is (the default makes arrays tensors)
+        # spawn, not fork: a forked child would inherit the codec's CUDA context and OpenMP
+        # threads, which do not survive a fork; and spawn is what macOS and Windows do anyway.
+        multiprocessing_context="spawn" if workers else None))
+
+
+# -----------------------------------------------------------------------------
+# Encoding
+
+
+def make_codec(name, checkpoint, device):
     if name == "untrained":
-        return valle.Codec.untrained(seed=0)
-    try:
-        return valle.Codec.pretrained(checkpoint)
-    except (OSError, RuntimeError, ValueError) as e:  # no network, bad file
-        if name == "pretrained":
-            raise SystemExit(f"error: cannot load pretrained EnCodec ({e}); pass "
-                             "--encodec-checkpoint /path/to/encodec_24khz-d7cc33bc.th") from None
-        print(f"WARNING: pretrained EnCodec unavailable ({type(e).__name__}); using the untrained "
-              "test codec: training works, but decoded audio will be noise, not speech.")
-        return valle.Codec.untrained(seed=0)
+        codec = valle.Codec.untrained(seed=0)
+    else:
+        try:
+            codec = valle.Codec.pretrained(checkpoint)
+        except (OSError, RuntimeError, ValueError) as e:  # no network, bad file
+            if name == "pretrained":
+                die(f"cannot load pretrained EnCodec ({e}); pass "
+                    "--encodec-checkpoint /path/to/encodec_24khz-d7cc33bc.th")
+            print(f"WARNING: pretrained EnCodec unavailable ({type(e).__name__}); using the untrained "
+                  "test codec: training works, but decoded audio will be noise, not speech.")
+            codec = valle.Codec.untrained(seed=0)
+    codec.model.to(device)
+    return codec
 
 
-def main(argv=None):
+class Progress:
+    """A tqdm bar of utterances that also shows the audio encoded and the throughput."""
+
+    def __init__(self, total, done):
+        from tqdm import tqdm  # installed with nltk
+        self.bar = tqdm(total=total, initial=done, unit="utt", desc="encoding", mininterval=1.0)
+        self.seconds, self.start = 0.0, time.perf_counter()
+
+    def update(self, utterances, seconds=0.0):
+        self.seconds += seconds
+        speed = self.seconds / (time.perf_counter() - self.start)  # audio seconds per second
+        self.bar.set_postfix_str(f"{self.seconds / 3600:.3f} h audio, {speed / 3600:.4f} h/s "
+                                 f"= {speed:.0f}x real time", refresh=False)
+        self.bar.update(utterances)  # redraws at most once per mininterval
+
+
+def encode_sorted(codec, wavs, batch_size, progress):
+    """(T_i, 8) int16 codes of each waveform, `batch_size` waveforms per EnCodec call.
+
+    The batches are cut from the waveforms sorted by length, so that each pads little; the
+    codes come back in the order of `wavs`."""
+    order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
+    codes = [None] * len(wavs)
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        for i, c in zip(batch, codec.encode_batch([torch.from_numpy(wavs[i]) for i in batch])):
+            codes[i] = c.T.numpy().astype(np.int16)  # (T_i, 8)
+        progress.update(len(batch), sum(len(wavs[i]) for i in batch) / valle.SAMPLE_RATE)
+    return codes
+
+
+def save_part(path, chunk, codec, batch_size, progress):
+    """Encode one chunk of loaded items and save its arrays as one .npz part."""
+    kept = [(utt, speaker, out) for utt, speaker, out in chunk if not isinstance(out, str)]
+    skipped = [(utt, out) for utt, _, out in chunk if isinstance(out, str)]
+    progress.update(len(skipped))
+    phones = [ids for _, _, (ids, _) in kept]
+    codes = encode_sorted(codec, [wav for _, _, (_, wav) in kept], batch_size, progress)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, ids=np.array([utt for utt, _, _ in kept], dtype=str),
+             speakers=np.array([speaker for _, speaker, _ in kept], dtype=str),
+             phones=np.array([i for x in phones for i in x], np.uint8),
+             phone_lens=np.array([len(x) for x in phones], np.int64),
+             codes=np.concatenate(codes) if codes else np.zeros((0, 8), np.int16),
+             code_lens=np.array([len(x) for x in codes], np.int64),
+             skipped=np.array(skipped, dtype=str).reshape(-1, 2), codec=codec.kind)
+    os.replace(tmp, path)
+
+
+def part_path(parts_dir, c):
+    return os.path.join(parts_dir, f"{c:05d}.npz")
+
+
+def encode_chunks(items, todo, parts_dir, args, progress):
+    """Encode the chunks numbered `todo` of `items` into parts_dir, one part at a time."""
+    device = args.device
+    codec = make_codec(args.codec, args.encodec_checkpoint, device)
+    batch_size = args.batch_size or (1 if device.type == "cpu" else GPU_BATCH_SIZE)
+    chunks = [items[c * CHUNK: (c + 1) * CHUNK] for c in todo]
+    loaded = load_in_order([item for chunk in chunks for item in chunk], args.min_seconds,
+                           args.max_seconds, args.workers)
+    for c, chunk in zip(todo, chunks):
+        save_part(part_path(parts_dir, c), [next(loaded) for _ in chunk], codec, batch_size,
+                  progress)
+
+
+# -----------------------------------------------------------------------------
+# Settings of a run, recorded in each parts folder: resuming and merging check them
+
+
+def corpus_settings(args, items):
+    """What decides the encoded arrays (not --device, --batch-size, --workers or --shard,
+    which change nothing but near-tie codes); the corpus's fingerprint catches added files,
+    which would move the chunk boundaries under the saved parts."""
+    listing = json.dumps([(utt, text, speaker) for utt, _, text, speaker in items])
+    checkpoint = args.encodec_checkpoint and os.path.abspath(args.encodec_checkpoint)
+    return {"layout": args.layout, "src": os.path.abspath(args.src), "codec": args.codec,
+            "encodec_checkpoint": checkpoint, "min_seconds": args.min_seconds,
+            "max_seconds": args.max_seconds, "chunk": CHUNK, "utterances": len(items),
+            "chunks": (len(items) + CHUNK - 1) // CHUNK,
+            "corpus": hashlib.sha1(listing.encode()).hexdigest()}
+
+
+def differing(a, b, ignore=()):
+    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
+
+
+def write_json(path, obj, indent=None):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def claim(parts_dir, settings, out):
+    """Start parts_dir with these settings, or check that the run it holds used the same."""
+    path = os.path.join(parts_dir, "settings.json")
+    if os.path.exists(path):
+        changed = differing(read_json(path), settings)
+        if changed:
+            die(f"{out} holds an unfinished run with other settings ({', '.join(changed)}); "
+                "delete the folder or use the same arguments")
+    else:
+        os.makedirs(parts_dir, exist_ok=True)
+        write_json(path, settings)
+
+
+def find_parts(out, folders):
+    """Check that `folders` hold every chunk of one corpus exactly once, encoded with the same
+    settings; -> (settings, path of each chunk's part in chunk order)."""
+    if not folders:
+        die(f"no parts folders in {out}: run the shards (--shard i/n) with this --out first")
+    settings = {}
+    for d in folders:
+        if not os.path.exists(os.path.join(d, "settings.json")):
+            die(f"{d} has no settings.json: not a parts folder of data/prepare.py")
+        settings[d] = read_json(os.path.join(d, "settings.json"))
+        changed = differing(settings[d], settings[folders[0]], ignore=MACHINE_PATHS)
+        if changed:
+            die(f"{d} and {folders[0]} hold runs with other settings ({', '.join(changed)})")
+    where = {}
+    for d in folders:
+        for name in os.listdir(d):
+            if re.fullmatch(r"\d+\.npz", name):
+                c = int(name[: -len(".npz")])
+                if c in where:
+                    die(f"chunk {c} is in both {where[c]} and {d}: keep one of them")
+                where[c] = d
+    n_chunks = settings[folders[0]]["chunks"]
+    missing = [c for c in range(n_chunks) if c not in where]
+    if missing:
+        die(f"{len(missing)} of {n_chunks} chunks are missing (chunk {missing[0]} and others): "
+            f"is a shard unfinished, or its parts folder not copied into {out}?")
+    return settings[folders[0]], [part_path(where[c], c) for c in range(n_chunks)]
+
+
+def parts_folders(out):
+    """The unsharded parts/ and the shards' parts-<i>of<n>/ in out."""
+    return sorted(os.path.join(out, d) for d in os.listdir(out)
+                  if re.fullmatch(r"parts(-\d+of\d+)?", d) and os.path.isdir(os.path.join(out, d)))
+
+
+# -----------------------------------------------------------------------------
+# Writing the dataset: the parts appended to flat arrays, one part in memory at a time
+
+
+def write_dataset(out, settings, paths):
+    """Write phones.bin, codes.bin, index.npy and, last, meta.json from the parts at `paths`."""
+    # First only the small arrays, so that nothing is written unless all parts fit together.
+    kinds, ids, speakers_of, skipped, phone_lens, code_lens = set(), [], [], [], [], []
+    for path in paths:
+        with np.load(path) as pt:
+            kinds.add(str(pt["codec"]))
+            ids += [str(x) for x in pt["ids"]]
+            speakers_of += [str(x) for x in pt["speakers"]]
+            skipped += [tuple(map(str, x)) for x in pt["skipped"]]
+            phone_lens.append(pt["phone_lens"]), code_lens.append(pt["code_lens"])
+    if len(kinds) > 1:
+        die(f"parts were encoded with different codecs {kinds}; delete {out} and run again")
+    if not ids:
+        die(f"every utterance was skipped: {dict(Counter(r for _, r in skipped))}")
+    if os.path.exists(os.path.join(out, "meta.json")):  # replaced (--overwrite): unmark it first
+        os.remove(os.path.join(out, "meta.json"))
+    with open(os.path.join(out, "phones.bin"), "wb") as phones, \
+            open(os.path.join(out, "codes.bin"), "wb") as codes:
+        for path in paths:
+            with np.load(path) as pt:
+                phones.write(pt["phones"].tobytes())
+                codes.write(pt["codes"].tobytes())  # (frames, 8) int16, row-major
+    speakers = sorted(set(speakers_of))
+    number = {s: n for n, s in enumerate(speakers)}
+    index = np.zeros((len(ids), 5), dtype=np.int64)
+    index[:, 1] = np.concatenate(phone_lens)
+    index[:, 3] = np.concatenate(code_lens)
+    index[1:, 0] = np.cumsum(index[:-1, 1])
+    index[1:, 2] = np.cumsum(index[:-1, 3])
+    index[:, 4] = [number[s] for s in speakers_of]
+    np.save(os.path.join(out, "index.npy"), index)
+    meta = {
+        "codec": kinds.pop(), "sample_rate": valle.SAMPLE_RATE, "frame_rate": valle.FRAME_RATE,
+        "n_codebooks": valle.N_CODEBOOKS, "phones": valle.PHONES, "speakers": speakers,
+        "ids": ids, "utterances": len(ids), "frames": int(index[:, 3].sum()),
+        "hours": round(float(index[:, 3].sum()) / valle.FRAME_RATE / 3600, 4),
+        "skipped": {reason: n for reason, n in Counter(r for _, r in skipped).items()},
+        "skipped_ids": skipped, "layout": settings["layout"], "source": settings["src"],
+    }
+    write_json(os.path.join(out, "meta.json"), meta, indent=1)  # marks a finished dataset
+    print(f"{out}: {len(ids)} utterances, {len(speakers)} speakers, "
+          f"{meta['hours'] * 60:.1f} min, {meta['frames']} frames, codec {meta['codec']}; "
+          f"skipped {len(skipped)}: {meta['skipped'] or 'none'}")
+
+
+def merge(out, folders):
+    """Write the dataset from the parts in `folders`, then delete them."""
+    settings, paths = find_parts(out, folders)
+    write_dataset(out, settings, paths)
+    for d in folders:
+        for name in os.listdir(d):
+            os.remove(os.path.join(d, name))
+        os.rmdir(d)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", choices=LAYOUTS, required=True)
-    p.add_argument("--src", required=True, help="corpus folder (or manifest file)")
+    p.add_argument("--layout", choices=LAYOUTS, help="required, except with --merge")
+    p.add_argument("--src", help="corpus folder (or manifest file); required, except with --merge")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--codec", choices=["auto", "pretrained", "untrained"], default="auto",
                    help="auto: pretrained EnCodec if it can be loaded, else the untrained test codec")
@@ -167,101 +433,104 @@ def main(argv=None):
     p.add_argument("--min-seconds", type=float, default=0.5)
     p.add_argument("--max-seconds", type=float, default=20.0)
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset")
+    g = p.add_argument_group("speed (none of these changes what is encoded, but near-tie codes)")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--batch-size", type=int,
+                   help="utterances per EnCodec call (default: 16 on CUDA; 1 on the CPU, where "
+                        "batches are no faster, and 1 gives exactly Codec.encode's codes)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="processes that read, resample and phonemize (default 0: the main one)")
+    g = p.add_argument_group("several GPUs or machines")
+    g.add_argument("--shard", help="i/n: encode only the chunks c with c %% n == i, into "
+                                   "--out/parts-<i>of<n>/; finish with --merge")
+    g.add_argument("--merge", action="store_true",
+                   help="write the dataset from the parts folders in --out (after all shards)")
     args = p.parse_args(argv)
 
+    # Every check before anything is written, so a bad flag leaves no half-made output.
+    if args.merge and args.shard:
+        die("--merge combines the shards' parts: give it no --shard")
+    if not args.merge and not (args.layout and args.src):
+        die("--layout and --src are required (except with --merge)")
+    if args.shard is not None:
+        m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+        if not m or int(m[1]) >= int(m[2]):
+            die(f"--shard wants i/n with 0 <= i < n, e.g. 0/2, not {args.shard!r}")
+        args.shard = int(m[1]), int(m[2])
+    if args.workers < 0:
+        die(f"--workers must be 0 or more, not {args.workers}")
+    if args.batch_size is not None and args.batch_size < 1:
+        die(f"--batch-size must be 1 or more, not {args.batch_size}")
+    if not 0 <= args.min_seconds < args.max_seconds:
+        die(f"--min-seconds ({args.min_seconds}) must be 0 or more and below --max-seconds "
+            f"({args.max_seconds})")
+    args.device = resolve_device(args.device)
+    return args
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, ...")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}: no CUDA device here")
+    return device
+
+
+def refuse_finished(out, overwrite):
+    """A finished dataset is replaced only with --overwrite (and only when the new one is
+    written: until then, it stays whole)."""
+    if os.path.exists(os.path.join(out, "meta.json")) and not overwrite:
+        die(f"{out} already holds a finished dataset; pass --overwrite to replace it")
+
+
+def list_items(args):
     if not os.path.exists(args.src):
-        raise SystemExit(f"error: {args.src} does not exist")
-    if os.path.exists(os.path.join(args.out, "meta.json")):
-        if not args.overwrite:
-            raise SystemExit(f"error: {args.out} already holds a finished dataset; "
-                             "pass --overwrite to replace it")
-        shutil.rmtree(args.out)
+        die(f"{args.src} does not exist")
     try:
         items = sorted(LAYOUTS[args.layout](args.src))
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {args.src} is not in the {args.layout} layout ({e.filename} "
-                         "is missing); see --help for the layouts") from None
+        die(f"{args.src} is not in the {args.layout} layout ({e.filename} is missing); "
+            "see --help for the layouts")
     if not items:
-        raise SystemExit(f"error: no utterances found in {args.src} for the {args.layout} layout")
+        die(f"no utterances found in {args.src} for the {args.layout} layout")
+    return items
 
-    parts_dir = os.path.join(args.out, "parts")
-    os.makedirs(parts_dir, exist_ok=True)
-    with open(os.path.join(parts_dir, "settings.json"), "a+") as f:  # a resumed run must agree
-        f.seek(0)
-        settings = {k: v for k, v in vars(args).items() if k != "overwrite"}
-        previous = f.read()
-        if previous and json.loads(previous) != settings:
-            raise SystemExit(f"error: {args.out} holds an unfinished run with other settings; "
-                             "delete the folder or use the same arguments")
-        if not previous:
-            f.write(json.dumps(settings))
 
-    codec = None
-    n_chunks = (len(items) + CHUNK - 1) // CHUNK
-    from tqdm import tqdm  # installed with nltk
-    bar = tqdm(total=len(items), unit="utt", desc="encoding", mininterval=2.0)
-    for c in range(n_chunks):
-        part = os.path.join(parts_dir, f"{c:05d}.npz")
-        chunk = items[c * CHUNK: (c + 1) * CHUNK]
-        if os.path.exists(part):  # finished by an earlier run
-            bar.update(len(chunk))
-            continue
-        codec = codec or make_codec(args.codec, args.encodec_checkpoint)
-        ids, phones, codes, speakers, skipped = [], [], [], [], []
-        for utt, path, text, speaker in chunk:
-            out = encode_one(codec, path, text, args.min_seconds, args.max_seconds)
-            if isinstance(out, str):
-                skipped.append((utt, out))
-            else:
-                ids.append(utt), phones.append(out[0]), codes.append(out[1]), speakers.append(speaker)
-            bar.update(1)
-        tmp = part + ".tmp.npz"
-        np.savez(tmp, ids=np.array(ids, dtype=str), speakers=np.array(speakers, dtype=str),
-                 phones=np.array([i for x in phones for i in x], np.uint8),
-                 phone_lens=np.array([len(x) for x in phones], np.int64),
-                 codes=np.concatenate(codes) if codes else np.zeros((0, 8), np.int16),
-                 code_lens=np.array([len(x) for x in codes], np.int64),
-                 skipped=np.array(skipped, dtype=str).reshape(-1, 2), codec=codec.kind)
-        os.replace(tmp, part)
-    bar.close()
+def main(argv=None):
+    args = parse_args(argv)
+    if args.merge:
+        if not os.path.isdir(args.out):
+            die(f"{args.out} does not exist")
+        refuse_finished(args.out, args.overwrite)
+        merge(args.out, parts_folders(args.out))
+        return
+    items = list_items(args)
+    refuse_finished(args.out, args.overwrite)
+    settings = corpus_settings(args, items)
+    shard, n_shards = args.shard or (0, 1)
+    mine = range(settings["chunks"])[shard::n_shards]  # chunk c goes to shard c % n
+    parts_dir = os.path.join(args.out, f"parts-{shard}of{n_shards}" if args.shard else "parts")
+    claim(parts_dir, settings, args.out)
 
-    # Concatenate the parts into flat arrays; meta.json is written last, marking the end.
-    parts = [np.load(os.path.join(parts_dir, f"{c:05d}.npz")) for c in range(n_chunks)]
-    kinds = {str(pt["codec"]) for pt in parts}
-    if len(kinds) > 1:
-        raise SystemExit(f"error: parts were encoded with different codecs {kinds}; "
-                         f"delete {args.out} and run again")
-    ids = [str(x) for pt in parts for x in pt["ids"]]
-    speakers_of = [str(x) for pt in parts for x in pt["speakers"]]
-    skipped = [tuple(map(str, x)) for pt in parts for x in pt["skipped"]]
-    if not ids:
-        raise SystemExit(f"error: every utterance was skipped: {dict(Counter(r for _, r in skipped))}")
-    speakers = sorted(set(speakers_of))
-    index = np.zeros((len(ids), 5), dtype=np.int64)
-    index[:, 1] = np.concatenate([pt["phone_lens"] for pt in parts])
-    index[:, 3] = np.concatenate([pt["code_lens"] for pt in parts])
-    index[1:, 0] = np.cumsum(index[:-1, 1])
-    index[1:, 2] = np.cumsum(index[:-1, 3])
-    index[:, 4] = [speakers.index(s) for s in speakers_of]
-    np.concatenate([pt["phones"] for pt in parts]).tofile(os.path.join(args.out, "phones.bin"))
-    np.concatenate([pt["codes"] for pt in parts]).tofile(os.path.join(args.out, "codes.bin"))
-    np.save(os.path.join(args.out, "index.npy"), index)
-    meta = {
-        "codec": kinds.pop(), "sample_rate": valle.SAMPLE_RATE, "frame_rate": valle.FRAME_RATE,
-        "n_codebooks": valle.N_CODEBOOKS, "phones": valle.PHONES, "speakers": speakers,
-        "ids": ids, "utterances": len(ids), "frames": int(index[:, 3].sum()),
-        "hours": round(float(index[:, 3].sum()) / valle.FRAME_RATE / 3600, 4),
-        "skipped": {reason: n for reason, n in Counter(r for _, r in skipped).items()},
-        "skipped_ids": skipped, "layout": args.layout, "source": os.path.abspath(args.src),
-    }
-    tmp = os.path.join(args.out, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(args.out, "meta.json"))
-    shutil.rmtree(parts_dir)
-    print(f"{args.out}: {len(ids)} utterances, {len(speakers)} speakers, "
-          f"{meta['hours'] * 60:.1f} min, {meta['frames']} frames, codec {meta['codec']}; "
-          f"skipped {len(skipped)}: {meta['skipped'] or 'none'}")
+    todo = [c for c in mine if not os.path.exists(part_path(parts_dir, c))]  # else done earlier
+    size = {c: len(items[c * CHUNK: (c + 1) * CHUNK]) for c in mine}
+    progress = Progress(total=sum(size.values()),
+                        done=sum(size.values()) - sum(size[c] for c in todo))
+    if todo:
+        encode_chunks(items, todo, parts_dir, args, progress)
+    progress.bar.close()
+
+    if args.shard:
+        print(f"shard {shard}/{n_shards} done: its {len(mine)} of {settings['chunks']} chunks are "
+              f"in {parts_dir}. When every shard is done and their parts-*of{n_shards} folders "
+              f"are in one --out, run: python data/prepare.py --merge --out {args.out}")
+    else:
+        merge(args.out, [parts_dir])
 
 
 if __name__ == "__main__":

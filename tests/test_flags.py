@@ -44,6 +44,12 @@ CASES = [
     ("train.py", TRAIN, ["--warmup", "-1"], "--warmup must be 0 or more"),
     ("train.py", TRAIN, ["--dropout", "1"], "--dropout must be in [0, 1)"),
     ("train.py", TRAIN, ["--threads", "0"], "--threads must be at least 1"),
+    ("data/prepare.py", PREPARE, ["--workers", "-1"], "--workers"),
+    ("data/prepare.py", PREPARE, ["--batch-size", "0"], "--batch-size"),
+    ("data/prepare.py", PREPARE, ["--shard", "2/2"], "--shard"),
+    ("data/prepare.py", PREPARE, ["--shard", "x"], "--shard"),
+    ("data/prepare.py", PREPARE, ["--min-seconds", "-1"], "--min-seconds"),
+    ("data/prepare.py", PREPARE, ["--min-seconds", "5", "--max-seconds", "2"], "--min-seconds"),
 ]
 
 
