@@ -392,7 +392,7 @@ bframes = min(frames, 150)
 for B in (1, 8):
     text_b, valid_b, _ = make_inputs(cfg, batch=B)
     t = timed(lambda: valle.generate_ar(ar, text_b, valid_b, prompt[0], bframes // 2, valle.Sampling(),
-                                        torch.Generator(device).manual_seed(0)))
+                                        valle.item_generators(0, B, device)))  # a stream per row
     if B == 1:
         one = t
     else:
