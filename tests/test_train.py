@@ -29,6 +29,9 @@ def test_training_lowers_validation_loss_and_saves_a_loadable_checkpoint(prepare
     # seen: AR 6.78 -> 4.97, NAR 6.83 -> 5.45 from step 5 to step 60
     assert vals[-1][0] < vals[0][0] - 1.0 and vals[-1][1] < vals[0][1] - 1.0, vals
     assert "top-1 accuracy per codebook 0:" in out.stdout
+    # each model is clipped on its own, and both norms are logged
+    norms = re.findall(r"grad norm ar ([\d.]+) nar ([\d.]+) \|", out.stdout)
+    assert len(norms) == 4 and all(float(a) > 0 and float(n) > 0 and a != n for a, n in norms)
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)  # plain tensors and dicts only
     cfg, ar, nar, _ = valle.load_checkpoint(str(tmp_path / "best.pt"))
     assert cfg.to_dict() == ckpt["config"] and cfg.group_size == 2
