@@ -418,7 +418,8 @@ def main(argv=None):
     if per_epoch < args.grad_accum:
         log(f"note: an epoch has {per_epoch} batch(es) per process, fewer than --grad-accum "
             f"{args.grad_accum}: optimizer steps will span epochs")
-    val_examples = make_examples(index, val_ids, 0.0, np.random.default_rng(0), 0, 0)  # alone
+    val_examples = np.full((len(val_ids), 2), NO_PARTNER, dtype=np.int64)  # single utterances
+    val_examples[:, 0] = val_ids
     val_plan = make_batches(example_frames(index, val_examples), args.batch_frames,
                             np.random.default_rng(0))
     val_batches = [(n, val_examples[b]) for n, b in enumerate(val_plan)][rank::world]

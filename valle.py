@@ -872,7 +872,7 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     """
     device = next(ar.parameters()).device
     prompt_ids = text_to_ids(prompt_text)
-    target_ids = [text_to_ids(t) for t in texts for _ in range(candidates)]
+    target_ids = [ids for ids in map(text_to_ids, texts) for _ in range(candidates)]  # text-major
     if any(len(prompt_ids) + 1 + len(ids) > ar.cfg.max_text_tokens for ids in target_ids):
         raise ValueError(f"text too long: at most {ar.cfg.max_text_tokens} phones with the prompt")
     text, text_valid = pad_ids([prompt_ids + [PHONE_ID[WORD_BOUNDARY]] + ids for ids in target_ids],
