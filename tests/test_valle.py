@@ -617,3 +617,16 @@ def test_bf16_fixed_shape_step_and_bf16_weights():
         _, _, cache = cached_and_naive_logits(bf16, torch.randint(0, 1024, (2, 9, 2)))
     assert cache.k[0].dtype == torch.bfloat16
     assert all(len(c) > 0 for c in valle.generate_ar(bf16, text, valid, prompt, 12, valle.Sampling(top_p=0.0)))
+
+
+# --- golden regression ----------------------------------------------------------
+
+def test_golden_codes_are_unchanged():
+    """A fixed seed and a tiny model trained for a few steps give the stored codes: any change
+    that alters outputs fails here. When the change is meant, run `python tests/golden.py
+    --write` and say why in the commit."""
+    import json
+    import golden  # tests/golden.py: pytest puts tests/ on the path
+    with open(golden.PATH) as f:
+        expected = json.load(f)
+    assert golden.golden_codes() == expected
