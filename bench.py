@@ -340,11 +340,9 @@ for G in (1, 2, 4, 8):
         for s in samples:
             groups = torch.randint(0, valle.CODEBOOK_SIZE, (1, prompt.shape[1] // G + s, G), device=device)
 
-            def naive_step():
-                x, v = ar.embed(text, text_valid, groups, torch.ones(groups.shape[:2], dtype=torch.bool, device=device))
-                ar.logits(ar(x, v)[:, -1:])
-            with torch.inference_mode():
-                costs.append(timed(naive_step, repeats=max(1, args.repeats - 1)))
+            with torch.inference_mode():  # the naive step: the whole sequence, no cache
+                costs.append(timed(lambda: valle.prefill(ar, text, text_valid, groups),
+                                   repeats=max(1, args.repeats - 1)))
         naive = sum((costs[i] + costs[i + 1]) / 2 * (samples[i + 1] - samples[i])
                     for i in range(len(samples) - 1)) + costs[-1]
         row(f"AR G={G}: naive decode (recompute all), {steps} steps", f"{naive:.1f} s",
@@ -358,13 +356,13 @@ if not cuda:  # what oneDNN buys over torch's default CPU kernel, on a shorter r
     text, text_valid, prompt = make_inputs(cfg)
     n = min(60, frames // 2)
     per_step = {}
+    run = lambda k: valle.generate_ar(ar, text, text_valid, prompt[0], k)  # noqa: E731
     for fast in (False, True):
-        valle.USE_ONEDNN = fast
-        run = lambda k: valle.generate_ar(ar, text, text_valid, prompt[0], k)  # noqa: E731
+        torch.backends.mkldnn.enabled = fast  # PyTorch's own oneDNN switch, which valle.linear reads
         per_step[fast] = (timed(lambda: run(n)) - timed(lambda: run(1))) / (n - 1)
     row("AR G=2 step, torch's default kernel vs oneDNN", f"{per_step[False] / per_step[True]:.2f}x",
         f"{1000 * per_step[False]:.1f} vs {1000 * per_step[True]:.1f} ms/step "
-        f"({n} steps, valle.USE_ONEDNN False vs True)")
+        f"({n} steps, torch.backends.mkldnn.enabled False vs True)")
     del ar
 row("AR time, G=1 / G=2", f"{ar_seconds[1] / ar_seconds[2]:.2f}x", "grouping halves the steps")
 

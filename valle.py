@@ -187,6 +187,12 @@ def phonemize(text):
     return phones[:-1]
 
 
+def join_phones(first, second):
+    """Two phone-id sequences read as one, at a word boundary: a prompt's transcript and the
+    text to speak (VALL-E's prompting), or two utterances joined into one training example."""
+    return [*first, PHONE_ID[WORD_BOUNDARY], *second]
+
+
 def text_to_ids(text):
     """Text -> phone ids. Raises ValueError when there is nothing to pronounce."""
     phones = phonemize(text)
@@ -332,48 +338,51 @@ class Codec:
 
 
 # -----------------------------------------------------------------------------
-# Transformer blocks with a preallocated KV cache
+# CPU inference: big matrix products through oneDNN (a speed detour; figures in the README)
 
-# Decoding one step is a chain of matrix-vector products, so its speed is the speed at which
-# the weights stream from memory. On the CPU, PyTorch's default fp32 kernel (MKL) reads them
-# with one core, at about 13 GB/s on our 2-core AMD EPYC; oneDNN uses both, at 17-22 GB/s
-# (bench.py), and its matrix products for prefill and the NAR are 10-30% faster too. oneDNN
-# costs ~50 us per call against MKL's ~20, so small weights stay with MKL. Same fp32 maths:
-# results agree to ~1e-6. Training keeps F.linear, which has a gradient. False to compare.
-USE_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ONEDNN_MIN_WEIGHT = 2**18  # elements (1 MB in fp32): below this, the per-call cost wins
+# A decode step streams every weight from memory once. On the CPU, PyTorch's default fp32 kernel
+# reads them with one core, oneDNN with all: same maths, faster steps. PyTorch's own switch
+# turns it off: torch.backends.mkldnn.enabled = False (bench.py compares the two).
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_MIN_WEIGHT = 2**18  # elements (1 MB in fp32): below this, oneDNN's per-call cost wins
 
 
 def linear(x, weight, bias=None):
-    """F.linear, through oneDNN on the CPU when no gradient is needed (see USE_ONEDNN).
+    """F.linear, through oneDNN for big fp32 weights on the CPU when no gradient is needed.
 
-    Not inside torch.compile, which chooses its own kernels, nor under autocast, which would
-    not cast oneDNN's inputs to bf16."""
-    if (USE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    Not inside torch.compile, which chooses its own kernels, nor under autocast, which casts
+    only F.linear's inputs to bf16."""
+    if (not torch.compiler.is_compiling() and ONEDNN and torch.backends.mkldnn.enabled
+            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.numel() >= ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")  # autocast casts only F.linear's inputs
-            and not torch.compiler.is_compiling()):
+            and not torch.is_autocast_enabled("cpu")):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoints) that calls `linear` above."""
+class OneDNNLinear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoints) whose inference on the CPU goes through
+    `linear` above."""
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+# -----------------------------------------------------------------------------
+# Transformer blocks with a preallocated KV cache
 
-    Eager decoding appends one group per step at the Python int `length` and attends to the
-    filled part only. A compiled decode step (torch.compile, CUDA graphs) needs the same
-    shapes and no changing Python numbers at every call: after `fix_shapes()`, each call
-    writes one position at the tensor `pos` and attends to the whole buffer, the unfilled
-    part masked out. `valid` marks which cached positions are real tokens (padding inside a
-    batch is not). Each layer's buffers are allocated at its first write, in the dtype that
-    attention computes in: bf16 under autocast or with bf16 weights, else fp32.
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions, and which of
+    those positions hold real tokens (`valid`: padding inside a batch does not).
+
+    A forward pass with a cache asks it for the attention mask of its new positions (`mask`),
+    stores each layer's keys and values (`update`), then moves past them (`advance`).
+    Eager decoding writes at the Python int `length` and attends to the filled part. A compiled
+    decode step (torch.compile, CUDA graphs) needs the same shapes and no changing Python
+    numbers at every call: after `fix_shapes()`, each call writes one position at the tensor
+    `pos` and attends to the whole buffer, the unfilled part masked out. Each layer's buffers
+    are allocated at its first write, in the dtype that attention computes in.
     """
 
     def __init__(self, cfg, batch_size, max_len, device=None):
@@ -383,7 +392,7 @@ class KVCache:
         self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self.length = 0  # positions filled so far
+        self.length = 0  # positions filled so far (eager)
         self.pos = None  # with fixed shapes: (1,) tensor, the position the next call writes
 
     def fix_shapes(self):
@@ -392,6 +401,18 @@ class KVCache:
         self.pos = torch.tensor([self.length], device=self.valid.device)
         for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these addresses
             torch._dynamo.mark_static_address(t)
+
+    def mask(self, valid, causal):
+        """Record the validity (B, q) of this call's q new positions -> (B, 1, q, S) mask of
+        the cached positions they may attend to."""
+        if self.pos is not None:  # one query, and every filled position is in its past
+            self.valid.index_copy_(1, self.pos, valid)
+            return self.valid[:, None, None, :]
+        end = self.length + valid.shape[1]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
+        self.valid[:, self.length:end] = valid
+        return attention_mask(self.valid[:, :end], valid.shape[1], causal)
 
     def update(self, layer, k, v):
         """Store this call's (B, nh, q, hs) keys/values; return all keys/values so far."""
@@ -403,11 +424,16 @@ class KVCache:
             self.v[layer].index_copy_(2, self.pos, v)
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n):
+        """Move past this call's n positions, once every layer has stored them."""
+        if self.pos is not None:
+            self.pos += n  # in place: a CUDA graph replays on this tensor
+        else:
+            self.length += n
 
 
 def attention_mask(valid_keys, q_len, causal):
@@ -425,26 +451,26 @@ def attention_mask(valid_keys, q_len, causal):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block number `layer`: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer  # the layer's slot in a KV cache
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = Linear(cfg.d_model, cfg.d_model)
+        self.qkv = OneDNNLinear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = OneDNNLinear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
-                                 Linear(cfg.d_ff, cfg.d_model))
+        self.mlp = nn.Sequential(OneDNNLinear(cfg.d_model, cfg.d_ff), nn.GELU(),
+                                 OneDNNLinear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, cache=None, layer=0):
+    def forward(self, x, mask, cache=None):
         B, S, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         q, k, v = (t.view(B, S, self.cfg.n_head, self.cfg.head_dim).transpose(1, 2)
                    for t in (q, k, v))  # (B, nh, S, hs)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, cached + S, hs)
+            k, v = cache.update(self.layer, k, v)  # (B, nh, cached + S, hs)
         p = self.cfg.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, S, d)  # (B, S, d)
@@ -456,25 +482,19 @@ class Transformer(nn.Module):
     def __init__(self, cfg, causal):
         super().__init__()
         self.causal = causal
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x, valid, cache=None):
         """x (B, S, d), valid (B, S) -> (B, S, d). With a cache, x holds only the new positions."""
-        if cache is not None and cache.pos is not None:  # fixed shapes: one query at cache.pos
-            cache.valid.index_copy_(1, cache.pos, valid)
-            mask = cache.valid[:, None, None, :]  # every filled position is in the query's past
-        elif cache is not None:
-            cache.valid[:, cache.length:cache.length + x.shape[1]] = valid
-            mask = attention_mask(cache.valid[:, :cache.length + x.shape[1]], x.shape[1], self.causal)
-        else:
+        if cache is None:
             mask = attention_mask(valid, x.shape[1], self.causal)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, cache, i)
-        if cache is not None and cache.pos is not None:
-            cache.pos += 1
-        elif cache is not None:
-            cache.length += x.shape[1]
+        else:
+            mask = cache.mask(valid, self.causal)
+        for block in self.blocks:
+            x = block(x, mask, cache)
+        if cache is not None:
+            cache.advance(x.shape[1])
         return self.ln_f(x)
 
 
@@ -483,6 +503,11 @@ def _init_weights(module):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def valid_lengths(lengths, size):
+    """(B,) lengths -> (B, size) validity: True at the first lengths[i] positions of row i."""
+    return torch.arange(size, device=lengths.device) < lengths[:, None]
 
 
 def positions(valid):
@@ -513,11 +538,18 @@ def ungroup(groups):
 
 
 class ARModel(nn.Module):
-    """Decoder-only LM over E_x || [e_eos, e_bos] || E_g (Eq. 9).
+    """Decoder-only LM over E_x || [e_eos, e_bos] || E_g (Eq. 9), for L phones and N groups:
 
-    Attention is causal over the whole sequence, text included: the text is then prefilled
-    once into the KV cache and every position reads like a GPT token. (A prefix-LM, with the
-    text attending both ways, is the other option the paper leaves open.)
+        position      0 .. L-1          L       L+1     L+2    ...   L+1+N
+        input         x_0 .. x_{L-1}    e_eos   <bos>   g_0    ...   g_{N-1}
+        audio pos     -                 -       0       1      ...   N
+        predicts      -                 -       g_0     g_1    ...   <eos> <eos> .. (G of them)
+
+    Each g_n is one group of G codes of codebook 0, embedded as one vector (Eq. 7-8); the
+    hidden state at a position gives the logits of all G codes of the next group. Attention
+    is causal over the whole sequence, text included: the text is then prefilled once into the
+    KV cache and every position reads like a GPT token. (A prefix-LM, with the text attending
+    both ways, is the other option the paper leaves open.)
     """
 
     def __init__(self, cfg):
@@ -530,8 +562,8 @@ class ARModel(nn.Module):
         self.audio_pos = nn.Embedding(cfg.max_frames // G + 2, d)  # <bos>, groups, <eos> group
         # Eq. 8: W_g maps a group's G concatenated code embeddings to one hidden vector;
         # the group prediction layer maps one hidden vector back to G of them. G=1 needs neither.
-        self.group_in = Linear(G * d, d) if G > 1 else nn.Identity()
-        self.group_out = Linear(d, G * d) if G > 1 else nn.Identity()
+        self.group_in = OneDNNLinear(G * d, d) if G > 1 else nn.Identity()
+        self.group_out = OneDNNLinear(d, G * d) if G > 1 else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg, causal=True)
         self.apply(_init_weights)
@@ -587,9 +619,9 @@ class ARModel(nn.Module):
         groups = targets[:, :-1].clamp(min=0)  # inputs: every real group, pads -> code 0
         groups_valid = targets[:, :-1, 0] != IGNORE
         groups_valid &= targets[:, :-1, 0] != EOS  # the <eos> group is a target, never an input
-        text_valid = torch.arange(text.shape[1], device=text.device) < text_lens[:, None]
-        x, valid = self.embed(text, text_valid, groups, groups_valid)
-        h = self(x, valid)[:, text.shape[1] + 1:]  # from <bos> on: (B, N + 1, d)
+        x, valid = self.embed(text, valid_lengths(text_lens, text.shape[1]), groups, groups_valid)
+        bos = text.shape[1] + 1  # the position of <bos>: after L phones and e_eos (see above)
+        h = self(x, valid)[:, bos:]  # <bos>, g_0 .. g_{N-1}: (B, N + 1, d)
         logits = self.logits(h)  # (B, N + 1, G, 1025)
         loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE)
         keep = targets != IGNORE
@@ -602,7 +634,15 @@ class ARModel(nn.Module):
 
 
 class NARModel(nn.Module):
-    """Bidirectional transformer over E_x || e_eos || E_c || e_eos || e_j (Eq. 12-16)."""
+    """Bidirectional transformer over E_x || e_eos || E_c || e_eos || e_j (Eq. 12-16):
+
+        input     x_0 .. x_{L-1}   e_eos   p_0 .. p_{Tp-1}   t_0 .. t_{T-1}   e_eos   e_j
+        position  0 .. L-1         L       L+1 .. L+Tp       L+1+Tp ..        -       -
+        predicts  -                -       -                 codebook j       -       -
+
+    x: phones; p: prompt frames, each the sum of its 8 code embeddings (Eq. 13); t: target
+    frames, each the sum of its codes in codebooks 0..j-1 (Eq. 14); e_j: which codebook.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -637,7 +677,8 @@ class NARModel(nn.Module):
         ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
         valid = torch.cat([text_valid, ones, audio_valid, ones, ones], dim=1)
         h = self.transformer(self.drop(x), valid)
-        h = h[:, L + 1 + prompt.shape[2]: L + 1 + prompt.shape[2] + T]  # target frames (B, T, d)
+        first = L + 1 + prompt.shape[2]  # target frame 0: after the text, its e_eos and the prompt
+        h = h[:, first: first + T]  # target frames (B, T, d)
         return linear(h, self.code_embs[j].weight)  # (B, T, 1024), tied head
 
     def loss(self, text, text_lens, codes, code_lens, generator=None, j=None):
@@ -657,11 +698,10 @@ class NARModel(nn.Module):
         targets = [codes[i, :, split[i]: code_lens[i]].T for i in range(len(codes))]
         prompt = nn.utils.rnn.pad_sequence(prompts, batch_first=True).transpose(1, 2)  # (B, 8, Tp)
         target = nn.utils.rnn.pad_sequence(targets, batch_first=True).transpose(1, 2)  # (B, 8, T)
-        prompt_valid = torch.arange(prompt.shape[2], device=device) < split.to(device)[:, None]
-        target_lens = (lens - split).to(device)
-        target_valid = torch.arange(target.shape[2], device=device) < target_lens[:, None]
-        text_valid = torch.arange(text.shape[1], device=device) < text_lens[:, None]
-        logits = self(text, text_valid, prompt, prompt_valid, target, target_valid, j)
+        prompt_valid = valid_lengths(split.to(device), prompt.shape[2])
+        target_valid = valid_lengths((lens - split).to(device), target.shape[2])
+        logits = self(text, valid_lengths(text_lens, text.shape[1]), prompt, prompt_valid, target,
+                      target_valid, j)
         labels = target[:, j].masked_fill(~target_valid, IGNORE)  # (B, T)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         acc = (logits.argmax(-1) == labels)[target_valid].float().mean()
@@ -757,19 +797,59 @@ def pad_ids(seqs, device=None):
     return ids, ids != PAD_ID
 
 
-def decode_step(model, new, pos, cache):
-    """One cached AR step: the last group (B, 1, G) at audio positions (B, 1) -> next logits."""
+def prefill(model, text, text_valid, groups, cache=None):
+    """Text (B, L) and groups (B, N, G) -> (B, G, 1025) logits of the group after them, from one
+    pass over the whole sequence. With a cache, its keys and values stay there for the steps."""
+    x, valid = model.embed(text, text_valid, groups, torch.ones_like(groups[..., 0], dtype=torch.bool))
+    return model.logits(model(x, valid, cache)[:, -1:])[:, 0].float()
+
+
+def decode_one_group(model, new, pos, cache):
+    """One cached step: the newest group (B, 1, G) at audio positions (B, 1) -> next logits."""
     valid = torch.ones(new.shape[:2], dtype=torch.bool, device=new.device)
     return model.logits(model(model.embed_groups(new, pos), valid, cache))  # (B, 1, G, 1025)
 
 
 @lru_cache(maxsize=None)
-def compiled_decode_step(device_type):
-    """decode_step compiled for a fixed-shape cache; on CUDA replayed as a CUDA graph, which
-    removes the launch cost of its ~200 small kernels. Each new batch size or cache size
+def compiled_decode_one_group(device_type):
+    """decode_one_group compiled for a fixed-shape cache; on CUDA replayed as a CUDA graph,
+    which removes the launch cost of its ~200 small kernels. Each new batch size or cache size
     compiles again (generate_ar rounds cache sizes up to keep those few)."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
-    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return torch.compile(decode_one_group, mode=mode, fullgraph=True, dynamic=False)
+
+
+def next_logits_fn(model, text, text_valid, cache, compile):
+    """How decoding computes the next group's logits: a function of all groups so far
+    (B, N, G) -> (B, G, 1025). The one place that chooses between
+      naive (no cache): the whole sequence again at every step, the slow reference;
+      cached: only the newest group, against the prefilled cache;
+      compiled: the cached step through torch.compile with fixed shapes."""
+    if cache is None:
+        return lambda groups: prefill(model, text, text_valid, groups)
+    step = decode_one_group
+    if compile:
+        cache.fix_shapes()
+        step = compiled_decode_one_group(text.device.type)
+
+    def cached(groups):
+        B, N, G = groups.shape  # the newest group, number N-1, sits at audio position N (0 is <bos>)
+        pos = torch.full((B, 1), N, device=groups.device)
+        newest = groups[:, -1:].contiguous()  # (B, 1, G); a view's strides would recompile
+        return step(model, newest, pos, cache)[:, 0].float()
+    return cached
+
+
+def sample_group(logits, history, generator, sampling):
+    """(B, G, 1025) logits -> (B, G) codes and the RAS history (B, <=K) after them. The codes of
+    a group come from one hidden state, but are drawn one at a time so that RAS sees each
+    (§3.4.1)."""
+    codes = []
+    for g in range(logits.shape[1]):
+        code = repetition_aware_sample(logits[:, g], history, generator, sampling)
+        history = torch.cat([history, code[:, None]], dim=1)[:, -max(1, sampling.ras_window):]
+        codes.append(code)
+    return torch.stack(codes, dim=1), history
 
 
 @torch.inference_mode()
@@ -777,62 +857,45 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
                 generator=None, use_cache=True, progress=None, compile=False):
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
-    Prefill text + prompt once, then one group per step; inside a group the G codes are
-    drawn one at a time so that RAS sees each (§3.4.1). `generator`: one torch.Generator, or a
-    list of B (one random stream per item, see `generate`). An item stops at its first <eos> or
-    after `max_groups` steps. use_cache=False recomputes the whole sequence at every step:
-    the slow reference that the cached path must match exactly. compile=True runs the cached
-    step through torch.compile with fixed shapes (worth it on a GPU; on a CPU it is slower).
+    An item stops at its first <eos>, after `max_groups` groups, or where prompt and speech
+    fill the model's position table. `generator`: one torch.Generator, or a list of B (one
+    random stream per item, see `generate`). use_cache=False recomputes the whole sequence at
+    every step: the slow reference that the cached path must match exactly. compile=True runs
+    the cached step through torch.compile (worth it on a GPU; on a CPU it is slower).
     """
-    cfg, device = model.cfg, text.device
-    G, B = cfg.group_size, text.shape[0]
-    prompt_groups = group_codes(prompt_c0.to(device), G)[:-1]  # (Np, G), leading codes clipped
+    cfg, device, B = model.cfg, text.device, text.shape[0]
+    prompt_groups = group_codes(prompt_c0.to(device), cfg.group_size)[:-1]  # (Np, G), leading codes clipped
     Np = prompt_groups.shape[0]
-    if 1 + Np + max_groups > model.audio_pos.num_embeddings:  # <bos> + groups must fit
-        raise ValueError(f"prompt + speech exceed the model's {cfg.max_frames} frames: "
-                         "use a shorter prompt or a smaller maximum duration")
-    groups = prompt_groups.expand(B, Np, G)  # (B, Np, G)
-    all_valid = lambda n: torch.ones(B, n, dtype=torch.bool, device=device)  # noqa: E731
-    K = max(1, sampling.ras_window)
-    history = prompt_groups.reshape(1, -1)[:, -K:].expand(B, -1)  # (B, <=K): RAS history
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.full((B,), max_groups * G, dtype=torch.long, device=device)
+    # The one length limit: prompt and speech fill at most the position tables' max_frames.
+    n_new = min(max_groups, (cfg.max_frames - len(prompt_c0)) // cfg.group_size)
+    if n_new < 1:
+        raise ValueError(f"the prompt fills the model's {cfg.max_frames} frames: shorten it")
 
-    if use_cache:
-        x, valid = model.embed(text, text_valid, groups, all_valid(Np))
-        max_len = x.shape[1] + max_groups
-        if compile:
-            max_len = -(-max_len // 256) * 256  # a few sizes, so a few compiles
-        cache = KVCache(cfg, B, max_len, device)
-        logits = model.logits(model(x, valid, cache)[:, -1:])  # prefill: (B, 1, G, 1025)
-        step_fn = decode_step
-        if compile:
-            cache.fix_shapes()
-            step_fn = compiled_decode_step(device.type)
-    for step in range(max_groups):
-        if not use_cache:  # the naive path: everything from scratch
-            x, valid = model.embed(text, text_valid, groups, all_valid(groups.shape[1]))
-            logits = model.logits(model(x, valid)[:, -1:])
-        logits = logits[:, 0].float()  # (B, G, 1025)
-        new = []
-        for g in range(G):  # the group's codes, one at a time
-            code = repetition_aware_sample(logits[:, g], history, generator, sampling)
-            ended = ~done & (code == EOS)
-            lengths = torch.where(ended, step * G + g, lengths)
-            done |= ended
-            history = torch.cat([history, code[:, None]], dim=1)[:, -K:]
-            new.append(code)
-        new = torch.stack(new, dim=1)[:, None]  # (B, 1, G)
-        groups = torch.cat([groups, new], dim=1)  # (B, Np + step + 1, G)
+    # 1. Prefill: text and prompt in one pass (into the KV cache, unless naive).
+    groups = prompt_groups.expand(B, Np, -1)  # (B, Np, G)
+    max_len = text.shape[1] + 2 + Np + n_new  # text, e_eos, <bos>, groups
+    if compile:
+        max_len = -(-max_len // 256) * 256  # a few sizes, so a few compiles
+    cache = KVCache(cfg, B, max_len, device) if use_cache else None
+    logits = prefill(model, text, text_valid, groups, cache)  # (B, G, 1025)
+    next_logits = next_logits_fn(model, text, text_valid, cache, compile)
+
+    # 2. Decode: one group per step until every item has drawn <eos>. RAS looks back into the
+    # prompt at first.
+    history = prompt_groups.reshape(1, -1)[:, -max(1, sampling.ras_window):].expand(B, -1)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(n_new):
+        new, history = sample_group(logits, history, generator, sampling)  # (B, G)
+        groups = torch.cat([groups, new[:, None]], dim=1)  # (B, Np + step + 1, G)
+        done |= (new == EOS).any(dim=1)
         if progress:
-            progress(step + 1, max_groups)
-        if done.all() or step == max_groups - 1:
+            progress(step + 1, n_new)
+        if done.all() or step == n_new - 1:
             break
-        if use_cache:  # feed the new group at audio position 1 + its index (0 is <bos>)
-            pos = torch.full((B, 1), groups.shape[1], device=device)
-            logits = step_fn(model, new, pos, cache)
-    codes = groups[:, Np:].reshape(B, -1)  # (B, steps * G)
-    return [codes[i, : lengths[i]] for i in range(B)]
+        logits = next_logits(groups)
+
+    # 3. Collect: each item's new codes, up to its first <eos>.
+    return [ungroup(g) for g in groups[:, Np:]]
 
 
 @torch.inference_mode()
@@ -843,8 +906,7 @@ def generate_nar(model, text, text_valid, prompt, c0_list):
     target = torch.zeros(B, N_CODEBOOKS, T, dtype=torch.long, device=device)
     for i, c in enumerate(c0_list):
         target[i, 0, : len(c)] = c
-    target_valid = torch.arange(T, device=device) < torch.tensor([len(c) for c in c0_list],
-                                                                 device=device)[:, None]
+    target_valid = valid_lengths(torch.tensor([len(c) for c in c0_list], device=device), T)
     prompt = prompt.to(device).expand(B, -1, -1)  # (B, 8, Tp)
     prompt_valid = torch.ones(B, prompt.shape[2], dtype=torch.bool, device=device)
     for j in range(1, N_CODEBOOKS):
@@ -873,19 +935,15 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     device = next(ar.parameters()).device
     prompt_ids = text_to_ids(prompt_text)
     target_ids = [ids for ids in map(text_to_ids, texts) for _ in range(candidates)]  # text-major
-    if any(len(prompt_ids) + 1 + len(ids) > ar.cfg.max_text_tokens for ids in target_ids):
+    text, text_valid = pad_ids([join_phones(prompt_ids, ids) for ids in target_ids], device)
+    if text.shape[1] > ar.cfg.max_text_tokens:
         raise ValueError(f"text too long: at most {ar.cfg.max_text_tokens} phones with the prompt")
-    text, text_valid = pad_ids([prompt_ids + [PHONE_ID[WORD_BOUNDARY]] + ids for ids in target_ids],
-                               device)
-    max_frames = MAX_FRAMES_PER_TOKEN * max(len(ids) for ids in target_ids)
+    n_frames = MAX_FRAMES_PER_TOKEN * max(len(ids) for ids in target_ids)  # generate_ar may cut it
     if max_seconds:
-        max_frames = min(max_frames, int(max_seconds * FRAME_RATE))
-    max_frames = min(max_frames, ar.cfg.max_frames - prompt_codes.shape[1])  # position tables
-    if max_frames < ar.cfg.group_size:
-        raise ValueError(f"the prompt fills the model's {ar.cfg.max_frames} frames: shorten it")
+        n_frames = min(n_frames, int(max_seconds * FRAME_RATE))
     # text-major rows, each with its own generator object (rows never share a stream)
     generators = [g for _ in texts for g in item_generators(seed, candidates, device)]
-    c0 = generate_ar(ar, text, text_valid, prompt_codes[0], max_frames // ar.cfg.group_size,
+    c0 = generate_ar(ar, text, text_valid, prompt_codes[0], max(1, n_frames // ar.cfg.group_size),
                      sampling, generators, use_cache, progress, compile)
     return generate_nar(nar, text, text_valid, prompt_codes, c0)
 
