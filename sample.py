@@ -24,7 +24,6 @@ import valle
 
 MIN_PROMPT_SECONDS = 1.0  # shorter prompts carry too little of the voice
 MAX_PROMPT_SECONDS = 10.0  # longer ones are cropped: the paper prompts with 3 s
-SILENCE_PEAK = 1e-3  # a prompt whose peak stays below this is silent
 
 
 def parse_args(argv=None):
@@ -37,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-text", required=True, help="transcript of the prompt")
     p.add_argument("--out", default="out.wav", help="output WAV (24 kHz)")
     p.add_argument("--checkpoint", default="runs/demo/best.pt", help="from train.py")
-    p.add_argument("--mode", choices=["cross", "continuation"], default="cross")
+    p.add_argument("--mode", choices=["cross", "continuation"], default="cross",
+                   help="cross: out.wav holds the new text only; continuation: prompt + text")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same audio")
     p.add_argument("--temperature", type=float, default=valle.Sampling.temperature,
@@ -84,17 +84,21 @@ def output_paths(out, n_texts, n_candidates):
     return names  # text-major: [(text 1, cand 1), (text 1, cand 2), ...]
 
 
-def check_inputs(args):
-    """Everything that can be wrong with the input, before any work is done."""
-    if args.text_file:
-        if not os.path.isfile(args.text_file):
-            raise ValueError(f"no such text file: {args.text_file}")
-        with open(args.text_file, encoding="utf-8") as f:
-            texts = [line.strip() for line in f if line.strip()]
-        if not texts:
-            raise ValueError(f"{args.text_file} holds no sentences")
-    else:
-        texts = [args.text]
+def read_texts(args):
+    """The sentences to speak: --text, or the non-empty lines of --text-file."""
+    if not args.text_file:
+        return [args.text]
+    if not os.path.isfile(args.text_file):
+        raise ValueError(f"no such text file: {args.text_file}")
+    with open(args.text_file, encoding="utf-8") as f:
+        texts = [line.strip() for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"{args.text_file} holds no sentences")
+    return texts
+
+
+def check_inputs(args, texts):
+    """The texts can be pronounced and --out can be written."""
     for t in texts + [args.prompt_text]:
         valle.text_to_ids(t)  # ValueError for empty or unpronounceable text
     if not args.out.lower().endswith(".wav"):
@@ -102,9 +106,14 @@ def check_inputs(args):
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write to {folder}: create it or choose another --out")
-    wav = valle.load_audio(args.prompt)
-    if wav.abs().max() < SILENCE_PEAK:
-        raise ValueError(f"the prompt {args.prompt} is silent: record some speech")
+
+
+def load_prompt(path):
+    """The voice prompt -> (n,) waveform at 24 kHz: not silent, trimmed of leading and trailing
+    silence, at least MIN_PROMPT_SECONDS long, cropped to MAX_PROMPT_SECONDS."""
+    wav = valle.load_audio(path)
+    if wav.abs().max() < valle.SILENCE_PEAK:
+        raise ValueError(f"the prompt {path} is silent: record some speech")
     wav = valle.trim_silence(wav)  # leading and trailing silence
     seconds = len(wav) / valle.SAMPLE_RATE
     if seconds < MIN_PROMPT_SECONDS:
@@ -114,35 +123,27 @@ def check_inputs(args):
         print(f"warning: prompt cropped to its first {MAX_PROMPT_SECONDS:.0f} s; "
               "--prompt-text should say only what is spoken there", file=sys.stderr)
         wav = wav[: int(MAX_PROMPT_SECONDS * valle.SAMPLE_RATE)]
-    return texts, wav
-
-
-def load_codec(kind, checkpoint):
-    if kind == "pretrained":
-        try:
-            return valle.Codec.pretrained(checkpoint)
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}); offline, pass "
-                             "--encodec-checkpoint /path/to/encodec_24khz-d7cc33bc.th") from None
-    seed = int(kind.removeprefix("untrained-seed"))
-    print("note: this checkpoint was trained on codes of the untrained test codec (the pretrained "
-          "EnCodec was not available): the output is noise with the right timing, not speech.",
-          file=sys.stderr)
-    return valle.Codec.untrained(seed)
+    return wav
 
 
 def run(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = valle.pick_device(args.device)
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
-    texts, prompt_wav = check_inputs(args)
-    cfg, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
+    # Everything that can be wrong with the input, before any work is done.
+    texts = read_texts(args)
+    check_inputs(args, texts)
+    prompt_wav = load_prompt(args.prompt)
+    _, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
     if ar is None or nar is None:
         raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
                          "train both (train.py --models ar,nar)")
     if bf16:
         ar, nar = ar.to(torch.bfloat16), nar.to(torch.bfloat16)
-    codec = load_codec(ckpt["codec"], args.encodec_checkpoint)
+    if ckpt["codec"].startswith("untrained"):
+        print("note: this checkpoint was trained on codes of the untrained test codec (the "
+              "pretrained EnCodec was not available): the output is noise with the right timing, "
+              "not speech.", file=sys.stderr)
+    codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
     prompt_codes = codec.encode(prompt_wav).to(device)  # (8, Tp)
     sampling = valle.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               ras_window=args.ras_window, ras_threshold=args.ras_threshold,

@@ -30,9 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import valle
+from valle import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
 
-# Columns of a prepared dataset's index.npy (written by data/prepare.py).
-PHONE_OFFSET, PHONE_COUNT, FRAME_OFFSET, FRAME_COUNT, SPEAKER = range(5)
 NO_PARTNER = -1  # an example that is one utterance, not two joined
 
 
@@ -161,7 +160,8 @@ def make_examples(index, ids, concat_prob, rng, max_frames, max_text):
 
     Inference reads prompt transcript + text and continues the prompt's codes, so it runs
     longer than one training utterance: joined pairs train the positions and the
-    cross-utterance prompting that inference uses. A pair must fit the model's tables.
+    cross-utterance prompting that inference uses. A pair must fit the model's tables, its
+    texts joined by a word boundary (valle.join_phones).
     """
     ids = np.asarray(ids, dtype=np.int64)
     speaker = index[ids, SPEAKER]
@@ -206,9 +206,9 @@ def collate(data, examples):
     texts, codes = [], []
     for first, second in examples:
         text, code = data.item(first)
-        if second != NO_PARTNER:  # two utterances: the texts joined at a word boundary
+        if second != NO_PARTNER:  # two utterances read as one, like prompt + text at inference
             text2, code2 = data.item(second)
-            text = np.concatenate([text, [valle.PHONE_ID[valle.WORD_BOUNDARY]], text2])
+            text = valle.join_phones(text.tolist(), text2.tolist())  # a memmap unpacks 15x slower
             code = np.concatenate([code, code2])
         texts.append(text)
         codes.append(code)
@@ -346,8 +346,10 @@ def main(argv=None):
     # Processes and devices: one per GPU under torchrun, else one.
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    try:
+        device = valle.pick_device(args.device)
+    except ValueError as e:
+        die(str(e))
     if ddp:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

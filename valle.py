@@ -266,7 +266,8 @@ class Codec:
         try:
             return cls.pretrained(checkpoint)
         except Exception as e:  # no network, a missing file, a file that is not EnCodec's
-            raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}: {e}); offline, "
+            why = (str(e).strip().splitlines() or [""])[0]  # torch's errors run over many lines
+            raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}: {why}); offline, "
                              f"pass --encodec-checkpoint /path/to/{ENCODEC_CHECKPOINT}") from None
 
     @classmethod
@@ -802,7 +803,8 @@ def next_logits_fn(model, text, text_valid, cache, compile):
 
     def cached(groups):  # the newest group, number N-1, sits at audio position N (0 is <bos>)
         pos = torch.full((len(groups), 1), groups.shape[1], device=groups.device)
-        newest = groups[:, -1:].contiguous()  # (B, 1, G); a view's strides would recompile
+        # a copy with strides of its own: a view's, even .contiguous() at B=1, would recompile
+        newest = groups[:, -1:].clone(memory_format=torch.contiguous_format)  # (B, 1, G)
         return step(model, newest, pos, cache)[:, 0].float()
     return cached
 

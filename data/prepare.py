@@ -53,6 +53,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valle  # noqa: E402
+from valle import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # noqa: E402
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CHUNK = 256  # utterances per saved part
@@ -160,7 +161,7 @@ def load_one(path, text, min_s, max_s):
         return f"shorter than {min_s} s"
     if seconds > max_s:
         return f"longer than {max_s} s"
-    if wav.abs().max() < 1e-4:
+    if wav.abs().max() < valle.SILENCE_PEAK:
         return "silent"
     return ids, wav.numpy()  # a tensor would cross processes as a file descriptor, each
 
@@ -194,17 +195,17 @@ def load_in_order(items, min_s, max_s, workers):
 
 
 def make_codec(name, checkpoint, device):
+    """--codec on `device`; auto: the pretrained EnCodec, else the untrained test codec."""
     if name == "untrained":
         codec = valle.Codec.untrained(seed=0)
     else:
         try:
-            codec = valle.Codec.pretrained(checkpoint)
-        except (OSError, RuntimeError, ValueError) as e:  # no network, bad file
+            codec = valle.Codec.load("pretrained", checkpoint)
+        except ValueError as e:  # no network, or a bad file
             if name == "pretrained":
-                die(f"cannot load pretrained EnCodec ({e}); pass "
-                    "--encodec-checkpoint /path/to/encodec_24khz-d7cc33bc.th")
-            print(f"WARNING: pretrained EnCodec unavailable ({type(e).__name__}); using the untrained "
-                  "test codec: training works, but decoded audio will be noise, not speech.")
+                die(str(e))
+            print(f"WARNING: {e}; using the untrained test codec: training works, but decoded "
+                  "audio will be noise, not speech.")
             codec = valle.Codec.untrained(seed=0)
     codec.model.to(device)
     return codec
@@ -263,11 +264,9 @@ def part_path(parts_dir, c):
     return os.path.join(parts_dir, f"{c:05d}.npz")
 
 
-def encode_chunks(items, todo, parts_dir, args, progress):
+def encode_chunks(items, todo, parts_dir, codec, args, progress):
     """Encode the chunks numbered `todo` of `items` into parts_dir, one part at a time."""
-    device = args.device
-    codec = make_codec(args.codec, args.encodec_checkpoint, device)
-    batch_size = args.batch_size or (1 if device.type == "cpu" else GPU_BATCH_SIZE)
+    batch_size = args.batch_size or (1 if args.device.type == "cpu" else GPU_BATCH_SIZE)
     chunks = [items[c * CHUNK: (c + 1) * CHUNK] for c in todo]
     loaded = load_in_order([item for chunk in chunks for item in chunk], args.min_seconds,
                            args.max_seconds, args.workers)
@@ -387,17 +386,17 @@ def write_dataset(out, settings, paths):
     speakers = sorted(set(speakers_of))
     number = {s: n for n, s in enumerate(speakers)}
     index = np.zeros((len(ids), 5), dtype=np.int64)
-    index[:, 1] = np.concatenate(phone_lens)
-    index[:, 3] = np.concatenate(code_lens)
-    index[1:, 0] = np.cumsum(index[:-1, 1])
-    index[1:, 2] = np.cumsum(index[:-1, 3])
-    index[:, 4] = [number[s] for s in speakers_of]
+    index[:, PHONE_COUNT] = np.concatenate(phone_lens)
+    index[:, FRAME_COUNT] = np.concatenate(code_lens)
+    index[1:, PHONE_OFFSET] = np.cumsum(index[:-1, PHONE_COUNT])
+    index[1:, FRAME_OFFSET] = np.cumsum(index[:-1, FRAME_COUNT])
+    index[:, SPEAKER] = [number[s] for s in speakers_of]
     np.save(os.path.join(out, "index.npy"), index)
     meta = {
         "codec": kinds.pop(), "sample_rate": valle.SAMPLE_RATE, "frame_rate": valle.FRAME_RATE,
         "n_codebooks": valle.N_CODEBOOKS, "phones": valle.PHONES, "speakers": speakers,
-        "ids": ids, "utterances": len(ids), "frames": int(index[:, 3].sum()),
-        "hours": round(float(index[:, 3].sum()) / valle.FRAME_RATE / 3600, 4),
+        "ids": ids, "utterances": len(ids), "frames": int(index[:, FRAME_COUNT].sum()),
+        "hours": round(float(index[:, FRAME_COUNT].sum()) / valle.FRAME_RATE / 3600, 4),
         "skipped": {reason: n for reason, n in Counter(r for _, r in skipped).items()},
         "skipped_ids": skipped, "layout": settings["layout"], "source": settings["src"],
     }
@@ -430,8 +429,10 @@ def parse_args(argv):
     p.add_argument("--codec", choices=["auto", "pretrained", "untrained"], default="auto",
                    help="auto: pretrained EnCodec if it can be loaded, else the untrained test codec")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th for offline use")
-    p.add_argument("--min-seconds", type=float, default=0.5)
-    p.add_argument("--max-seconds", type=float, default=20.0)
+    p.add_argument("--min-seconds", type=float, default=0.5,
+                   help="skip utterances shorter than this")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="skip utterances longer than this")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset")
     g = p.add_argument_group("speed (none of these changes what is encoded, but near-tie codes)")
     g.add_argument("--device", default="auto",
@@ -465,20 +466,11 @@ def parse_args(argv):
     if not 0 <= args.min_seconds < args.max_seconds:
         die(f"--min-seconds ({args.min_seconds}) must be 0 or more and below --max-seconds "
             f"({args.max_seconds})")
-    args.device = resolve_device(args.device)
-    return args
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        die(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, ...")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {name}: no CUDA device here")
-    return device
+        args.device = valle.pick_device(args.device)
+    except ValueError as e:
+        die(str(e))
+    return args
 
 
 def refuse_finished(out, overwrite):
@@ -515,14 +507,15 @@ def main(argv=None):
     shard, n_shards = args.shard or (0, 1)
     mine = range(settings["chunks"])[shard::n_shards]  # chunk c goes to shard c % n
     parts_dir = os.path.join(args.out, f"parts-{shard}of{n_shards}" if args.shard else "parts")
-    claim(parts_dir, settings, args.out)
-
     todo = [c for c in mine if not os.path.exists(part_path(parts_dir, c))]  # else done earlier
+    # the codec first: when it cannot be loaded, the run stops before writing anything
+    codec = make_codec(args.codec, args.encodec_checkpoint, args.device) if todo else None
+    claim(parts_dir, settings, args.out)
     size = {c: len(items[c * CHUNK: (c + 1) * CHUNK]) for c in mine}
     progress = Progress(total=sum(size.values()),
                         done=sum(size.values()) - sum(size[c] for c in todo))
     if todo:
-        encode_chunks(items, todo, parts_dir, args, progress)
+        encode_chunks(items, todo, parts_dir, codec, args, progress)
     progress.bar.close()
 
     if args.shard:

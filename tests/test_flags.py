@@ -50,7 +50,8 @@ CASES = [
     ("data/prepare.py", PREPARE, ["--shard", "x"], "--shard"),
     ("data/prepare.py", PREPARE, ["--min-seconds", "-1"], "--min-seconds"),
     ("data/prepare.py", PREPARE, ["--min-seconds", "5", "--max-seconds", "2"], "--min-seconds"),
-]
+] + [(path, base, ["--device", "gpu0"], "--device 'gpu0' is not a device")  # valle.pick_device
+     for path, base in (("sample.py", SAMPLE), ("train.py", TRAIN), ("data/prepare.py", PREPARE))]
 
 
 @pytest.mark.parametrize("path,base,flags,match", CASES, ids=[f"{c[0]} {' '.join(c[2])}" for c in CASES])

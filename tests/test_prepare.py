@@ -261,6 +261,16 @@ def test_bad_flags_stop_before_writing(tmp_path, capsys, flags, message):
     assert not out.exists()
 
 
+def test_a_codec_that_cannot_load_stops_before_writing(tmp_path, capsys):
+    write_corpus(str(tmp_path / "src"), n_speakers=1, per_speaker=1)
+    (tmp_path / "bad.th").write_bytes(b"not EnCodec's weights")
+    out = tmp_path / "out"
+    error = refused(["--layout", "folder", "--src", str(tmp_path / "src"), "--out", str(out),
+                     "--codec", "pretrained", "--encodec-checkpoint", str(tmp_path / "bad.th")], capsys)
+    assert "cannot load pretrained EnCodec" in error and "\n" not in error.strip()
+    assert not out.exists()
+
+
 def test_merge_without_parts(tmp_path, capsys):
     assert "does not exist" in refused(["--merge", "--out", str(tmp_path / "nope")], capsys)
     assert "no parts folders" in refused(["--merge", "--out", str(tmp_path)], capsys)
