@@ -251,9 +251,7 @@ class Codec:
             warnings.simplefilter("ignore", FutureWarning)  # weight_norm deprecation in encodec
             if checkpoint is None:
                 model = EncodecModel.encodec_model_24khz(pretrained=True)
-            else:
-                if not os.path.isfile(checkpoint):
-                    raise FileNotFoundError(f"no EnCodec checkpoint at {checkpoint}")
+            else:  # a missing file raises FileNotFoundError here
                 model = EncodecModel.encodec_model_24khz(pretrained=False)
                 model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         return cls(model, "pretrained")
