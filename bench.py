@@ -7,6 +7,7 @@ Speed and memory of VALL-E 2 on this machine: prints a table, asserts nothing.
     python bench.py --preset paper --compile            # + the compiled decode step on a CPU
     python bench.py --data-path                         # training data path at LibriTTS size
     python bench.py --memory                            # paper preset training memory vs frames
+    python bench.py --long                              # a minute of speech in chunks, G=2 and G=8
 
 Random weights (speed does not depend on them). <eos> is masked so that every run decodes the
 same number of steps. Warm-up before timing, the median of --repeats runs, CUDA synchronised.
@@ -43,6 +44,8 @@ p.add_argument("--data-path", action="store_true",
                help="only the training data path on synthetic 350k- and 3.5k-utterance datasets")
 p.add_argument("--memory", action="store_true",
                help="only the paper preset's training memory at several batch shapes (minutes)")
+p.add_argument("--long", action="store_true",
+               help="only long-form speech: 60 s in 15 s chunks, fixed mode, G=2 and G=8 (minutes)")
 p.add_argument("--memory-point", type=int, nargs=2, metavar=("B", "T"), help=argparse.SUPPRESS)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
@@ -269,15 +272,63 @@ def memory_rows():
         "extrapolated from the CPU fit, not measured: 18 B/param + 6000 x per-frame (bf16 half to fp32 whole)")
 
 
+# --- long-form speech (--long) ------------------------------------------------------------------
+STORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "story.txt")  # ~1 min
+
+
+def long_form_rows():
+    """A minute of speech from one call: 4 chunks of 15 s, fixed mode (one batch), paper
+    preset with random weights and <eos> banned, so that each chunk runs to its 15 s cap.
+    G=8 runs the AR at a quarter of G=2's steps: the frame-rate lever beside chunking."""
+    seconds, n_chunks = 15.0, 4
+    codec = valle.Codec.untrained(0)
+    prompt_wav = torch.randn(int(args.prompt_seconds * valle.SAMPLE_RATE)) * 0.1
+    for G in (2, 8):
+        torch.manual_seed(0)
+        cfg = valle.get_config("paper", group_size=G, dropout=0.0)
+        ar, nar = NoEOS(cfg).to(device).eval(), valle.NARModel(cfg).to(device).eval()
+        prompt = codec.encode(prompt_wav).to(device)
+        frames, phones = valle.chunk_frames(cfg, prompt.shape[1], len(valle.text_to_ids(PROMPT_TEXT)),
+                                            "fixed", seconds)
+        with open(STORY, encoding="utf-8") as f:
+            story = f.read()
+        text = " ".join(valle.chunk_text(story, phones)[:n_chunks])  # re-chunks the same way
+        ar_time, generate_ar = [0.0], valle.generate_ar
+
+        def timed_ar(*a, **k):  # the AR's share of the run
+            t = time.perf_counter()
+            out = generate_ar(*a, **k)
+            sync()
+            ar_time[0] += time.perf_counter() - t
+            return out
+        valle.generate_ar = timed_ar
+        try:
+            t = time.perf_counter()
+            _, codes = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
+                                           max_seconds=seconds)
+            sync()
+            wav = valle.join_speech([codec.decode(c.cpu()) for c in codes])
+            total = time.perf_counter() - t
+        finally:
+            valle.generate_ar = generate_ar
+        audio = len(wav) / valle.SAMPLE_RATE
+        row(f"long form, G={G}: {audio:.0f} s in {len(codes)} chunks, fixed mode",
+            f"{total:.0f} s", f"AR {ar_time[0]:.0f} s ({frames // G} steps per chunk), NAR + "
+            f"EnCodec + join {total - ar_time[0]:.0f} s; real-time factor {total / audio:.2f}")
+        del ar, nar
+
+
 if args.memory_point:
     memory_point(*args.memory_point)
     raise SystemExit
-if args.data_path or args.memory:
+if args.data_path or args.memory or args.long:
     print(f"# bench: {args.threads} threads, torch {torch.__version__}")
     if args.data_path:
         data_path_rows()
     if args.memory:
         memory_rows()
+    if args.long:
+        long_form_rows()
     raise SystemExit
 
 frames = int(args.seconds * valle.FRAME_RATE)

@@ -8,8 +8,10 @@ Prompting modes (VALL-E §5):
   cross         (default) the prompt is another recording of the speaker; out.wav holds the
                 new sentence only
   continuation  the prompt is the start of the utterance; out.wav holds prompt + continuation
-Several sentences at once: --text-file lines.txt (one per line) runs them as one batch and
-writes out_1.wav, out_2.wav, ... Errors print one line and exit with status 2, writing nothing.
+Text of any length (--text, or --long-text-file story.txt) becomes one file: it is spoken in
+chunks of whole sentences (valle.generate_long; --long-mode fixed or rolling). Several
+sentences at once: --text-file lines.txt (one per line) runs them as one batch and writes
+out_1.wav, out_2.wav, ... Errors print one line and exit with status 2, writing nothing.
 """
 import argparse
 import math
@@ -30,8 +32,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--text", help="the sentence to speak")
-    text.add_argument("--text-file", help="a file of sentences, one per line, run as a batch")
+    text.add_argument("--text", help="what to speak: a sentence, or paragraphs; one output file")
+    text.add_argument("--text-file", help="a file of sentences, one per line, run as a batch: "
+                                          "one output file each")
+    text.add_argument("--long-text-file", help="a text file of any length, spoken as one output file")
+    p.add_argument("--long-mode", choices=["fixed", "rolling"], default="fixed",
+                   help="long text: fixed prompts every chunk with --prompt (one batch, fast); "
+                        "rolling prompts each chunk with the one before (smoother seams)")
+    p.add_argument("--chunk-seconds", type=float,
+                   help="long text: plan chunks of at most this much speech, e.g. the length of "
+                        "the training utterances (default: what the model's tables allow)")
     p.add_argument("--prompt", required=True, help="voice prompt audio (WAV, FLAC, OGG; any rate)")
     p.add_argument("--prompt-text", required=True, help="transcript of the prompt")
     p.add_argument("--out", default="out.wav", help="output WAV (24 kHz)")
@@ -52,7 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--no-ras", action="store_true", help="plain nucleus sampling")
     p.add_argument("--candidates", type=int, default=1,
                    help="samples per sentence, in one batch, written as _c1, _c2, ...")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="cap on each output's length")
+    p.add_argument("--max-seconds", type=float,
+                   help="stop each sentence (long text: each chunk) at this length and keep what "
+                        "came (default: the model's tables; a long-text chunk that reaches them "
+                        "is split and spoken again)")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the AR decode step, a CUDA graph on a GPU (slower on a CPU)")
@@ -66,10 +79,13 @@ def parse_args(argv=None):
         ("--ras-window", args.ras_window, args.ras_window >= 1, "must be at least 1"),
         ("--ras-threshold", args.ras_threshold, 0 < args.ras_threshold <= 1, "must be in (0, 1]"),
         ("--candidates", args.candidates, args.candidates >= 1, "must be at least 1"),
-        ("--max-seconds", args.max_seconds, args.max_seconds > 0, "must be positive"),
+        ("--max-seconds", args.max_seconds, args.max_seconds is None or args.max_seconds > 0,
+         "must be positive"),
+        ("--chunk-seconds", args.chunk_seconds, args.chunk_seconds is None or args.chunk_seconds > 0,
+         "must be positive"),
     ]
     for flag, value, ok, rule in checks:
-        if not ok or not math.isfinite(value):
+        if not ok or (value is not None and not math.isfinite(value)):
             raise ValueError(f"{flag} {rule}, not {value}")
     return args
 
@@ -85,16 +101,18 @@ def output_paths(out, n_texts, n_candidates):
 
 
 def read_texts(args):
-    """The sentences to speak: --text, or the non-empty lines of --text-file."""
-    if not args.text_file:
+    """What to speak: [--text], the non-empty lines of --text-file, or [--long-text-file]."""
+    if args.text is not None:
         return [args.text]
-    if not os.path.isfile(args.text_file):
-        raise ValueError(f"no such text file: {args.text_file}")
-    with open(args.text_file, encoding="utf-8") as f:
-        texts = [line.strip() for line in f if line.strip()]
+    path = args.text_file or args.long_text_file
+    if not os.path.isfile(path):
+        raise ValueError(f"no such text file: {path}")
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    texts = [line.strip() for line in content.splitlines() if line.strip()]
     if not texts:
-        raise ValueError(f"{args.text_file} holds no sentences")
-    return texts
+        raise ValueError(f"{path} holds no text")
+    return texts if args.text_file else [content.strip()]  # blank lines part paragraphs
 
 
 def check_inputs(args, texts):
@@ -151,28 +169,37 @@ def run(args):
 
     last_print = [0.0]
 
-    def progress(step, total):  # at most twice a second
+    def progress(*where):  # at most twice a second: ([chunks,] step, total)
         if time.time() - last_print[0] > 0.5:
             last_print[0] = time.time()
-            print(f"AR decoding: group {step} of at most {total}", file=sys.stderr, flush=True)
+            chunks = f"{where[0]}: " if len(where) == 3 else ""
+            print(f"AR decoding: {chunks}group {where[-2]} of at most {where[-1]}", file=sys.stderr,
+                  flush=True)
 
     start = time.time()
-    codes = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling, seed=args.seed,
-                           max_seconds=args.max_seconds, progress=progress, compile=args.compile,
-                           candidates=args.candidates)  # text-major, like output_paths
+    if args.text_file:  # sentences, one output each, all in one batch
+        codes = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
+                               seed=args.seed, max_seconds=args.max_seconds, progress=progress,
+                               compile=args.compile, candidates=args.candidates)  # text-major
+        outputs = [[c] for c in codes]
+    else:  # one text of any length, one output per candidate, spoken chunk after chunk
+        outputs = [valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
+                                       args.long_mode, sampling, args.seed + valle.SEED_STRIDE * c,
+                                       args.max_seconds, progress=progress, compile=args.compile,
+                                       chunk_seconds=args.chunk_seconds)[1]
+                   for c in range(args.candidates)]  # candidate c: the stream `generate` gives it
     waves = []
-    for code in codes:
-        if code.shape[1] == 0:  # <eos> at once: nothing to decode (EnCodec rejects 0 frames)
-            waves.append(None)
-            continue
+    for chunks in outputs:
         if args.mode == "continuation":
-            code = torch.cat([prompt_codes, code], dim=1)
-        waves.append(codec.decode(code.cpu()))
+            chunks = [torch.cat([prompt_codes, chunks[0]], dim=1)] + chunks[1:]
+        # a chunk that said <eos> at once has nothing to decode (EnCodec rejects 0 frames)
+        decoded = [codec.decode(c.cpu()) for c in chunks if c.shape[1] > 0]
+        waves.append(valle.join_speech(decoded) if decoded else None)
     wall = time.time() - start
 
     import soundfile as sf
     audio_seconds, written = 0.0, 0
-    for path, wav in zip(output_paths(args.out, len(texts), args.candidates), waves):
+    for path, wav in zip(output_paths(args.out, len(outputs) // args.candidates, args.candidates), waves):
         if wav is None:
             print(f"warning: the model produced no speech for {path}; not written", file=sys.stderr)
             continue

@@ -9,7 +9,7 @@ then model those codes given phonemes of the text and a 3-second voice prompt:
 EnCodec's decoder turns the 8 codebooks back into a waveform.
 
 Reading order: config, text, codec, CPU kernels, transformer blocks, AR, NAR, sampling,
-generation, what the scripts share (checkpoints, dataset index, devices).
+generation, long-form speech, what the scripts share (checkpoints, dataset index, devices).
 Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111.
 """
 import math
@@ -216,8 +216,9 @@ def load_audio(path):
     return AF.resample(wav, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else wav
 
 
-def trim_silence(wav, threshold_db=-40.0, margin_s=0.05):
-    """Cut leading and trailing audio quieter than threshold_db below the peak (20 ms frames).
+def trim_silence(wav, threshold_db=-40.0, margin_s=0.05, start=True, end=True):
+    """Cut leading (start) and trailing (end) audio quieter than threshold_db below the peak,
+    in 20 ms frames, keeping margin_s of it. A silent waveform becomes empty.
 
     A voice prompt that ends in silence invites <eos>: in training, an utterance's final
     silence is followed by <eos>, so the AR would stop right after such a prompt."""
@@ -229,8 +230,8 @@ def trim_silence(wav, threshold_db=-40.0, margin_s=0.05):
     if len(loud) == 0:
         return wav[:0]
     margin = int(margin_s * SAMPLE_RATE)
-    start = max(0, int(loud[0]) * frame - margin)
-    return wav[start: min(len(wav), (int(loud[-1]) + 1) * frame + margin)]
+    first = max(0, int(loud[0]) * frame - margin) if start else 0
+    return wav[first: min(len(wav), (int(loud[-1]) + 1) * frame + margin) if end else len(wav)]
 
 
 class Codec:
@@ -821,13 +822,14 @@ def sample_group(logits, history, generator, sampling):
 
 @torch.inference_mode()
 def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Sampling(),
-                generator=None, use_cache=True, progress=None, compile=False):
+                generator=None, use_cache=True, progress=None, compile=False, return_ended=False):
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
     An item stops at its first <eos>, after `max_groups` groups, or where prompt and speech
     fill the position tables. `generator`: one torch.Generator, or a list of B (one stream per
     item, see `generate`). use_cache=False is the naive path that the cached one must match;
-    compile=True compiles the cached step (worth it on a GPU; on a CPU it is slower)."""
+    compile=True compiles the cached step (worth it on a GPU; on a CPU it is slower).
+    return_ended=True also returns, per item, whether it drew <eos> (else it was cut off)."""
     cfg, device, B = model.cfg, text.device, text.shape[0]
     prompt_groups = group_codes(prompt_c0.to(device), cfg.group_size)[:-1]  # (Np, G), no <eos>
     Np = prompt_groups.shape[0]
@@ -860,7 +862,8 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
         logits = next_logits(groups)
 
     # 3. Collect: each item's new codes, up to its first <eos>.
-    return [ungroup(g) for g in groups[:, Np:]]
+    codes = [ungroup(g) for g in groups[:, Np:]]
+    return (codes, [bool((g == EOS).any()) for g in groups[:, Np:]]) if return_ended else codes
 
 
 @torch.inference_mode()
@@ -880,21 +883,26 @@ def generate_nar(model, text, text_valid, prompt, c0_list):
     return [target[i, :, : len(c)] for i, c in enumerate(c0_list)]
 
 
+SEED_STRIDE = 1_000_003  # candidate c draws from seed + c * SEED_STRIDE
+
+
 def item_generators(seed, candidates, device):
     """One random stream per candidate, a function of (seed, candidate) only: an item's codes
     never depend on the other items of its batch. Candidate 0 uses the seed itself."""
-    return [torch.Generator(device=device).manual_seed(seed + 1_000_003 * c) for c in range(candidates)]
+    return [torch.Generator(device=device).manual_seed(seed + SEED_STRIDE * c) for c in range(candidates)]
 
 
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
-             max_seconds=None, use_cache=True, progress=None, compile=False, candidates=1):
+             max_seconds=None, use_cache=True, progress=None, compile=False, candidates=1,
+             return_ended=False):
     """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes.
 
     prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
     The model reads prompt_text + text and continues the prompt's codes (VALL-E's prompting);
     the returned codes are the new speech only. With candidates > 1 every text is sampled that
     many times, all in one batch: the result is text-major ([text 1 cand 1, text 1 cand 2,
-    ...]). Raises ValueError on empty text."""
+    ...]). return_ended=True also returns whether each drew <eos>. Raises ValueError on empty
+    text."""
     device = next(ar.parameters()).device
     prompt_ids = text_to_ids(prompt_text)
     target_ids = [ids for ids in map(text_to_ids, texts) for _ in range(candidates)]  # text-major
@@ -906,9 +914,156 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
         n_frames = min(n_frames, int(max_seconds * FRAME_RATE))
     # text-major rows, each with its own generator object (rows never share a stream)
     generators = [g for _ in texts for g in item_generators(seed, candidates, device)]
-    c0 = generate_ar(ar, text, text_valid, prompt_codes[0], max(1, n_frames // ar.cfg.group_size),
-                     sampling, generators, use_cache, progress, compile)
-    return generate_nar(nar, text, text_valid, prompt_codes, c0)
+    n_groups = max(1, n_frames // ar.cfg.group_size)
+    c0, ended = generate_ar(ar, text, text_valid, prompt_codes[0], n_groups, sampling, generators,
+                            use_cache, progress, compile, return_ended=True)
+    codes = generate_nar(nar, text, text_valid, prompt_codes, c0)
+    return (codes, ended) if return_ended else codes
+
+
+# -----------------------------------------------------------------------------
+# Long-form speech: text of any length, in chunks of whole sentences that fit the tables
+
+# Where sentences end, by language (only English so far). A period after one of these
+# abbreviations, or after a single letter (an initial: "J. R. R. Tolkien"), ends no sentence.
+ABBREVIATIONS = {
+    "en": {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e",
+           "no", "vol", "fig", "inc", "ltd", "co", "corp", "dept", "gen", "col", "lt", "capt",
+           "rev", "approx", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
+           "oct", "nov", "dec", "a.m", "p.m", "u.s", "u.k"},
+}
+SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*\s+")  # . ! ? and closing quotes, a space
+FRAMES_PER_PHONE = 8  # chunk sizing: read English takes about 5.4 frames per phone: margin
+CROSSFADE_SECONDS = 0.05  # where two chunks' waveforms overlap
+
+
+def split_sentences(text, language="en"):
+    """Text -> sentences: each paragraph (blank lines part them) split after . ! ? (with any
+    closing quotes) and a space. Decimal numbers ("3.5") have no space after the point."""
+    sentences = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        start = 0
+        for end in SENTENCE_END.finditer(paragraph):
+            words = paragraph[start:end.start()].split()
+            word = words[-1].lower().lstrip("\"'(\u201c\u2018") if words else ""
+            one_period = end.group()[0] == "." and end.group()[1:2] != "."  # not "?", "!", "..."
+            initial = len(word) == 1 and word.isalpha()
+            if one_period and (word in ABBREVIATIONS[language] or initial):
+                continue  # "Dr. Smith", "e.g. this", "J. R. R. Tolkien"
+            if paragraph[end.end(): end.end() + 1].islower():
+                continue  # a lowercase word goes on: "etc. and so on"
+            sentences.append(paragraph[start:end.end()].strip())
+            start = end.end()
+        sentences.append(paragraph[start:].strip())
+    return [s for s in sentences if s]
+
+
+def chunk_text(text, max_phones, language="en"):
+    """Text -> chunks of whole sentences, each at most max_phones phones. A sentence longer
+    than that is split at commas (and ; :), then between words: no word is ever dropped.
+    Raises ValueError when one word alone is longer than a chunk."""
+    def n_phones(s):
+        return len(phonemize(s))
+
+    def pieces(s, level=0):  # level 0: a sentence, 1: a part between commas, 2: a word
+        if n_phones(s) <= max_phones:
+            return [s]
+        if level == 2:
+            raise ValueError(f"{s!r} alone is longer than a chunk of {max_phones} phones")
+        parts = re.split(r"(?<=[,;:])\s+", s) if level == 0 else s.split()
+        return pack([p for part in parts for p in pieces(part, level + 1)])
+
+    def pack(items):  # greedy, in order: each chunk takes pieces while it fits
+        chunks = []
+        for item in items:
+            if chunks and n_phones(chunks[-1] + " " + item) <= max_phones:
+                chunks[-1] += " " + item
+            else:
+                chunks.append(item)
+        return chunks
+    return pack([p for sentence in split_sentences(text, language) for p in pieces(sentence)])
+
+
+def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chunk_seconds=None):
+    """-> (frames, phones): the cap on a chunk's speech and the phones a chunk may hold, so
+    that prompt + chunk fit both position tables. In rolling mode a chunk is the next one's
+    prompt, so two chunks must fit: each gets at most half of each table. chunk_seconds plans
+    shorter chunks (the lengths a model was trained on) without lowering the cap."""
+    frames = cfg.max_frames - prompt_frames
+    phones = cfg.max_text_tokens - 1 - prompt_phones  # 1: the word boundary between them
+    if mode == "rolling":
+        frames = min(frames, cfg.max_frames // 2)
+        phones = min(phones, (cfg.max_text_tokens - 1) // 2)
+    if max_seconds:
+        frames = min(frames, int(max_seconds * FRAME_RATE))
+    planned = min(frames, int(chunk_seconds * FRAME_RATE)) if chunk_seconds else frames
+    return frames, min(phones, planned // FRAMES_PER_PHONE)
+
+
+def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=Sampling(),
+                  seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
+                  language="en", chunk_seconds=None):
+    """Text of any length in the voice of a prompt -> (chunk texts, list of (8, T_k) codes).
+
+    The text is cut into chunks of whole sentences that fit the position tables with margin
+    (chunk_text, chunk_frames) and spoken chunk after chunk:
+      fixed:   every chunk is prompted with the voice prompt; all run as one batch (fast);
+      rolling: chunk k is prompted with chunk k-1's own speech and text, which carries prosody
+               and loudness across the seams; one chunk at a time. The voice prompt serves the
+               first chunk, and any chunk whose predecessor came out empty.
+    A chunk that reaches its cap without <eos> was cut off: it is split again and spoken
+    anew (a single word is kept as it came). With max_seconds, chunks are sized for it and a
+    chunk that reaches it is kept as it came: the caller asked for the cut. Decode the chunks
+    and join them with join_speech. progress(label, step, total) names each AR run's chunks."""
+    if mode not in ("fixed", "rolling"):
+        raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
+    frames, phones = chunk_frames(ar.cfg, prompt_codes.shape[1], len(text_to_ids(prompt_text)),
+                                  mode, max_seconds, chunk_seconds)
+    if phones < 1:
+        raise ValueError("the prompt leaves no room for speech: shorten it")
+    chunks = [[t, None] for t in chunk_text(text, phones, language)]  # [text, codes] in order
+    while any(codes is None for _, codes in chunks):
+        todo = [k for k, (_, codes) in enumerate(chunks) if codes is None]
+        todo = todo if mode == "fixed" else todo[:1]
+        k0 = todo[0]
+        previous = chunks[k0 - 1][1] if mode == "rolling" and k0 > 0 else None
+        if previous is not None and 0 < previous.shape[1] <= ar.cfg.max_frames - frames:
+            prompt, prompt_ids_text = previous, chunks[k0 - 1][0]
+        else:
+            prompt, prompt_ids_text = prompt_codes, prompt_text
+        label = (f"chunk {k0 + 1} of {len(chunks)}" if len(todo) == 1 else
+                 f"chunks {k0 + 1}-{todo[-1] + 1} of {len(chunks)} in one batch")
+        report = (lambda s, n: progress(label, s, n)) if progress else None
+        codes, ended = generate(ar, nar, [chunks[k][0] for k in todo], prompt, prompt_ids_text,
+                                sampling, seed, frames / FRAME_RATE, use_cache, report, compile,
+                                return_ended=True)
+        for k, c, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
+            halves = None if e or max_seconds else _split_again(chunks[k][0], language)
+            chunks[k: k + 1] = [[h, None] for h in halves] if halves else [[chunks[k][0], c]]
+    return [t for t, _ in chunks], [c for _, c in chunks]
+
+
+def _split_again(text, language):
+    """A chunk that was cut off -> two or more smaller chunks, or None for a single word."""
+    try:
+        parts = chunk_text(text, max(1, len(phonemize(text)) // 2), language)
+    except ValueError:  # a word longer than half the chunk
+        return None
+    return parts if len(parts) > 1 else None
+
+
+def join_speech(waves, crossfade_seconds=CROSSFADE_SECONDS):
+    """Chunk waveforms -> one. At each seam, the silence that ends one chunk and starts the
+    next is trimmed (trim_silence keeps 50 ms of each: a short pause), and the two overlap by
+    a linear crossfade. The outer ends stay as they are; a silent chunk drops out."""
+    out = torch.zeros(0)
+    for k, w in enumerate(waves):
+        wav = trim_silence(w.float().cpu(), start=k > 0, end=k < len(waves) - 1)
+        n = min(int(crossfade_seconds * SAMPLE_RATE), len(out), len(wav))
+        fade = torch.linspace(0, 1, n + 2)[1:-1]  # (n,), strictly between 0 and 1
+        seam = out[len(out) - n:] * (1 - fade) + wav[:n] * fade
+        out = torch.cat([out[: len(out) - n], seam, wav[n:]])
+    return out
 
 
 # -----------------------------------------------------------------------------

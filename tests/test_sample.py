@@ -35,7 +35,7 @@ def sample(d, *args, out="out.wav", flags=()):
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
     argv = [x for kv in base.items() for x in kv] + list(flags)
-    if "--text" not in base and "--text-file" not in base:
+    if not {"--text", "--text-file", "--long-text-file"} & set(base):
         argv += ["--text", "Hello world."]
     return run_script("sample.py", *argv)
 
@@ -48,6 +48,7 @@ def test_writes_24khz_wav_and_reports_the_real_time_factor(setup):
     assert np.abs(audio).max() > 0.0
     assert f"{len(audio) / 24000:.2f} s" in out.stdout and "real-time factor" in out.stdout
     again = sample(setup, "--seed", "3", out="again.wav")
+    assert again.returncode == 0, again.stderr
     assert np.array_equal(sf.read(setup / "again.wav")[0], audio)  # a seed reproduces
     compiled = sample(setup, "--seed", "3", out="compiled.wav", flags=["--compile"])
     assert compiled.returncode == 0, compiled.stderr
@@ -69,6 +70,21 @@ def test_batch_of_sentences_and_candidates(setup):
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in setup.iterdir() if p.name.startswith("b_"))
     assert names == ["b_1_c1.wav", "b_1_c2.wav", "b_2_c1.wav", "b_2_c2.wav"]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "rolling"])
+def test_long_text_becomes_one_file_and_a_seed_reproduces_it(setup, mode):
+    story = ("The lamp was lit at dusk. It burned all night, every night, for a hundred years.\n\n"
+             "Then, one winter, the keeper retired. The town kept the light burning.")
+    (setup / "story.txt").write_text(story)
+    runs = [sample(setup, "--long-text-file", str(setup / "story.txt"), "--long-mode", mode,
+                   "--seed", "4", out=f"story_{mode}_{k}.wav") for k in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    audio, sr = sf.read(setup / f"story_{mode}_0.wav")
+    assert sr == 24000 and len(audio) > 2 * 1.5 * sr  # several 1.5 s chunks (--max-seconds)
+    assert np.array_equal(sf.read(setup / f"story_{mode}_1.wav")[0], audio)  # the same file
+    assert sorted(p.name for p in setup.iterdir() if p.name.startswith(f"story_{mode}")) == [
+        f"story_{mode}_0.wav", f"story_{mode}_1.wav"]  # one file per run, nothing else
 
 
 def bad(setup, *args, out="bad.wav", match):

@@ -108,7 +108,6 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 import train as train_script  # noqa: E402  (importable: the script runs only under __main__)
 
