@@ -288,8 +288,9 @@ def long_form_rows():
         cfg = valle.get_config("paper", group_size=G, dropout=0.0)
         ar, nar = NoEOS(cfg).to(device).eval(), valle.NARModel(cfg).to(device).eval()
         prompt = codec.encode(prompt_wav).to(device)
-        frames, phones = valle.chunk_frames(cfg, prompt.shape[1], len(valle.text_to_ids(PROMPT_TEXT)),
-                                            "fixed", seconds)
+        frames, phones, _ = valle.chunk_frames(cfg, prompt.shape[1],
+                                               len(valle.text_to_ids(PROMPT_TEXT)), "fixed",
+                                               max_seconds=seconds, chunk_seconds=seconds)
         with open(STORY, encoding="utf-8") as f:
             story = f.read()
         text = " ".join(valle.chunk_text(story, phones)[:n_chunks])  # re-chunks the same way
@@ -305,7 +306,7 @@ def long_form_rows():
         try:
             t = time.perf_counter()
             _, codes = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
-                                           max_seconds=seconds)
+                                           max_seconds=seconds, chunk_seconds=seconds)
             sync()
             wav = valle.join_speech([codec.decode(c.cpu()) for c in codes])
             total = time.perf_counter() - t

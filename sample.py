@@ -190,6 +190,9 @@ def run(args):
                    for c in range(args.candidates)]  # candidate c: the stream `generate` gives it
     waves = []
     for chunks in outputs:
+        if all(c.shape[1] == 0 for c in chunks):  # <eos> at once: no speech, no file
+            waves.append(None)
+            continue
         if args.mode == "continuation":
             chunks = [torch.cat([prompt_codes, chunks[0]], dim=1)] + chunks[1:]
         # a chunk that said <eos> at once has nothing to decode (EnCodec rejects 0 frames)

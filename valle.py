@@ -925,12 +925,15 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
 # Long-form speech: text of any length, in chunks of whole sentences that fit the tables
 
 # Where sentences end, by language (only English so far). A period after one of these
-# abbreviations, or after a single letter (an initial: "J. R. R. Tolkien"), ends no sentence.
+# abbreviations ends no sentence; nor after those of the second table when a number follows
+# ("No. 5", "5 Dec. 2020"), nor after a single letter other than "I" (an initial: "J. R. R.").
 ABBREVIATIONS = {
-    "en": {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e",
-           "no", "vol", "fig", "inc", "ltd", "co", "corp", "dept", "gen", "col", "lt", "capt",
-           "rev", "approx", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
-           "oct", "nov", "dec", "a.m", "p.m", "u.s", "u.k"},
+    "en": {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "inc",
+           "ltd", "corp", "dept", "capt", "approx", "a.m", "p.m", "u.s", "u.k"},
+}
+NUMBER_ABBREVIATIONS = {
+    "en": {"no", "nos", "vol", "fig", "p", "pp", "ch", "jan", "feb", "mar", "apr", "jun", "jul",
+           "aug", "sep", "sept", "oct", "nov", "dec"},
 }
 SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*\s+")  # . ! ? and closing quotes, a space
 FRAMES_PER_PHONE = 8  # chunk sizing: read English takes about 5.4 frames per phone: margin
@@ -947,10 +950,12 @@ def split_sentences(text, language="en"):
             words = paragraph[start:end.start()].split()
             word = words[-1].lower().lstrip("\"'(\u201c\u2018") if words else ""
             one_period = end.group()[0] == "." and end.group()[1:2] != "."  # not "?", "!", "..."
-            initial = len(word) == 1 and word.isalpha()
-            if one_period and (word in ABBREVIATIONS[language] or initial):
-                continue  # "Dr. Smith", "e.g. this", "J. R. R. Tolkien"
-            if paragraph[end.end(): end.end() + 1].islower():
+            after = paragraph[end.end(): end.end() + 1]
+            abbreviation = (word in ABBREVIATIONS[language] or (len(word) == 1 and word.isalpha()
+                            and word != "i") or word in NUMBER_ABBREVIATIONS[language] and after.isdigit())
+            if one_period and abbreviation:
+                continue  # "Dr. Smith", "e.g. This", "J. R. R. Tolkien", "No. 5"
+            if after.islower():
                 continue  # a lowercase word goes on: "etc. and so on"
             sentences.append(paragraph[start:end.end()].strip())
             start = end.end()
@@ -958,15 +963,21 @@ def split_sentences(text, language="en"):
     return [s for s in sentences if s]
 
 
-def chunk_text(text, max_phones, language="en"):
+def speakable(text):
+    """Whether text has anything to pronounce (not only punctuation or other scripts)."""
+    return any(p in ARPABET for p in phonemize(text))
+
+
+def chunk_text(text, max_phones, language="en", word_limit=None):
     """Text -> chunks of whole sentences, each at most max_phones phones. A sentence longer
-    than that is split at commas (and ; :), then between words: no word is ever dropped.
-    Raises ValueError when one word alone is longer than a chunk."""
+    than that is split at commas (and ; :), then between words: no spoken word is dropped
+    (pieces with nothing to pronounce are). A word longer than a chunk is a chunk of its own
+    up to word_limit phones; beyond that it is a ValueError."""
     def n_phones(s):
         return len(phonemize(s))
 
     def pieces(s, level=0):  # level 0: a sentence, 1: a part between commas, 2: a word
-        if n_phones(s) <= max_phones:
+        if n_phones(s) <= max_phones or level == 2 and n_phones(s) <= (word_limit or 0):
             return [s]
         if level == 2:
             raise ValueError(f"{s!r} alone is longer than a chunk of {max_phones} phones")
@@ -981,23 +992,25 @@ def chunk_text(text, max_phones, language="en"):
             else:
                 chunks.append(item)
         return chunks
-    return pack([p for sentence in split_sentences(text, language) for p in pieces(sentence)])
+    sentences = [s for s in split_sentences(text, language) if speakable(s)]
+    return pack([p for s in sentences for p in pieces(s) if speakable(p)])
 
 
 def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chunk_seconds=None):
-    """-> (frames, phones): the cap on a chunk's speech and the phones a chunk may hold, so
-    that prompt + chunk fit both position tables. In rolling mode a chunk is the next one's
-    prompt, so two chunks must fit: each gets at most half of each table. chunk_seconds plans
-    shorter chunks (the lengths a model was trained on) without lowering the cap."""
+    """-> (frames, phones, most_phones): the cap on a chunk's speech, the phones a chunk is
+    planned to hold, and the most it may hold so that prompt + chunk fit both position
+    tables. In rolling mode a chunk is the next one's prompt, so two chunks must fit: each
+    gets half of each table. chunk_seconds plans shorter chunks (the lengths a model was
+    trained on); max_seconds lowers the cap (a cut the caller asks for) but not the plan."""
     frames = cfg.max_frames - prompt_frames
     phones = cfg.max_text_tokens - 1 - prompt_phones  # 1: the word boundary between them
     if mode == "rolling":
         frames = min(frames, cfg.max_frames // 2)
         phones = min(phones, (cfg.max_text_tokens - 1) // 2)
-    if max_seconds:
-        frames = min(frames, int(max_seconds * FRAME_RATE))
+    most_phones = min(phones, frames // FRAMES_PER_PHONE)
     planned = min(frames, int(chunk_seconds * FRAME_RATE)) if chunk_seconds else frames
-    return frames, min(phones, planned // FRAMES_PER_PHONE)
+    cap = min(frames, int(max_seconds * FRAME_RATE)) if max_seconds else frames
+    return cap, min(most_phones, planned // FRAMES_PER_PHONE), most_phones
 
 
 def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=Sampling(),
@@ -1010,25 +1023,32 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
       fixed:   every chunk is prompted with the voice prompt; all run as one batch (fast);
       rolling: chunk k is prompted with chunk k-1's own speech and text, which carries prosody
                and loudness across the seams; one chunk at a time. The voice prompt serves the
-               first chunk, and any chunk whose predecessor came out empty.
+               first chunk, and any chunk whose predecessor is no fit prompt: shorter than a
+               second (or empty), or cut off (its audio would not match its text).
     A chunk that reaches its cap without <eos> was cut off: it is split again and spoken
-    anew (a single word is kept as it came). With max_seconds, chunks are sized for it and a
-    chunk that reaches it is kept as it came: the caller asked for the cut. Decode the chunks
-    and join them with join_speech. progress(label, step, total) names each AR run's chunks."""
+    anew (a single word is kept as it came). With max_seconds, a chunk that reaches it is kept
+    as it came: the caller asked for the cut. Decode the chunks and join them with
+    join_speech. progress(label, step, total) names each AR run's chunks."""
     if mode not in ("fixed", "rolling"):
         raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
-    frames, phones = chunk_frames(ar.cfg, prompt_codes.shape[1], len(text_to_ids(prompt_text)),
-                                  mode, max_seconds, chunk_seconds)
+    frames, phones, most_phones = chunk_frames(ar.cfg, prompt_codes.shape[1],
+                                               len(text_to_ids(prompt_text)), mode, max_seconds,
+                                               chunk_seconds)
+    if most_phones < 1:
+        raise ValueError("the prompt leaves no room for speech in the model's tables: shorten it")
     if phones < 1:
-        raise ValueError("the prompt leaves no room for speech: shorten it")
-    chunks = [[t, None] for t in chunk_text(text, phones, language)]  # [text, codes] in order
-    while any(codes is None for _, codes in chunks):
-        todo = [k for k, (_, codes) in enumerate(chunks) if codes is None]
+        raise ValueError(f"chunks of {chunk_seconds} s hold no phone: plan longer ones")
+    texts = chunk_text(text, phones, language, word_limit=most_phones)
+    if not texts:
+        raise ValueError(f"nothing to pronounce in {text[:50]!r}: give English words")
+    chunks = [[t, None, False] for t in texts]  # [text, codes, ended with <eos>], in order
+    while any(codes is None for _, codes, _ in chunks):
+        todo = [k for k, (_, codes, _) in enumerate(chunks) if codes is None]
         todo = todo if mode == "fixed" else todo[:1]
         k0 = todo[0]
-        previous = chunks[k0 - 1][1] if mode == "rolling" and k0 > 0 else None
-        if previous is not None and 0 < previous.shape[1] <= ar.cfg.max_frames - frames:
-            prompt, prompt_ids_text = previous, chunks[k0 - 1][0]
+        before = chunks[k0 - 1] if mode == "rolling" and k0 > 0 else None
+        if before and before[2] and FRAME_RATE <= before[1].shape[1] <= ar.cfg.max_frames - frames:
+            prompt, prompt_ids_text = before[1], before[0]
         else:
             prompt, prompt_ids_text = prompt_codes, prompt_text
         label = (f"chunk {k0 + 1} of {len(chunks)}" if len(todo) == 1 else
@@ -1039,16 +1059,18 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
                                 return_ended=True)
         for k, c, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
             halves = None if e or max_seconds else _split_again(chunks[k][0], language)
-            chunks[k: k + 1] = [[h, None] for h in halves] if halves else [[chunks[k][0], c]]
-    return [t for t, _ in chunks], [c for _, c in chunks]
+            chunks[k: k + 1] = [[h, None, False] for h in halves] if halves else [[chunks[k][0], c, e]]
+    return [t for t, _, _ in chunks], [c for _, c, _ in chunks]
 
 
 def _split_again(text, language):
     """A chunk that was cut off -> two or more smaller chunks, or None for a single word."""
     try:
         parts = chunk_text(text, max(1, len(phonemize(text)) // 2), language)
-    except ValueError:  # a word longer than half the chunk
-        return None
+    except ValueError:  # a word longer than half the chunk: halve the words instead
+        words = text.split()
+        parts = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])]
+    parts = [p for p in parts if p and speakable(p)]
     return parts if len(parts) > 1 else None
 
 

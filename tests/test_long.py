@@ -12,7 +12,10 @@ from valle import EOS
 def test_sentences_split_at_their_ends_only():
     text = ('Dr. Smith paid $3.50 at 5 p.m. on Jan. 5th. He said, "Stop." Then he left! Did he? '
             'Yes, e.g. when J. R. R. Tolkien wrote... It ended.\n\nA title without a period\n\n'
-            'Mrs. Jones (of the U.S. Navy) agreed; etc. and so on. Ask the W.H.O. about it.')
+            'Mrs. Jones (of the U.S. Navy) agreed; etc. and so on. Ask the W.H.O. about it. '
+            'We need tools, e.g. Hammers. They sell fruit, bread, etc. They open at 9 a.m. Monday '
+            'to Friday. See No. 5 and fig. 3. I said no. So do I. He wrote \u201cyes.\u201d Then '
+            'he left.')
     assert valle.split_sentences(text) == [
         "Dr. Smith paid $3.50 at 5 p.m. on Jan. 5th.",  # abbreviations, a decimal, a time
         'He said, "Stop."',  # the closing quote stays with its sentence
@@ -22,6 +25,11 @@ def test_sentences_split_at_their_ends_only():
         "A title without a period",  # a paragraph ends a sentence
         "Mrs. Jones (of the U.S. Navy) agreed; etc. and so on.",
         "Ask the W.H.O. about it.",  # not an abbreviation we know, but a lowercase word goes on
+        "We need tools, e.g. Hammers.", "They sell fruit, bread, etc.",  # "etc." can end one
+        "They open at 9 a.m. Monday to Friday.",
+        "See No. 5 and fig. 3.",  # abbreviations before a number
+        "I said no.", "So do I.",  # "no" and "I" without a number or a name after them
+        "He wrote \u201cyes.\u201d", "Then he left.",  # a curly closing quote
     ]
 
 
@@ -43,15 +51,23 @@ def test_chunks_hold_whole_sentences_and_never_drop_a_word():
     assert any(c.endswith("very") for c in chunks)  # ... and a comma-less one between words
     with pytest.raises(ValueError, match="longer than a chunk"):
         valle.chunk_text("Incomprehensibilities.", 5)
+    # a word longer than a planned chunk is a chunk of its own, up to what the tables hold
+    assert valle.chunk_text("It cost 1,234,567 dollars.", 10, word_limit=80) == [
+        "It cost", "1,234,567", "dollars."]
+    # pieces with nothing to pronounce are not chunks (generate would refuse them)
+    assert valle.chunk_text("Hello there. ?! \u041f\u0440\u0438\u0432\u0435\u0442. Goodbye now.", 100) == [
+        "Hello there. Goodbye now."]
 
 
 def test_chunk_budget_fits_prompt_and_chunk_in_the_tables():
-    cfg = valle.get_config("tiny")  # 2250 frames, 512 phones
-    frames, phones = valle.chunk_frames(cfg, 225, 20, "fixed")
-    assert frames == 2250 - 225 and phones == min(512 - 1 - 20, frames // valle.FRAMES_PER_PHONE)
-    frames, phones = valle.chunk_frames(cfg, 225, 20, "rolling")  # two chunks must fit
-    assert 2 * frames <= 2250 and 2 * phones + 1 <= 512
-    assert valle.chunk_frames(cfg, 225, 20, "fixed", max_seconds=4)[0] == 300
+    cfg = valle.get_config("tiny")  # 2250 frames, 512 phones: the frames bind
+    assert valle.chunk_frames(cfg, 225, 20, "fixed") == (2025, 253, 253)  # 2025 // 8 phones
+    assert valle.chunk_frames(cfg, 225, 20, "rolling") == (1125, 140, 140)  # half: two fit
+    assert valle.chunk_frames(cfg, 225, 20, "fixed", max_seconds=4) == (300, 253, 253)  # cap only
+    assert valle.chunk_frames(cfg, 225, 20, "fixed", chunk_seconds=4) == (2025, 37, 253)  # plan only
+    small = valle.get_config("tiny", max_text_tokens=60)  # the text table binds
+    assert valle.chunk_frames(small, 225, 20, "fixed") == (2025, 39, 39)  # 60 - 1 - 20
+    assert valle.chunk_frames(small, 225, 20, "rolling") == (1125, 29, 29)  # (60 - 1) // 2
 
 
 # --- the seams ------------------------------------------------------------------------
@@ -79,6 +95,8 @@ def test_join_trims_the_silence_at_each_seam_and_crossfades():
     lo, hi = torch.minimum(trimmed[0][-n:], trimmed[1][:n]), torch.maximum(trimmed[0][-n:], trimmed[1][:n])
     assert ((seam >= lo - 1e-6) & (seam <= hi + 1e-6)).all()
     assert torch.equal(valle.join_speech([chunks[0]]), chunks[0])  # one chunk: untouched
+    fade = valle.join_speech([torch.full((sr,), 0.5), torch.full((sr,), -0.5)])[sr - n: sr]
+    assert fade[0] > 0.45 and fade[-1] < -0.45 and (fade.diff() < 0).all()  # from one to the other
     assert len(valle.join_speech([torch.zeros(sr)])) == 0
 
 
@@ -93,8 +111,8 @@ class FakeGenerate:
 
     def __call__(self, ar, nar, texts, prompt_codes, prompt_text, *args, return_ended=False, **kw):
         self.calls.append((list(texts), prompt_codes, prompt_text))
-        codes = [torch.full((8, 0 if t in self.mute else 3 * len(t.split())), len(self.calls))
-                 for t in texts]
+        codes = [torch.full((8, 0 if t in self.mute else 40 * len(t.split())), len(self.calls))
+                 for t in texts]  # 40 frames a word: a chunk of 2+ words makes a 1 s prompt
         ended = [t not in self.cut for t in texts]
         return codes, ended
 
@@ -108,7 +126,7 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate(mute={"Third one is silent."})
     monkeypatch.setattr(valle, "generate", fake)
-    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 20))  # a sentence a chunk
+    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
     prompt = torch.randint(0, 1024, (8, 20))
     text = "First one here. Second one here. Third one is silent. Fourth one here."
     texts, codes = valle.generate_long(ar, nar, text, prompt, "The prompt.", mode="rolling")
@@ -119,13 +137,24 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     assert fake.calls[2][1] is codes[1] and fake.calls[2][2] == texts[1]
     assert codes[2].shape == (8, 0)  # the silent chunk ...
     assert fake.calls[3][1] is prompt and fake.calls[3][2] == "The prompt."  # ... hands back
+    # a chunk cut at the caller's cap is no prompt: its audio stops before its text does ...
+    cut = FakeGenerate(cut={"Second one here."})
+    monkeypatch.setattr(valle, "generate", cut)
+    valle.generate_long(ar, nar, "First one here. Second one here. Fourth one here.", prompt,
+                        "The prompt.", mode="rolling", max_seconds=30)
+    assert cut.calls[1][1] is not prompt and cut.calls[2][1] is prompt
+    # ... nor is a chunk shorter than a second (one word: 40 frames)
+    short = FakeGenerate()
+    monkeypatch.setattr(valle, "generate", short)
+    valle.generate_long(ar, nar, "Hello. Second one here.", prompt, "The prompt.", mode="rolling")
+    assert len(short.calls) == 2 and short.calls[1][1] is prompt
 
 
 def test_fixed_mode_runs_every_chunk_in_one_batch_with_the_voice_prompt(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate()
     monkeypatch.setattr(valle, "generate", fake)
-    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 12))
+    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 12, 12))
     prompt = torch.randint(0, 1024, (8, 20))
     texts, codes = valle.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
     assert len(fake.calls) == 1 and fake.calls[0][0] == texts == ["One here.", "Two here.", "Three here."]
@@ -136,13 +165,17 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate(cut={"Two words here and there.", "Alone."})
     monkeypatch.setattr(valle, "generate", fake)
-    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 22))  # a sentence a chunk
+    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 22, 22))  # a sentence a chunk
     texts, codes = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                        torch.zeros(8, 20, dtype=torch.long), "P.")
     assert words(texts) == "One. Two words here and there. Alone.".split()  # nothing lost
     assert "Two words here and there." not in texts and len(texts) > 2  # redone in pieces
-    assert "Alone." in " ".join(texts)  # a single word that is cut stays as it came
-    assert all(c.shape[1] > 0 for c in codes)
+    assert "Alone." in texts  # a single word that is cut stays as it came
+    assert [c.shape[1] for c in codes] == [40 * len(t.split()) for t in texts]  # each its own
+    cut = FakeGenerate(cut={"Go internationalization."})  # one word longer than half the chunk
+    monkeypatch.setattr(valle, "generate", cut)
+    texts, _ = valle.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
+    assert texts == ["Go", "internationalization."]
     with_cap = FakeGenerate(cut={"Two words here and there."})
     monkeypatch.setattr(valle, "generate", with_cap)
     texts, _ = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
@@ -153,26 +186,36 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
 # --- real models: nothing overflows a table --------------------------------------------
 
 class EndsSoon(valle.ARModel):
-    """Random weights with <eos> made likely: chunks end at random lengths, some at the cap."""
+    """Random weights with <eos> made likelier (bias 2: 1 in ~140 codes; 3: 1 in ~50): chunks
+    end at random lengths, some at the cap."""
+    bias = 2.0
 
     def logits(self, h):
         out = super().logits(h)
-        out[..., EOS] += 5.0
+        out[..., EOS] += self.bias
         return out
 
 
-@pytest.mark.parametrize("mode", ["fixed", "rolling"])
-def test_two_thousand_words_never_overflow_a_position_table(mode):
+@pytest.mark.parametrize("mode, n_words", [("fixed", 2000), ("rolling", 100)])  # rolling: chunk by chunk
+def test_two_thousand_words_never_overflow_a_position_table(mode, n_words, monkeypatch):
     torch.manual_seed(0)
-    cfg = valle.get_config("tiny", dropout=0.0, max_frames=300, max_text_tokens=120)
+    cfg = valle.get_config("tiny", dropout=0.0, max_frames=600, max_text_tokens=60)
     ar, nar = EndsSoon(cfg).eval(), valle.NARModel(cfg).eval()
+    ar.bias = 3.0 if mode == "fixed" else 2.0  # rolling: chunks of a second or more, to prompt
+    calls, generate = [], valle.generate
+
+    def spy(ar, nar, texts, prompt_codes, prompt_text, *a, **k):
+        codes, ended = generate(ar, nar, texts, prompt_codes, prompt_text, *a, **k)
+        calls.extend((prompt_codes.shape[1], prompt_text, t, c) for t, c in zip(texts, codes))
+        return codes, ended
+    monkeypatch.setattr(valle, "generate", spy)
     sentence = "The quick brown fox jumps over the lazy dog, and then it runs away. "
-    n_words = 2000 if mode == "fixed" else 200  # rolling runs chunk by chunk: fewer
     text = sentence * (n_words // len(sentence.split()))
     prompt = torch.randint(0, 1024, (8, 40))
     texts, codes = valle.generate_long(ar, nar, text, prompt, "A prompt.", mode)
     assert words(texts) == text.split()
-    frames, phones = valle.chunk_frames(cfg, 40, len(valle.text_to_ids("A prompt.")), mode)
-    assert all(c.shape[1] <= frames for c in codes)
-    assert all(len(valle.text_to_ids(t)) <= phones for t in texts)
-    assert sum(c.shape[1] for c in codes) > 0
+    assert len(calls) >= len(texts) > n_words / 20
+    for prompt_frames, prompt_text, chunk, c in calls:  # against the tables themselves
+        assert len(valle.text_to_ids(prompt_text)) + 1 + len(valle.text_to_ids(chunk)) <= 60
+        assert prompt_frames + c.shape[1] <= 600
+    assert any(p != 40 for p, *_ in calls) == (mode == "rolling")  # rolling: chunks as prompts

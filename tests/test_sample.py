@@ -72,19 +72,20 @@ def test_batch_of_sentences_and_candidates(setup):
     assert names == ["b_1_c1.wav", "b_1_c2.wav", "b_2_c1.wav", "b_2_c2.wav"]
 
 
-@pytest.mark.parametrize("mode", ["fixed", "rolling"])
-def test_long_text_becomes_one_file_and_a_seed_reproduces_it(setup, mode):
+def test_long_text_becomes_one_file_and_a_seed_reproduces_it(setup):
     story = ("The lamp was lit at dusk. It burned all night, every night, for a hundred years.\n\n"
              "Then, one winter, the keeper retired. The town kept the light burning.")
     (setup / "story.txt").write_text(story)
-    runs = [sample(setup, "--long-text-file", str(setup / "story.txt"), "--long-mode", mode,
-                   "--seed", "4", out=f"story_{mode}_{k}.wav") for k in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr
-    audio, sr = sf.read(setup / f"story_{mode}_0.wav")
-    assert sr == 24000 and len(audio) > 2 * 1.5 * sr  # several 1.5 s chunks (--max-seconds)
-    assert np.array_equal(sf.read(setup / f"story_{mode}_1.wav")[0], audio)  # the same file
-    assert sorted(p.name for p in setup.iterdir() if p.name.startswith(f"story_{mode}")) == [
-        f"story_{mode}_0.wav", f"story_{mode}_1.wav"]  # one file per run, nothing else
+    runs = {name: sample(setup, "--long-text-file", str(setup / "story.txt"), "--long-mode", mode,
+                         "--chunk-seconds", "1.5", "--seed", "4", out=f"story_{name}.wav")
+            for name, mode in [("fixed", "fixed"), ("again", "fixed"), ("rolling", "rolling")]}
+    assert all(r.returncode == 0 for r in runs.values()), runs["fixed"].stderr
+    audio, sr = sf.read(setup / "story_fixed.wav")
+    assert sr == 24000 and len(audio) > 2 * 1.5 * sr  # several chunks of at most 1.5 s, one file
+    assert np.array_equal(sf.read(setup / "story_again.wav")[0], audio)  # a seed reproduces it
+    assert not np.array_equal(sf.read(setup / "story_rolling.wav")[0][: len(audio)], audio)
+    assert sorted(p.name for p in setup.iterdir() if p.name.startswith("story_")) == [
+        "story_again.wav", "story_fixed.wav", "story_rolling.wav"]  # nothing else written
 
 
 def bad(setup, *args, out="bad.wav", match):
