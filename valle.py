@@ -187,10 +187,15 @@ def join_phones(first, second):
     return [*first, PHONE_ID[WORD_BOUNDARY], *second]
 
 
+def speakable(phones):
+    """Whether phones hold anything to pronounce (not only punctuation and word boundaries)."""
+    return any(p in ARPABET for p in phones)
+
+
 def text_to_ids(text):
     """Text -> phone ids. Raises ValueError when there is nothing to pronounce."""
     phones = phonemize(text)
-    if not any(p in ARPABET for p in phones):
+    if not speakable(phones):
         raise ValueError(f"nothing to pronounce in {text!r}: give English words")
     return [PHONE_ID.get(p, PHONE_ID[UNK]) for p in phones]  # an unseen symbol never crashes
 
@@ -963,21 +968,19 @@ def split_sentences(text, language="en"):
     return [s for s in sentences if s]
 
 
-def speakable(text):
-    """Whether text has anything to pronounce (not only punctuation or other scripts)."""
-    return any(p in ARPABET for p in phonemize(text))
-
-
 def chunk_text(text, max_phones, language="en", word_limit=None):
     """Text -> chunks of whole sentences, each at most max_phones phones. A sentence longer
     than that is split at commas (and ; :), then between words: no spoken word is dropped
     (pieces with nothing to pronounce are). A word longer than a chunk is a chunk of its own
     up to word_limit phones; beyond that it is a ValueError."""
+    phones_of = lru_cache(maxsize=None)(phonemize)  # each piece is phonemized once
+
     def n_phones(s):
-        return len(phonemize(s))
+        return len(phones_of(s))
 
     def pieces(s, level=0):  # level 0: a sentence, 1: a part between commas, 2: a word
-        if n_phones(s) <= max_phones or level == 2 and n_phones(s) <= (word_limit or 0):
+        limit = max(max_phones, word_limit or 0) if level == 2 else max_phones
+        if n_phones(s) <= limit:
             return [s]
         if level == 2:
             raise ValueError(f"{s!r} alone is longer than a chunk of {max_phones} phones")
@@ -992,8 +995,8 @@ def chunk_text(text, max_phones, language="en", word_limit=None):
             else:
                 chunks.append(item)
         return chunks
-    sentences = [s for s in split_sentences(text, language) if speakable(s)]
-    return pack([p for s in sentences for p in pieces(s) if speakable(p)])
+    return pack([p for sentence in split_sentences(text, language) for p in pieces(sentence)
+                 if speakable(phones_of(p))])
 
 
 def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chunk_seconds=None):
@@ -1070,7 +1073,7 @@ def _split_again(text, language):
     except ValueError:  # a word longer than half the chunk: halve the words instead
         words = text.split()
         parts = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])]
-    parts = [p for p in parts if p and speakable(p)]
+    parts = [p for p in parts if speakable(phonemize(p))]
     return parts if len(parts) > 1 else None
 
 
@@ -1078,14 +1081,19 @@ def join_speech(waves, crossfade_seconds=CROSSFADE_SECONDS):
     """Chunk waveforms -> one. At each seam, the silence that ends one chunk and starts the
     next is trimmed (trim_silence keeps 50 ms of each: a short pause), and the two overlap by
     a linear crossfade. The outer ends stay as they are; a silent chunk drops out."""
-    out = torch.zeros(0)
+    parts = []  # joined once at the end: an hour of chunks is not copied again at each seam
     for k, w in enumerate(waves):
         wav = trim_silence(w.float().cpu(), start=k > 0, end=k < len(waves) - 1)
-        n = min(int(crossfade_seconds * SAMPLE_RATE), len(out), len(wav))
-        fade = torch.linspace(0, 1, n + 2)[1:-1]  # (n,), strictly between 0 and 1
-        seam = out[len(out) - n:] * (1 - fade) + wav[:n] * fade
-        out = torch.cat([out[: len(out) - n], seam, wav[n:]])
-    return out
+        if len(wav) == 0:
+            continue
+        if parts:
+            left = parts.pop()
+            n = min(int(crossfade_seconds * SAMPLE_RATE), len(left), len(wav))
+            fade = torch.linspace(0, 1, n + 2)[1:-1]  # (n,), strictly between 0 and 1
+            parts += [left[: len(left) - n], left[len(left) - n:] * (1 - fade) + wav[:n] * fade]
+            wav = wav[n:]
+        parts.append(wav)
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 # -----------------------------------------------------------------------------
