@@ -305,8 +305,8 @@ def long_form_rows():
         valle.generate_ar = timed_ar
         try:
             t = time.perf_counter()
-            _, codes = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
-                                           max_seconds=seconds, chunk_seconds=seconds)
+            [(_, codes, _)] = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
+                                               max_seconds=seconds, chunk_seconds=seconds)
             sync()
             wav = valle.join_speech([codec.decode(c.cpu()) for c in codes])
             total = time.perf_counter() - t

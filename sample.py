@@ -12,6 +12,11 @@ Text of any length (--text, or --long-text-file story.txt) becomes one file: it 
 chunks of whole sentences (valle.generate_long; --long-mode fixed or rolling). Several
 sentences at once: --text-file lines.txt (one per line) runs them as one batch and writes
 out_1.wav, out_2.wav, ... Errors print one line and exit with status 2, writing nothing.
+
+Best of N (VALL-E 2's five-time sampling; Llasa's verifiers): --candidates 5 --select paper
+samples five candidates per sentence in one batch and keeps the best by speaker similarity and
+word error rate (scorers.py); --select likelihood needs no extra model. --keep-all writes the
+others beside it (out_c1.wav, ...) and their scores to out_scores.tsv.
 """
 import argparse
 import math
@@ -22,6 +27,7 @@ import warnings
 
 import torch
 
+import scorers
 import valle
 
 MIN_PROMPT_SECONDS = 1.0  # shorter prompts carry too little of the voice
@@ -62,6 +68,17 @@ def parse_args(argv=None):
     p.add_argument("--no-ras", action="store_true", help="plain nucleus sampling")
     p.add_argument("--candidates", type=int, default=1,
                    help="samples per sentence, in one batch, written as _c1, _c2, ...")
+    p.add_argument("--select", choices=scorers.SCORES + ("paper",),
+                   help="keep the best candidate per sentence: likelihood (the model's own, "
+                        "offline), wer (ASR), similarity (speaker encoder), paper (Eq. 23: SIM, "
+                        "then WER)")
+    p.add_argument("--keep-all", action="store_true",
+                   help="with --select: also write the other candidates, and all scores to "
+                        "<out>_scores.tsv")
+    p.add_argument("--asr", default="pocketsphinx",
+                   help="for --select wer/paper: pocketsphinx (offline) or whisper[:model]")
+    p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
+                   help="for --select similarity/paper: resemblyzer (offline) or wavlm")
     p.add_argument("--max-seconds", type=float,
                    help="stop each sentence (long text: each chunk) at this length and keep what "
                         "came (default: the model's tables; a long-text chunk that reaches them "
@@ -87,6 +104,12 @@ def parse_args(argv=None):
     for flag, value, ok, rule in checks:
         if not ok or (value is not None and not math.isfinite(value)):
             raise ValueError(f"{flag} {rule}, not {value}")
+    if args.select and args.candidates < 2:
+        raise ValueError("--select chooses among candidates: give --candidates 2 or more")
+    if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:
+        raise ValueError(f"--asr must be pocketsphinx or whisper[:model], not {args.asr}")
+    if args.keep_all and not args.select:
+        raise ValueError("--keep-all goes with --select (without it every candidate is written)")
     return args
 
 
@@ -151,6 +174,10 @@ def run(args):
     texts = read_texts(args)
     check_inputs(args, texts)
     prompt_wav = load_prompt(args.prompt)
+    # The verifiers load before any work: a missing extra stops the run here, writing nothing.
+    needs = scorers.needed(args.select) if args.select else ()
+    asr = scorers.ASR(args.asr) if "wer" in needs else None
+    encoder = scorers.SpeakerEncoder(args.speaker_encoder) if "similarity" in needs else None
     _, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
     if ar is None or nar is None:
         raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
@@ -177,32 +204,48 @@ def run(args):
                   flush=True)
 
     start = time.time()
-    if args.text_file:  # sentences, one output each, all in one batch
-        codes = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
-                               seed=args.seed, max_seconds=args.max_seconds, progress=progress,
-                               compile=args.compile, candidates=args.candidates)  # text-major
-        outputs = [[c] for c in codes]
-    else:  # one text of any length, one output per candidate, spoken chunk after chunk
-        outputs = [valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
-                                       args.long_mode, sampling, args.seed + valle.SEED_STRIDE * c,
-                                       args.max_seconds, progress=progress, compile=args.compile,
-                                       chunk_seconds=args.chunk_seconds)[1]
-                   for c in range(args.candidates)]  # candidate c: the stream `generate` gives it
-    waves = []
-    for chunks in outputs:
-        if all(c.shape[1] == 0 for c in chunks):  # <eos> at once: no speech, no file
-            waves.append(None)
-            continue
-        if args.mode == "continuation":
-            chunks = [torch.cat([prompt_codes, chunks[0]], dim=1)] + chunks[1:]
-        # a chunk that said <eos> at once has nothing to decode (EnCodec rejects 0 frames)
-        decoded = [codec.decode(c.cpu()) for c in chunks if c.shape[1] > 0]
-        waves.append(valle.join_speech(decoded) if decoded else None)
+    N = args.candidates
+    if args.text_file:  # sentences, one output each, all candidates of all in one batch
+        codes, ended = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
+                                      seed=args.seed, max_seconds=args.max_seconds,
+                                      progress=progress, compile=args.compile, candidates=N,
+                                      return_ended=True)  # text-major
+        outputs = [([t], [c], [e]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
+    else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
+        outputs = valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
+                                      args.long_mode, sampling, args.seed, args.max_seconds,
+                                      progress=progress, compile=args.compile,
+                                      chunk_seconds=args.chunk_seconds, candidates=N)
+    waves = [decode(codec, chunks, prompt_codes, args.mode) for _, chunks, _ in outputs]
     wall = time.time() - start
+
+    # (path, wave) to write; with --select, the kept candidate of each sentence gets the plain
+    # name and, with --keep-all, the others their _c names.
+    n_texts = len(outputs) // N
+    if args.select:
+        rows, files = [], []
+        for i in range(n_texts):
+            group = range(i * N, (i + 1) * N)
+            reference = (args.prompt_text + " " if args.mode == "continuation" else "") + texts[i]
+            scores = score([outputs[k] for k in group], [waves[k] for k in group], needs, ar,
+                           prompt_codes, prompt_wav, args.prompt_text, reference, asr, encoder)
+            kept = scorers.best(scores, args.select)
+            for c in range(N):
+                line = "  ".join(f"{name} {scores[name][c]:.4f}" for name in needs)
+                print(f"sentence {i + 1} candidate {c + 1}: {line}" + ("  <- kept" if c == kept else ""))
+                path = output_paths(args.out, n_texts, 1)[i] if c == kept else \
+                    output_paths(args.out, n_texts, N)[i * N + c]
+                if c == kept or args.keep_all:
+                    files.append((path, waves[i * N + c]))
+                rows.append([str(i + 1), str(c + 1), str(int(c == kept))] +
+                            [f"{scores[name][c]:.6f}" for name in needs] +
+                            [os.path.basename(path) if c == kept or args.keep_all else ""])
+    else:
+        files = list(zip(output_paths(args.out, n_texts, N), waves))
 
     import soundfile as sf
     audio_seconds, written = 0.0, 0
-    for path, wav in zip(output_paths(args.out, len(outputs) // args.candidates, args.candidates), waves):
+    for path, wav in files:
         if wav is None:
             print(f"warning: the model produced no speech for {path}; not written", file=sys.stderr)
             continue
@@ -216,8 +259,50 @@ def run(args):
     if not written:
         raise ValueError("the model produced no speech for any sentence (it ended at once): "
                          "try another --seed, a higher --top-p, or a longer prompt")
+    if args.keep_all:
+        path = os.path.splitext(args.out)[0] + "_scores.tsv"
+        with open(path + ".tmp", "w") as f:
+            f.write("\t".join(["sentence", "candidate", "kept", *needs, "file"]) + "\n")
+            f.writelines("\t".join(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}")
     print(f"{audio_seconds:.2f} s of audio in {wall:.2f} s on {device}: real-time factor "
           f"{wall / max(audio_seconds, 1e-9):.3f} (wall / audio; below 1 is faster than real time)")
+
+
+def decode(codec, chunks, prompt_codes, mode):
+    """One output's chunk codes -> its waveform, or None if the model said nothing."""
+    if all(c.shape[1] == 0 for c in chunks):  # <eos> at once: no speech, no file
+        return None
+    if mode == "continuation":
+        chunks = [torch.cat([prompt_codes, chunks[0]], dim=1)] + chunks[1:]
+    # a chunk that said <eos> at once has nothing to decode (EnCodec rejects 0 frames)
+    decoded = [codec.decode(c.cpu()) for c in chunks if c.shape[1] > 0]
+    return valle.join_speech(decoded) if decoded else None
+
+
+def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, reference,
+          asr=None, encoder=None):
+    """The candidates of one sentence, each (chunk texts, chunk codes, chunk ended), and their
+    waveforms -> {score name: one value per candidate}. A candidate without speech scores the
+    worst there is. Likelihood: each chunk against the voice prompt (in rolling mode the model
+    drew it after the chunk before), averaged over all codes."""
+    scores = {name: [] for name in needs}
+    if encoder:
+        voice = encoder.embed(prompt_wav, valle.SAMPLE_RATE)
+    for (texts, codes, ended), wav in zip(candidates, waves):
+        if "likelihood" in needs:
+            means = valle.likelihood(ar, texts, prompt_codes, prompt_text, codes, ended)
+            counts = [c.shape[1] + e for c, e in zip(codes, ended)]  # codes, and <eos> if drawn
+            scores["likelihood"].append(sum(m * n for m, n in zip(means, counts) if n) / sum(counts)
+                                        if wav is not None else float("-inf"))
+        if "wer" in needs:
+            scores["wer"].append(scorers.word_error_rate(reference, asr.transcribe(wav, valle.SAMPLE_RATE))
+                                 if wav is not None else float("inf"))
+        if "similarity" in needs:
+            scores["similarity"].append(encoder.similarity(wav, valle.SAMPLE_RATE, voice)
+                                        if wav is not None else float("-inf"))
+    return scores
 
 
 def main(argv=None):

@@ -897,6 +897,19 @@ def item_generators(seed, candidates, device):
     return [torch.Generator(device=device).manual_seed(seed + SEED_STRIDE * c) for c in range(candidates)]
 
 
+def prompted_text(cfg, target_ids, prompt_text, device=None):
+    """The AR's and NAR's text input: the prompt's transcript, a word boundary, then each
+    target's phone ids -> (B, L) ids and validity. prompt_text=None: the targets already
+    include what the prompt says (continuation of an utterance from its first seconds, whose
+    transcript is given whole, as in the paper's evaluation)."""
+    prompt_ids = text_to_ids(prompt_text) if prompt_text is not None else None
+    text, text_valid = pad_ids([join_phones(prompt_ids, ids) if prompt_ids else ids
+                                for ids in target_ids], device)
+    if text.shape[1] > cfg.max_text_tokens:
+        raise ValueError(f"text too long: at most {cfg.max_text_tokens} phones with the prompt")
+    return text, text_valid
+
+
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
              max_seconds=None, use_cache=True, progress=None, compile=False, candidates=1,
              return_ended=False):
@@ -904,26 +917,66 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
 
     prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
     The model reads prompt_text + text and continues the prompt's codes (VALL-E's prompting);
-    the returned codes are the new speech only. With candidates > 1 every text is sampled that
+    the returned codes are the new speech only (prompt_text=None: see prompted_text). With
+    candidates > 1 every text is sampled that
     many times, all in one batch: the result is text-major ([text 1 cand 1, text 1 cand 2,
     ...]). return_ended=True also returns whether each drew <eos>. Raises ValueError on empty
     text."""
     device = next(ar.parameters()).device
-    prompt_ids = text_to_ids(prompt_text)
     target_ids = [ids for ids in map(text_to_ids, texts) for _ in range(candidates)]  # text-major
-    text, text_valid = pad_ids([join_phones(prompt_ids, ids) for ids in target_ids], device)
-    if text.shape[1] > ar.cfg.max_text_tokens:
-        raise ValueError(f"text too long: at most {ar.cfg.max_text_tokens} phones with the prompt")
+    text, text_valid = prompted_text(ar.cfg, target_ids, prompt_text, device)
     n_frames = MAX_FRAMES_PER_TOKEN * max(len(ids) for ids in target_ids)  # generate_ar may cut it
     if max_seconds:
         n_frames = min(n_frames, int(max_seconds * FRAME_RATE))
-    # text-major rows, each with its own generator object (rows never share a stream)
-    generators = [g for _ in texts for g in item_generators(seed, candidates, device)]
+    # text-major rows, each with its own generator object (rows never share a stream); `seed`
+    # may also be a list, one per text
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(texts)
+    generators = [g for s in seeds for g in item_generators(s, candidates, device)]
     n_groups = max(1, n_frames // ar.cfg.group_size)
     c0, ended = generate_ar(ar, text, text_valid, prompt_codes[0], n_groups, sampling, generators,
                             use_cache, progress, compile, return_ended=True)
     codes = generate_nar(nar, text, text_valid, prompt_codes, c0)
     return (codes, ended) if return_ended else codes
+
+
+@torch.inference_mode()
+def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None):
+    """The AR model's own score of candidates: the mean log-probability of each one's codebook-0
+    codes (and of its <eos>, where it drew one), from one teacher-forced pass. Higher is better;
+    VALL-E X keeps the candidate with the best such length-normalised score.
+
+    texts[i] and codes[i] ((8, T) or (T,)) are one candidate, prompted as `generate` prompts it.
+    The distribution is the raw one, temperature 1 and no top-k/top-p: a code that RAS's
+    fallback drew may lie outside the nucleus. ended[i]: whether candidate i drew <eos> (default
+    all True). Returns a list of floats; a candidate without codes or <eos> scores -inf."""
+    cfg, device, G = ar.cfg, next(ar.parameters()).device, ar.cfg.group_size
+    ended = [True] * len(codes) if ended is None else ended
+    text, text_valid = prompted_text(cfg, [text_to_ids(t) for t in texts], prompt_text, device)
+    prompt_groups = group_codes(prompt_codes[0].to(device), G)[:-1]  # (Np, G), as generate_ar
+    Np = prompt_groups.shape[0]
+    # Targets: the new codes, then <eos> if drawn, in whole groups (the rest of a group after
+    # its first <eos> was drawn but never read: IGNORE); inputs: the prompt, then every target
+    # group but the last.
+    targets = []
+    for c, e in zip(codes, ended):
+        c = (c[0] if c.dim() == 2 else c).to(device)
+        seq = torch.cat([c, torch.tensor([EOS] * e, dtype=c.dtype, device=device)])
+        pad = torch.full((-len(seq) % G,), IGNORE, dtype=c.dtype, device=device)
+        targets.append(torch.cat([seq, pad]).view(-1, G))  # (N_i, G)
+    targets = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE)
+    B, N = targets.shape[:2]
+    groups = torch.cat([prompt_groups.expand(B, Np, G), targets[:, :-1].clamp(min=0)], dim=1)
+    groups_valid = torch.cat([torch.ones(B, Np, dtype=torch.bool, device=device),
+                              (targets[:, :-1] != IGNORE).all(-1)], dim=1)
+    groups_valid[:, Np:] &= (targets[:, :-1] != EOS).all(-1)  # a group with <eos> is no input
+    x, valid = ar.embed(text, text_valid, groups, groups_valid)
+    first = text.shape[1] + 1 + Np  # the hidden state that predicts target group 0 (<bos> is
+    logits = ar.logits(ar(x, valid)[:, first:])  # at L + 1, then group m predicts group m + 1)
+    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    keep = targets != IGNORE  # (B, N, G)
+    n = keep.sum(dim=(1, 2))
+    total = (logp * keep).sum(dim=(1, 2))
+    return [t / k if k else float("-inf") for t, k in zip(total.tolist(), n.tolist())]
 
 
 # -----------------------------------------------------------------------------
@@ -1018,8 +1071,9 @@ def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chun
 
 def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=Sampling(),
                   seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
-                  language="en", chunk_seconds=None):
-    """Text of any length in the voice of a prompt -> (chunk texts, list of (8, T_k) codes).
+                  language="en", chunk_seconds=None, candidates=1):
+    """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
+    (8, T_k) codes, whether each drew <eos>).
 
     The text is cut into chunks of whole sentences that fit the position tables with margin
     (chunk_text, chunk_frames) and spoken chunk after chunk:
@@ -1030,8 +1084,9 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
                second (or empty), or cut off (its audio would not match its text).
     A chunk that reaches its cap without <eos> was cut off: it is split again and spoken
     anew (a single word is kept as it came). With max_seconds, a chunk that reaches it is kept
-    as it came: the caller asked for the cut. Decode the chunks and join them with
-    join_speech. progress(label, step, total) names each AR run's chunks."""
+    as it came: the caller asked for the cut. Candidate c draws from seed + c * SEED_STRIDE, as
+    in `generate`; in fixed mode all candidates' chunks run in one batch. Decode the chunks and
+    join them with join_speech. progress(label, step, total) names each AR run's chunks."""
     if mode not in ("fixed", "rolling"):
         raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
     frames, phones, most_phones = chunk_frames(ar.cfg, prompt_codes.shape[1],
@@ -1044,26 +1099,33 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
     texts = chunk_text(text, phones, language, word_limit=most_phones)
     if not texts:
         raise ValueError(f"nothing to pronounce in {text[:50]!r}: give English words")
-    chunks = [[t, None, False] for t in texts]  # [text, codes, ended with <eos>], in order
-    while any(codes is None for _, codes, _ in chunks):
-        todo = [k for k, (_, codes, _) in enumerate(chunks) if codes is None]
+    # per candidate, its chunks in order: [text, codes, ended with <eos>]
+    runs = [[[t, None, False] for t in texts] for _ in range(candidates)]
+    while True:
+        todo = [(c, k) for c, chunks in enumerate(runs) for k, (_, codes, _) in enumerate(chunks)
+                if codes is None]  # (candidate, chunk)
+        if not todo:
+            break
         todo = todo if mode == "fixed" else todo[:1]
-        k0 = todo[0]
-        before = chunks[k0 - 1] if mode == "rolling" and k0 > 0 else None
+        c0, k0 = todo[0]
+        before = runs[c0][k0 - 1] if mode == "rolling" and k0 > 0 else None
         if before and before[2] and FRAME_RATE <= before[1].shape[1] <= ar.cfg.max_frames - frames:
             prompt, prompt_ids_text = before[1], before[0]
         else:
             prompt, prompt_ids_text = prompt_codes, prompt_text
-        label = (f"chunk {k0 + 1} of {len(chunks)}" if len(todo) == 1 else
-                 f"chunks {k0 + 1}-{todo[-1] + 1} of {len(chunks)} in one batch")
-        report = (lambda s, n: progress(label, s, n)) if progress else None
-        codes, ended = generate(ar, nar, [chunks[k][0] for k in todo], prompt, prompt_ids_text,
-                                sampling, seed, frames / FRAME_RATE, use_cache, report, compile,
-                                return_ended=True)
-        for k, c, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
+        n = len(runs[c0])
+        who = f"candidate {c0 + 1}: " if candidates > 1 and len(todo) == 1 else ""
+        label = (f"{who}chunk {k0 + 1} of {n}" if len(todo) == 1 else
+                 f"{len(todo)} chunks in one batch")
+        report = (lambda s, m: progress(label, s, m)) if progress else None
+        codes, ended = generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
+                                sampling, [seed + SEED_STRIDE * c for c, _ in todo],
+                                frames / FRAME_RATE, use_cache, report, compile, return_ended=True)
+        for (c, k), code, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
+            chunks = runs[c]
             halves = None if e or max_seconds else _split_again(chunks[k][0], language)
-            chunks[k: k + 1] = [[h, None, False] for h in halves] if halves else [[chunks[k][0], c, e]]
-    return [t for t, _, _ in chunks], [c for _, c, _ in chunks]
+            chunks[k: k + 1] = [[h, None, False] for h in halves] if halves else [[chunks[k][0], code, e]]
+    return [tuple(map(list, zip(*chunks))) for chunks in runs]  # (texts, codes, ended) each
 
 
 def _split_again(text, language):

@@ -129,7 +129,7 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
     prompt = torch.randint(0, 1024, (8, 20))
     text = "First one here. Second one here. Third one is silent. Fourth one here."
-    texts, codes = valle.generate_long(ar, nar, text, prompt, "The prompt.", mode="rolling")
+    [(texts, codes, _)] = valle.generate_long(ar, nar, text, prompt, "The prompt.", mode="rolling")
     assert texts == ["First one here.", "Second one here.", "Third one is silent.", "Fourth one here."]
     assert [call[0] for call in fake.calls] == [[t] for t in texts]  # one chunk at a time
     assert fake.calls[0][1] is prompt and fake.calls[0][2] == "The prompt."
@@ -156,7 +156,7 @@ def test_fixed_mode_runs_every_chunk_in_one_batch_with_the_voice_prompt(tiny, mo
     monkeypatch.setattr(valle, "generate", fake)
     monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 12, 12))
     prompt = torch.randint(0, 1024, (8, 20))
-    texts, codes = valle.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
+    [(texts, codes, _)] = valle.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
     assert len(fake.calls) == 1 and fake.calls[0][0] == texts == ["One here.", "Two here.", "Three here."]
     assert fake.calls[0][1] is prompt
 
@@ -166,7 +166,7 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     fake = FakeGenerate(cut={"Two words here and there.", "Alone."})
     monkeypatch.setattr(valle, "generate", fake)
     monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 22, 22))  # a sentence a chunk
-    texts, codes = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
+    [(texts, codes, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                        torch.zeros(8, 20, dtype=torch.long), "P.")
     assert words(texts) == "One. Two words here and there. Alone.".split()  # nothing lost
     assert "Two words here and there." not in texts and len(texts) > 2  # redone in pieces
@@ -174,11 +174,11 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     assert [c.shape[1] for c in codes] == [40 * len(t.split()) for t in texts]  # each its own
     cut = FakeGenerate(cut={"Go internationalization."})  # one word longer than half the chunk
     monkeypatch.setattr(valle, "generate", cut)
-    texts, _ = valle.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
+    [(texts, _, _)] = valle.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
     assert texts == ["Go", "internationalization."]
     with_cap = FakeGenerate(cut={"Two words here and there."})
     monkeypatch.setattr(valle, "generate", with_cap)
-    texts, _ = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
+    [(texts, _, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                    torch.zeros(8, 20, dtype=torch.long), "P.", max_seconds=9)
     assert len(with_cap.calls) == 1 and len(texts) == 3  # the caller's cap: the cut is kept
 
@@ -212,7 +212,7 @@ def test_two_thousand_words_never_overflow_a_position_table(mode, n_words, monke
     sentence = "The quick brown fox jumps over the lazy dog, and then it runs away. "
     text = sentence * (n_words // len(sentence.split()))
     prompt = torch.randint(0, 1024, (8, 40))
-    texts, codes = valle.generate_long(ar, nar, text, prompt, "A prompt.", mode)
+    [(texts, codes, _)] = valle.generate_long(ar, nar, text, prompt, "A prompt.", mode)
     assert words(texts) == text.split()
     assert len(calls) >= len(texts) > n_words / 20
     for prompt_frames, prompt_text, chunk, c in calls:  # against the tables themselves

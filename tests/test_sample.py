@@ -136,8 +136,8 @@ def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys
     real = valle.generate
 
     def first_is_mute(*a, **kw):
-        codes = real(*a, **kw)
-        return [codes[0][:, :0]] + codes[1:]  # as if the AR had drawn <eos> at once
+        codes, ended = real(*a, **kw)
+        return [codes[0][:, :0]] + codes[1:], [True] + ended[1:]  # as if <eos> came at once
     monkeypatch.setattr(valle, "generate", first_is_mute)
     (setup / "two.txt").write_text("First sentence.\nSecond one.\n")
     argv = ["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
@@ -146,7 +146,8 @@ def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "no speech for" in err and "mute_1.wav" in err
     assert not (setup / "mute_1.wav").exists() and (setup / "mute_2.wav").exists()
-    monkeypatch.setattr(valle, "generate", lambda *a, **kw: [c[:, :0] for c in real(*a, **kw)])
+    monkeypatch.setattr(valle, "generate", lambda *a, **kw: ([c[:, :0] for c in real(*a, **kw)[0]],
+                                                             [True] * 2))
     with pytest.raises(SystemExit) as e:
         sample_script.main(argv + ["--out", str(setup / "none.wav")])
     assert e.value.code == 2 and "produced no speech for any sentence" in capsys.readouterr().err

@@ -1,0 +1,171 @@
+"""
+Verifiers: what an ASR model hears in a candidate (WER) and whose voice a speaker encoder hears
+(SIM). sample.py keeps the best of N candidates by them, eval.py measures a model with them.
+The model's own score, the likelihood of its codes, is part of the method: valle.likelihood.
+
+    VALL-E 2 §4 "five-time sampling": 5 candidates, the best by SIM and WER (Eq. 23, paper_best)
+    Llasa (2502.04128): best-of-N by such verifiers lowers WER at inference time
+
+Backends, all optional extras (requirements-eval.txt) imported only when used:
+    ASR      pocketsphinx  offline, its English model inside the wheel; weak (about 0.5-1.0 WER
+                           on the demo's robotic voices): ranks candidates, does not grade them
+             whisper       faster-whisper (or openai-whisper), weights downloaded on first use;
+                           "whisper:small.en" names the model (default small.en)
+    speaker  resemblyzer   offline, a 17 MB GE2E d-vector encoder inside the wheel
+             wavlm         microsoft/wavlm-base-plus-sv through transformers, downloaded on first
+                           use: a WavLM x-vector, near the paper's WavLM-TDNN but not it
+"""
+import importlib
+import warnings
+
+import numpy as np
+import torch
+
+ASR_SAMPLE_RATE = 16_000  # what every backend here listens at
+PAPER_SIM_FLOOR = 0.3  # Eq. 23: among candidates with SIM >= 0.3 the lowest WER wins
+SCORES = ("likelihood", "wer", "similarity")  # what --select can rank by, besides "paper"
+ASR_BACKENDS = ("pocketsphinx", "whisper")  # whisper also as whisper:<model name>
+SPEAKER_ENCODERS = ("resemblyzer", "wavlm")
+
+
+def need(module, package):
+    """Import an optional extra, or a one-line error that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"this needs the optional package {package}: pip install {package} "
+                         "(or all extras: see requirements-eval.txt)") from None
+
+
+def to_16k(wav, sr):
+    """A mono waveform (tensor or array) at sr -> float32 numpy array at 16 kHz."""
+    import torchaudio.functional as AF
+    wav = torch.as_tensor(np.asarray(wav, dtype=np.float32))
+    return (AF.resample(wav, sr, ASR_SAMPLE_RATE) if sr != ASR_SAMPLE_RATE else wav).numpy()
+
+
+# -----------------------------------------------------------------------------
+# Word error rate: an ASR transcript against the text
+
+
+def normalize(text):
+    """What both sides of a WER go through: lower case, no punctuation, single spaces."""
+    jiwer = need("jiwer", "jiwer")
+    return jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(),
+                          jiwer.RemoveMultipleSpaces(), jiwer.Strip()])(text)
+
+
+def word_error_rate(references, hypotheses):
+    """Corpus WER: (substitutions + deletions + insertions) / reference words, over all pairs
+    (str, or lists of str). jiwer aligns; text that normalizes to nothing counts no words."""
+    jiwer = need("jiwer", "jiwer")
+    refs = [references] if isinstance(references, str) else list(references)
+    hyps = [hypotheses] if isinstance(hypotheses, str) else list(hypotheses)
+    pairs = [(normalize(r), normalize(h)) for r, h in zip(refs, hyps)]
+    errors = words = 0
+    for ref, hyp in pairs:
+        if not ref:
+            errors += len(hyp.split())
+            continue
+        out = jiwer.process_words(ref, hyp or "")
+        errors += out.substitutions + out.deletions + out.insertions
+        words += len(ref.split())
+    return errors / max(words, 1)
+
+
+class ASR:
+    """Speech -> text. backend: pocketsphinx, whisper or whisper:<model name>."""
+
+    def __init__(self, backend="pocketsphinx"):
+        self.backend = backend
+        name, _, size = backend.partition(":")
+        if name not in ASR_BACKENDS or (size and name != "whisper"):
+            raise ValueError(f"unknown ASR backend {backend!r}: pocketsphinx or whisper[:model]")
+        if name == "pocketsphinx":
+            ps = need("pocketsphinx", "pocketsphinx")
+            self.decoder = ps.Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")  # en-us, inside
+        elif name == "whisper":
+            size = size or "small.en"
+            try:  # faster-whisper first: CTranslate2 int8 is the faster one on a CPU
+                fw = importlib.import_module("faster_whisper")
+                self.model = fw.WhisperModel(size, device="auto", compute_type="default")
+                self.kind = "faster-whisper"
+            except ImportError:
+                self.model = need("whisper", "openai-whisper").load_model(size)
+                self.kind = "openai-whisper"
+
+    def transcribe(self, wav, sr):
+        audio = to_16k(wav, sr)
+        if self.backend == "pocketsphinx":
+            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+            self.decoder.start_utt()
+            self.decoder.process_raw(pcm.tobytes(), full_utt=True)
+            self.decoder.end_utt()
+            hyp = self.decoder.hyp()
+            return hyp.hypstr if hyp else ""
+        if self.kind == "faster-whisper":
+            segments, _ = self.model.transcribe(audio, language="en", beam_size=5)
+            return " ".join(s.text.strip() for s in segments)
+        return self.model.transcribe(audio, language="en")["text"].strip()
+
+
+# -----------------------------------------------------------------------------
+# Speaker similarity: cosine of speaker embeddings
+
+
+class SpeakerEncoder:
+    """Speech -> a unit-length speaker embedding. backend: resemblyzer or wavlm."""
+
+    def __init__(self, backend="resemblyzer"):
+        self.backend = backend
+        if backend == "resemblyzer":
+            with warnings.catch_warnings():  # it imports a scipy namespace deprecated in 1.8
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.resemblyzer = need("resemblyzer", "resemblyzer")  # loads with weights_only
+            self.model = self.resemblyzer.VoiceEncoder("cpu", verbose=False)
+        elif backend == "wavlm":
+            transformers = need("transformers", "transformers")
+            name = "microsoft/wavlm-base-plus-sv"
+            self.features = transformers.AutoFeatureExtractor.from_pretrained(name)
+            self.model = transformers.WavLMForXVector.from_pretrained(name).eval()
+        else:
+            raise ValueError(f"unknown speaker encoder {backend!r}: resemblyzer or wavlm")
+
+    @torch.inference_mode()
+    def embed(self, wav, sr):
+        audio = to_16k(wav, sr)
+        if self.backend == "resemblyzer":  # its own preprocessing: volume, long silences cut
+            return self.model.embed_utterance(self.resemblyzer.preprocess_wav(audio, ASR_SAMPLE_RATE))
+        inputs = self.features(audio, sampling_rate=ASR_SAMPLE_RATE, return_tensors="pt")
+        e = self.model(**inputs).embeddings[0]
+        return torch.nn.functional.normalize(e, dim=-1).numpy()
+
+    def similarity(self, wav, sr, reference):
+        """Cosine similarity in [-1, 1] of wav's embedding and a reference embedding."""
+        return float(np.dot(self.embed(wav, sr), reference))
+
+
+# -----------------------------------------------------------------------------
+# Selection: which candidate to keep
+
+
+def paper_best(sims, wers):
+    """VALL-E 2's five-time sampling rule (Eq. 23): the lexicographic best of
+    [min(SIM, 0.3), 1 - WER]. Among candidates whose SIM reaches 0.3 the lowest WER wins; if
+    none does, the highest SIM. Ties go to the earliest candidate."""
+    keys = [(min(s, PAPER_SIM_FLOOR), 1 - w) for s, w in zip(sims, wers)]
+    return max(range(len(keys)), key=lambda i: (keys[i], -i))
+
+
+def best(scores, rule):
+    """scores: {name: one value per candidate} -> the index of the candidate to keep. WER is
+    lower-is-better, the others higher-is-better; ties go to the earliest candidate."""
+    if rule == "paper":
+        return paper_best(scores["similarity"], scores["wer"])
+    values = [-v for v in scores[rule]] if rule == "wer" else scores[rule]
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def needed(rule):
+    """The scores a selection rule reads."""
+    return ("similarity", "wer") if rule == "paper" else (rule,)
