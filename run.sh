@@ -5,19 +5,29 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VALLE_VENV:-.venv}"
+PY="$VENV/bin/python"
 stamp="$VENV/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "== installing requirements into $VENV (once; torch is a large download)"
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -r requirements.txt
-  rm -f "$VENV"/.requirements-* && touch "$stamp"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -r requirements.txt
+  rm -f "$VENV"/.requirements-* && touch "$stamp"  # the extras' stamp goes too: reinstall them
 fi
-PY="$VENV/bin/python"
+extras() {  # the optional scorers (requirements-eval.txt), which the tests use
+  local stamp="$VENV/.requirements-eval-$(sha256sum requirements-eval.txt | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "== installing the optional scorers into $VENV (once)"
+    "$PY" -m pip install -q -r requirements.txt -r requirements-eval.txt  # the pins hold
+    sed -n 's/^#no-deps //p' requirements-eval.txt | xargs -r "$PY" -m pip install -q --no-deps
+    rm -f "$VENV"/.requirements-eval-* && touch "$stamp"
+  fi
+}
 
 case "${1:-}" in
   test)
     shift
+    extras
     exec "$PY" -m pytest -q "$@"  # all of tests/ (pytest.ini), or the files/options given
     ;;
   demo)
