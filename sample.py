@@ -223,7 +223,7 @@ def run(args):
     # name and, with --keep-all, the others their _c names.
     n_texts = len(outputs) // N
     if args.select:
-        rows, files = [], []
+        rows, files, scoring = [], [], time.time()
         for i in range(n_texts):
             group = range(i * N, (i + 1) * N)
             reference = (args.prompt_text + " " if args.mode == "continuation" else "") + texts[i]
@@ -240,6 +240,7 @@ def run(args):
                 rows.append([str(i + 1), str(c + 1), str(int(c == kept))] +
                             [f"{scores[name][c]:.6f}" for name in needs] +
                             [os.path.basename(path) if c == kept or args.keep_all else ""])
+        print(f"scored {len(outputs)} candidates ({', '.join(needs)}) in {time.time() - scoring:.2f} s")
     else:
         files = list(zip(output_paths(args.out, n_texts, N), waves))
 

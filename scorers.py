@@ -23,6 +23,7 @@ import torch
 
 ASR_SAMPLE_RATE = 16_000  # what every backend here listens at
 PAPER_SIM_FLOOR = 0.3  # Eq. 23: among candidates with SIM >= 0.3 the lowest WER wins
+MIN_VOICED_SECONDS = 0.1  # resemblyzer: less voice than this after its VAD is none at all
 SCORES = ("likelihood", "wer", "similarity")  # what --select can rank by, besides "paper"
 ASR_BACKENDS = ("pocketsphinx", "whisper")  # whisper also as whisper:<model name>
 SPEAKER_ENCODERS = ("resemblyzer", "wavlm")
@@ -135,7 +136,11 @@ class SpeakerEncoder:
     def embed(self, wav, sr):
         audio = to_16k(wav, sr)
         if self.backend == "resemblyzer":  # its own preprocessing: volume, long silences cut
-            return self.model.embed_utterance(self.resemblyzer.preprocess_wav(audio, ASR_SAMPLE_RATE))
+            voiced = self.resemblyzer.preprocess_wav(audio, ASR_SAMPLE_RATE)
+            if len(voiced) < MIN_VOICED_SECONDS * ASR_SAMPLE_RATE:  # its VAD heard no voice (noise,
+                voiced = self.resemblyzer.audio.normalize_volume(  # the untrained codec's output):
+                    audio, self.resemblyzer.hparams.audio_norm_target_dBFS, increase_only=True)
+            return self.model.embed_utterance(voiced)  # embed all of it, not an empty clip
         inputs = self.features(audio, sampling_rate=ASR_SAMPLE_RATE, return_tensors="pt")
         e = self.model(**inputs).embeddings[0]
         return torch.nn.functional.normalize(e, dim=-1).numpy()

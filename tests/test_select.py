@@ -149,6 +149,12 @@ def test_offline_speaker_encoder_hears_one_voice_in_two_sentences():
     assert min(same) > max(different), (same, different)  # measured: same 0.85-0.92, others 0.5-0.8
     wav, sr, _ = demo("gb_male", 1)
     assert enc.similarity(wav, sr, e["gb_male", 1]) == pytest.approx(1.0, abs=1e-5)
+    # audio where its VAD hears no voice (the untrained codec's noise) still gets an embedding
+    # of its own, not the one of an empty clip that every such candidate would share
+    rng = np.random.default_rng(0)
+    noise = 0.05 * rng.standard_normal(24000).astype(np.float32)
+    buzz = 0.05 * np.sign(np.sin(2 * np.pi * 90 * np.arange(24000) / 24000)).astype(np.float32)
+    assert float(enc.embed(noise, 24000) @ enc.embed(buzz, 24000)) < 0.99
 
 
 # --- sample.py --select ------------------------------------------------------------------------
