@@ -956,7 +956,8 @@ def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None):
     Np = prompt_groups.shape[0]
     # Targets: the new codes, then <eos> if drawn, in whole groups (the rest of a group after
     # its first <eos> was drawn but never read: IGNORE); inputs: the prompt, then every target
-    # group but the last.
+    # group but the last. A shorter row's padding needs no mask: attention is causal, and what
+    # comes after a row's last target changes none of its logits.
     targets = []
     for c, e in zip(codes, ended):
         c = (c[0] if c.dim() == 2 else c).to(device)
@@ -966,10 +967,8 @@ def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None):
     targets = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE)
     B, N = targets.shape[:2]
     groups = torch.cat([prompt_groups.expand(B, Np, G), targets[:, :-1].clamp(min=0)], dim=1)
-    groups_valid = torch.cat([torch.ones(B, Np, dtype=torch.bool, device=device),
-                              (targets[:, :-1] != IGNORE).all(-1)], dim=1)
-    groups_valid[:, Np:] &= (targets[:, :-1] != EOS).all(-1)  # a group with <eos> is no input
-    x, valid = ar.embed(text, text_valid, groups, groups_valid)
+    x, valid = ar.embed(text, text_valid, groups, torch.ones(groups.shape[:2], dtype=torch.bool,
+                                                             device=device))
     first = text.shape[1] + 1 + Np  # the hidden state that predicts target group 0 (<bos> is
     logits = ar.logits(ar(x, valid)[:, first:])  # at L + 1, then group m predicts group m + 1)
     logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
