@@ -229,9 +229,13 @@ def run(args):
             reference = (args.prompt_text + " " if args.mode == "continuation" else "") + texts[i]
             scores = score([outputs[k] for k in group], [waves[k] for k in group], needs, ar,
                            prompt_codes, prompt_wav, args.prompt_text, reference, asr, encoder)
-            kept = scorers.best(scores, args.select)
+            frames = [sum(c.shape[1] for c in outputs[k][1]) for k in group]  # new speech only
+            least = scorers.MIN_FRAMES_PER_PHONE * len(valle.text_to_ids(texts[i]))
+            plausible = [f >= least for f in frames]
+            kept = scorers.best(scores, args.select, plausible)
             for c in range(N):
                 line = "  ".join(f"{name} {scores[name][c]:.4f}" for name in needs)
+                line += "" if plausible[c] else f"  too short ({frames[c]} frames)"
                 print(f"sentence {i + 1} candidate {c + 1}: {line}" + ("  <- kept" if c == kept else ""))
                 path = output_paths(args.out, n_texts, 1)[i] if c == kept else \
                     output_paths(args.out, n_texts, N)[i * N + c]

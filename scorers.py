@@ -24,6 +24,9 @@ import torch
 ASR_SAMPLE_RATE = 16_000  # what every backend here listens at
 PAPER_SIM_FLOOR = 0.3  # Eq. 23: among candidates with SIM >= 0.3 the lowest WER wins
 MIN_VOICED_SECONDS = 0.1  # resemblyzer: less voice than this after its VAD is none at all
+# Read speech takes about 5.4 codec frames per phone id (valle.FRAMES_PER_PHONE has the margin
+# for chunking); a candidate with under 2 drew <eos> early and lost words, whatever its scores.
+MIN_FRAMES_PER_PHONE = 2.0
 SCORES = ("likelihood", "wer", "similarity")  # what --select can rank by, besides "paper"
 ASR_BACKENDS = ("pocketsphinx", "whisper")  # whisper also as whisper:<model name>
 SPEAKER_ENCODERS = ("resemblyzer", "wavlm")
@@ -162,13 +165,19 @@ def paper_best(sims, wers):
     return max(range(len(keys)), key=lambda i: (keys[i], -i))
 
 
-def best(scores, rule):
+def best(scores, rule, plausible=None):
     """scores: {name: one value per candidate} -> the index of the candidate to keep. WER is
-    lower-is-better, the others higher-is-better; ties go to the earliest candidate."""
+    lower-is-better, the others higher-is-better; ties go to the earliest candidate.
+    plausible[i] False (a candidate too short for its text, see MIN_FRAMES_PER_PHONE) ranks it
+    below every plausible one: a model that draws <eos> at once gives that <eos> a high
+    probability, and the length-normalised likelihood of a near-empty candidate wins."""
+    n = len(next(iter(scores.values())))
+    plausible = [True] * n if plausible is None else plausible
+    pool = [i for i in range(n) if plausible[i]] or list(range(n))
     if rule == "paper":
-        return paper_best(scores["similarity"], scores["wer"])
+        return pool[paper_best([scores["similarity"][i] for i in pool], [scores["wer"][i] for i in pool])]
     values = [-v for v in scores[rule]] if rule == "wer" else scores[rule]
-    return max(range(len(values)), key=lambda i: (values[i], -i))
+    return max(pool, key=lambda i: (values[i], -i))
 
 
 def needed(rule):

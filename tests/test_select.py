@@ -94,6 +94,12 @@ def test_paper_rule_is_sim_up_to_point_three_then_wer():
     assert scorers.best(scores, "wer") == 1  # lower is better
     assert scorers.best(scores, "similarity") == 2
     assert scorers.best(scores, "paper") == 1
+    # a candidate too short for its text ranks below every plausible one, under every rule ...
+    assert scorers.best(scores, "likelihood", plausible=[True, False, True]) == 2
+    assert scorers.best(scores, "paper", plausible=[True, False, True]) == 2
+    assert scorers.best(scores, "similarity", plausible=[True, True, False]) == 1
+    # ... unless none is plausible
+    assert scorers.best(scores, "wer", plausible=[False] * 3) == 1
 
 
 def test_word_error_rate_normalises_and_counts_over_the_corpus():
