@@ -2,6 +2,7 @@
 selection rule, and sample.py --select."""
 import glob
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -260,3 +261,69 @@ def test_long_text_candidates_run_in_one_batch_and_match_separate_runs(monkeypat
                                                         max_seconds=0.5, chunk_seconds=1)
         assert texts == alone_texts and all(torch.equal(a, b) for a, b in zip(codes, alone))
     assert not torch.equal(runs[0][1][0], runs[1][1][0])  # candidates differ
+
+
+# --- the download backends' glue, with stand-ins (their weights cannot be fetched here) ---------
+
+class FakeWhisper:
+    """Stands in for faster_whisper.WhisperModel and whisper's model: records what it hears."""
+    heard = []
+
+    def __init__(self, name, **kw):
+        self.name = name
+
+    def transcribe(self, audio, language=None, **kw):
+        FakeWhisper.heard.append((self.name, audio.dtype, len(audio), language))
+        if "beam_size" in kw:  # faster-whisper: (segments, info)
+            return iter([type("Segment", (), {"text": " Hello"}), type("Segment", (), {"text": " world. "})]), None
+        return {"text": " Hello world. "}
+
+
+def test_whisper_backends_hear_16_khz_float_audio_in_english(monkeypatch):
+    import types
+    wav = np.zeros(24000, dtype=np.float32)  # 1 s at 24 kHz
+    monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=FakeWhisper))
+    FakeWhisper.heard = []
+    asr = scorers.ASR("whisper:tiny.en")
+    assert asr.transcribe(wav, 24000) == "Hello world."
+    assert FakeWhisper.heard == [("tiny.en", np.float32, 16000, "en")]
+    # without faster-whisper: openai-whisper, its default model small.en
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import fails
+    monkeypatch.setitem(sys.modules, "whisper", types.SimpleNamespace(load_model=FakeWhisper))
+    FakeWhisper.heard = []
+    assert scorers.ASR("whisper").transcribe(wav, 24000) == "Hello world."
+    assert FakeWhisper.heard == [("small.en", np.float32, 16000, "en")]
+    monkeypatch.setitem(sys.modules, "whisper", None)
+    with pytest.raises(ValueError, match="pip install openai-whisper"):
+        scorers.ASR("whisper")
+
+
+def test_wavlm_backend_embeds_16_khz_audio_to_a_unit_vector(monkeypatch):
+    import types
+    heard = []
+
+    class Features:
+        @classmethod
+        def from_pretrained(cls, name):
+            heard.append(name)
+            return cls()
+
+        def __call__(self, audio, sampling_rate, return_tensors):
+            heard.append((len(audio), sampling_rate))
+            return {"input_values": torch.tensor(audio)[None]}
+
+    class XVector(Features):
+        def eval(self):
+            return self
+
+        def __call__(self, input_values):
+            return types.SimpleNamespace(embeddings=torch.tensor([[3.0, 4.0]]))
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(
+        AutoFeatureExtractor=Features, WavLMForXVector=XVector))
+    enc = scorers.SpeakerEncoder("wavlm")
+    e = enc.embed(np.zeros(48000, dtype=np.float32), 48000)
+    assert e.tolist() == pytest.approx([0.6, 0.8])
+    assert heard == ["microsoft/wavlm-base-plus-sv", "microsoft/wavlm-base-plus-sv", (16000, 16000)]
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ValueError, match="pip install transformers"):
+        scorers.SpeakerEncoder("wavlm")

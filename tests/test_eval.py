@@ -1,0 +1,225 @@
+"""eval.py: the token-space helpers, the speaker pairing, the LibriSpeech reader, bad inputs, and
+a run end to end on the demo corpus with a tiny random checkpoint (untrained codec)."""
+import csv
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import valle
+from conftest import ROOT, run_script
+
+spec = importlib.util.spec_from_file_location("evaluation", os.path.join(ROOT, "eval.py"))
+ev = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ev)
+
+
+# -----------------------------------------------------------------------------
+# Token space and pairing
+
+
+def test_code_edit_distance_counts_codebook0_edits_over_the_reference_length():
+    ref = torch.tensor([1, 2, 3, 4])
+    assert ev.code_edit_distance(ref, ref) == 0.0
+    assert ev.code_edit_distance([1, 2, 9, 4], ref) == 0.25  # one substitution
+    assert ev.code_edit_distance([1, 2, 4], ref) == 0.25  # one deletion
+    assert ev.code_edit_distance([1, 2, 3, 4, 5], ref) == 0.25  # one insertion
+    assert ev.code_edit_distance([], ref) == 1.0  # all deleted
+    assert ev.code_edit_distance([1, 2, 3, 4, 7, 7, 7, 7], ref) == 1.0  # twice as long
+    # (8, T) codes: codebook 0 only; the other seven may differ
+    a, b = torch.randint(0, 1024, (2, 8, 30))
+    b[0] = a[0]
+    assert ev.code_edit_distance(a, b) == 0.0
+    b[0, 5] = (a[0, 5] + 1) % 1024
+    assert ev.code_edit_distance(a, b) == pytest.approx(1 / 30)
+
+
+def test_code_error_rate_is_corpus_level_like_wer():
+    pairs = [([1, 2, 9, 4], [1, 2, 3, 4]),  # 1 edit of 4
+             ([5, 5], [6, 7])]  # 2 edits of 2
+    assert ev.code_error_rate(pairs) == 3 / 6  # not the mean of 0.25 and 1.0
+    assert ev.code_error_rate([([1, 2], [1, 2])]) == 0.0
+
+
+def test_token_references_skip_the_prompt_in_continuation_only():
+    def utt(codes):
+        return ev.Utterance("u", "text", "s", torch.zeros(len(codes) * ev.HOP),
+                            torch.tensor(codes).expand(8, -1))
+    u, other = utt(list(range(10))), utt(list(range(100, 112)))
+    ref, base = ev.token_references("continuation", u, other, prompt_frames=4)
+    assert ref[0].tolist() == list(range(4, 10)) and base[0].tolist() == list(range(104, 112))
+    # new codes all wrong score 1 (6 edits over 6), not 0.6 (against prompt + continuation)
+    assert ev.code_edit_distance(torch.arange(200, 206), ref) == 1.0
+    ref, base = ev.token_references("cross", u, other, prompt_frames=4)
+    assert ref[0].tolist() == list(range(10)) and base[0].tolist() == list(range(100, 112))
+
+
+def test_along_speaker_pairs_within_each_speaker_cyclically():
+    speakers = ["a", "a", "a", "b", "b", "c", "a"]  # a's list: 0, 1, 2, 6
+    assert ev.along_speaker(speakers, -1) == [6, 0, 1, 4, 3, 5, 2]  # the first with the last
+    assert ev.along_speaker(speakers, +1) == [1, 2, 6, 4, 3, 5, 0]
+
+
+def test_select_per_speaker_then_limit():
+    items = [(f"{s}{n}", "", "", s) for s in "ab" for n in range(4)]
+    assert [i[0] for i in ev.select(items, per_speaker=2)] == ["a0", "a1", "b0", "b1"]
+    assert [i[0] for i in ev.select(items, per_speaker=3, limit=4)] == ["a0", "a1", "a2", "b0"]
+    assert ev.select(items) == items
+
+
+# -----------------------------------------------------------------------------
+# LibriSpeech's layout and bad inputs
+
+
+def librispeech_tree(root, seconds_by_utt):
+    """A fake LibriSpeech folder: speaker/chapter/utt.flac tones and the chapter's trans.txt."""
+    chapters = {}
+    for utt, seconds in seconds_by_utt.items():
+        speaker, chapter, _ = utt.split("-")
+        folder = os.path.join(root, speaker, chapter)
+        os.makedirs(folder, exist_ok=True)
+        t = np.arange(int(seconds * 16000)) / 16000
+        sf.write(os.path.join(folder, utt + ".flac"), (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
+        chapters.setdefault((speaker, chapter), []).append(f"{utt} HELLO THERE NUMBER {utt[-1]}")
+    for (speaker, chapter), lines in chapters.items():
+        with open(os.path.join(root, speaker, chapter, f"{speaker}-{chapter}.trans.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def test_librispeech_layout_reads_trans_txt_and_keeps_4_to_10_seconds(tmp_path):
+    librispeech_tree(str(tmp_path), {"19-198-0001": 3.0, "19-198-0000": 5.0, "19-227-0000": 11.0,
+                                     "103-1240-0000": 4.5, "103-1240-0002": 9.5})
+    items = ev.librispeech(str(tmp_path))
+    assert [i[0] for i in items] == ["103-1240-0000", "103-1240-0002", "19-198-0000", "19-198-0001",
+                                     "19-227-0000"]  # sorted ids: each speaker's official order
+    utt, path, text, speaker = items[2]
+    assert path == os.path.join(str(tmp_path), "19", "198", "19-198-0000.flac") and os.path.isfile(path)
+    assert text == "HELLO THERE NUMBER 0" and speaker == "19"
+    args = ev.parse_args(["--layout", "librispeech", "--src", str(tmp_path)])
+    assert [i[0] for i in ev.list_utterances(args)] == ["103-1240-0000", "103-1240-0002", "19-198-0000"]
+    args = ev.parse_args(["--layout", "librispeech", "--src", str(tmp_path), "--min-seconds", "2"])
+    assert len(ev.list_utterances(args)) == 4  # 3 s kept, 11 s still out
+    args = ev.parse_args(["--layout", "librispeech", "--src", str(tmp_path), "--per-speaker", "2",
+                          "--limit", "3"])
+    assert [i[0] for i in ev.list_utterances(args)] == ["103-1240-0000", "103-1240-0002", "19-198-0000"]
+
+
+@pytest.fixture(scope="module")
+def short_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("short")
+    librispeech_tree(str(root), {"7-1-0000": 2.0, "7-1-0001": 2.5})  # none within 4-10 s
+    (root / "file.txt").write_text("not a folder")
+    return root
+
+
+BAD = [
+    (["--layout", "librispeech"], "the following arguments are required: --src"),
+    (["--layout", "timit", "--src", "."], "argument --layout: invalid choice: 'timit'"),
+    (["--layout", "librispeech", "--src", "{root}/nowhere"], "does not exist"),
+    (["--layout", "librispeech", "--src", "{root}"], "none of the 2 utterances"),
+    (["--layout", "librispeech", "--src", "{root}", "--min-seconds", "1"], "cannot write to"),
+    (["--layout", "librispeech", "--src", "{root}", "--min-seconds", "1", "--out", "{root}/file.txt"],
+     "is a file"),
+    (["--layout", "librispeech", "--src", "{root}", "--min-seconds", "1", "--out", "{root}/o"],
+     "no checkpoint at"),  # the input is fine: the checkpoint is missing
+    (["--layout", "folder", "--src", "{root}", "--modes", "continuation,both"], "--modes"),
+    (["--layout", "folder", "--src", "{root}", "--prompt-seconds", "0"], "--prompt-seconds must be positive"),
+    (["--layout", "folder", "--src", "{root}", "--per-speaker", "1"], "--per-speaker must be at least 2"),
+    (["--layout", "folder", "--src", "{root}", "--limit", "0"], "--limit must be at least 1"),
+    (["--layout", "folder", "--src", "{root}", "--top-p", "nan"], "--top-p must be in [0, 1]"),
+    (["--layout", "folder", "--src", "{root}", "--asr", "kaldi"], "--asr must be pocketsphinx or"),
+    (["--layout", "folder", "--src", "{root}", "--speaker-encoder", "ecapa"],
+     "argument --speaker-encoder: invalid choice"),
+    (["--layout", "folder", "--src", "{root}", "--min-seconds", "5", "--max-seconds", "2"],
+     "--min-seconds (5) must be below --max-seconds (2)"),
+    (["--layout", "librispeech", "--src", "{root}", "--min-seconds", "11"],
+     "--min-seconds (11) must be below --max-seconds (10)"),
+]
+
+
+@pytest.mark.parametrize("argv,match", BAD, ids=[m for _, m in BAD])
+def test_bad_input_gets_one_line_and_status_2_and_writes_nothing(argv, match, short_tree, capsys):
+    argv = [a.format(root=short_tree) for a in argv] + ["--checkpoint", str(short_tree / "none.pt")]
+    if "cannot write to" in match:
+        argv += ["--out", str(short_tree / "missing" / "o")]
+    before = sorted(p for p in short_tree.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert sorted(p for p in short_tree.rglob("*")) == before
+
+
+# -----------------------------------------------------------------------------
+# End to end on the demo corpus
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """eval.py on 6 demo utterances (3 of gb_male, 3 of scot_female: 3 make the previous and the
+    next utterance differ), a tiny random checkpoint, the untrained test codec."""
+    d = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    cfg = valle.get_config("tiny", dropout=0.0)
+    valle.save_checkpoint(str(d / "model.pt"), config=cfg.to_dict(), phones=valle.PHONES,
+                          codec="untrained-seed0", ar=valle.ARModel(cfg).state_dict(),
+                          nar=valle.NARModel(cfg).state_dict())
+    out = run_script("eval.py", "--checkpoint", str(d / "model.pt"), "--layout", "folder",
+                     "--src", os.path.join(ROOT, "data", "demo"), "--per-speaker", "3", "--limit", "6",
+                     "--prompt-seconds", "1.5", "--max-new-seconds", "1", "--out", str(d / "out"),
+                     env={"OMP_NUM_THREADS": "1"})  # resemblyzer's LSTM crawls with 2 threads on a busy 2-core CPU
+    return d, out
+
+
+def table_row(stdout, mode, system):
+    """The printed table's figures for one row: [SIM, WER %, duration, c0 edit, baseline]."""
+    for line in stdout.splitlines():
+        if line.startswith(mode) and system in line:
+            cells = line[len(mode):].replace(system, "").split()
+            return [None if c == "-" else float(c.rstrip("*")) for c in cells]
+    raise AssertionError(f"no {mode} {system!r} row in:\n{stdout}")
+
+
+def test_demo_run_prints_ground_truth_model_and_paper_rows(demo_run):
+    d, out = demo_run
+    assert out.returncode == 0, out.stderr
+    assert "6 utterances of 2 speakers" in out.stdout
+    assert "untrained test codec" in out.stderr and "* the untrained test codec" in out.stdout
+    # The real recordings through pocketsphinx and resemblyzer, measured with this command: WER
+    # 84.6%, SIM 0.936 (continuation) and 0.882 (cross): robotic espeak voices, a weak offline ASR.
+    for mode in ("continuation", "cross"):
+        sim, wer, *rest = table_row(out.stdout, mode, "recordings (ground truth)")
+        assert wer < 100 and sim > (0.7 if mode == "continuation" else 0.5), out.stdout
+        assert sim < 0.99, out.stdout  # a recording against itself would be 1: not the prompt
+        assert rest == [None, None, None]
+        sim, wer, duration, c0, baseline = table_row(out.stdout, mode, "this model, G=2")
+        assert f"{wer:.1f}*" in out.stdout and 0 < duration and c0 > 0 and baseline > 0
+        assert table_row(out.stdout, mode, "paper: ground truth")[:2] == (
+            [0.905, 1.6] if mode == "continuation" else [0.779, 1.6])
+        assert table_row(out.stdout, mode, "paper: VALL-E 2, G=2")[:2] == (
+            [0.777, 1.5] if mode == "continuation" else [0.635, 1.5])
+
+
+def test_demo_run_writes_outputs_and_pairs_each_utterance_with_the_previous_one(demo_run):
+    d, out = demo_run
+    assert out.returncode == 0, out.stderr
+    with open(d / "out" / "scores.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["mode"] for r in rows] == ["continuation"] * 6 + ["cross"] * 6
+    cross = {r["utterance"]: r["prompt"] for r in rows if r["mode"] == "cross"}
+    assert cross == {"gb_male/gb_male_00": "gb_male/gb_male_02",  # the first with the last
+                     "gb_male/gb_male_01": "gb_male/gb_male_00",
+                     "gb_male/gb_male_02": "gb_male/gb_male_01",
+                     "scot_female/scot_female_00": "scot_female/scot_female_02",
+                     "scot_female/scot_female_01": "scot_female/scot_female_00",
+                     "scot_female/scot_female_02": "scot_female/scot_female_01"}
+    for r in rows:
+        assert float(r["baseline"]) > 0.3  # another sentence's codes, not the reference itself
+        output, _ = sf.read(d / "out" / r["mode"] / (r["utterance"] + ".wav"))
+        assert len(output) / 24000 == pytest.approx(float(r["output_seconds"]), abs=1e-3)
+        if r["mode"] == "continuation":  # the prompt (112 frames), then at most 1 s (75 frames)
+            assert r["prompt"] == r["utterance"] and 112 < len(output) / 320 <= 112 + 76
