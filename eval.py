@@ -276,7 +276,9 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
             hyp = asr.transcribe(wav, valle.SAMPLE_RATE)
             sim = encoder.similarity(wav, valle.SAMPLE_RATE, encoder.embed(prompt_wav, valle.SAMPLE_RATE))
         if args.out and wav is not None:
-            write_wav(os.path.join(args.out, mode, u.id + ".wav"), wav)
+            path = os.path.join(args.out, mode, u.id + ".wav")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            valle.write_wav(path, wav)
         reference, baseline = token_references(mode, u, utts[other[i]], P)
         rows.append(dict(mode=mode, index=i, utterance=u.id, speaker=u.speaker, prompt=prompt_id,
                          seconds=u.seconds, output_seconds=out.shape[1] / valle.FRAME_RATE,
@@ -356,14 +358,6 @@ def write_scores(path, rows, recording_hyps, recording_sims):
                       r["text"], r["hypothesis"], recording_hyps[i]]
             f.write("\t".join(str(v).replace("\t", " ") for v in values) + "\n")
     os.replace(path + ".tmp", path)
-
-
-def write_wav(path, wav):
-    import soundfile as sf
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sf.write(path + ".tmp", wav.float().clamp(-1, 1).numpy(), valle.SAMPLE_RATE, format="WAV",
-             subtype="PCM_16")
-    os.replace(path + ".tmp", path)  # never a half-written file under the real name
 
 
 # -----------------------------------------------------------------------------

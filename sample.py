@@ -248,16 +248,12 @@ def run(args):
     else:
         files = list(zip(output_paths(args.out, n_texts, N), waves))
 
-    import soundfile as sf
     audio_seconds, written = 0.0, 0
     for path, wav in files:
         if wav is None:
             print(f"warning: the model produced no speech for {path}; not written", file=sys.stderr)
             continue
-        tmp = path + ".tmp"
-        sf.write(tmp, wav.float().clamp(-1, 1).numpy(), valle.SAMPLE_RATE, format="WAV",
-                 subtype="PCM_16")
-        os.replace(tmp, path)  # never a half-written file under the real name
+        valle.write_wav(path, wav)
         audio_seconds += len(wav) / valle.SAMPLE_RATE
         written += 1
         print(f"wrote {path}: {len(wav) / valle.SAMPLE_RATE:.2f} s")

@@ -1186,6 +1186,14 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
+def write_wav(path, wav):
+    """A (n,) waveform at SAMPLE_RATE -> 16-bit WAV, atomically: never half-written."""
+    import soundfile as sf
+    tmp = f"{path}.tmp"
+    sf.write(tmp, wav.float().clamp(-1, 1).cpu().numpy(), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path, device="cpu"):
     """-> (config, ar or None, nar or None, checkpoint dict). Errors say what to do."""
     if not os.path.isfile(path):

@@ -34,6 +34,23 @@ def run_script(*args, env=None, cwd=ROOT, timeout=600):
                           env=full_env, timeout=timeout)
 
 
+def random_checkpoint(path):
+    """A tiny random AR + NAR checkpoint at path (seed 0, untrained test codec)."""
+    torch.manual_seed(0)
+    cfg = valle.get_config("tiny", dropout=0.0)
+    valle.save_checkpoint(str(path), config=cfg.to_dict(), phones=valle.PHONES,
+                          codec="untrained-seed0", ar=valle.ARModel(cfg).state_dict(),
+                          nar=valle.NARModel(cfg).state_dict())
+
+
+def write_prompt(path, seconds=2):
+    """A voice prompt: a 180 Hz tone at 16 kHz."""
+    import numpy as np
+    import soundfile as sf
+    t = np.arange(seconds * 16000) / 16000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+
+
 def write_corpus(root, n_speakers=3, per_speaker=4, sr=16000):
     """A tiny corpus in the folder layout: tones that change with the text, 0.8-1.6 s each."""
     import numpy as np

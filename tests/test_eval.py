@@ -9,8 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-import valle
-from conftest import ROOT, run_script
+from conftest import ROOT, random_checkpoint, run_script
 
 spec = importlib.util.spec_from_file_location("evaluation", os.path.join(ROOT, "eval.py"))
 ev = importlib.util.module_from_spec(spec)
@@ -163,11 +162,7 @@ def demo_run(tmp_path_factory):
     """eval.py on 6 demo utterances (3 of gb_male, 3 of scot_female: 3 make the previous and the
     next utterance differ), a tiny random checkpoint, the untrained test codec."""
     d = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    cfg = valle.get_config("tiny", dropout=0.0)
-    valle.save_checkpoint(str(d / "model.pt"), config=cfg.to_dict(), phones=valle.PHONES,
-                          codec="untrained-seed0", ar=valle.ARModel(cfg).state_dict(),
-                          nar=valle.NARModel(cfg).state_dict())
+    random_checkpoint(d / "model.pt")
     out = run_script("eval.py", "--checkpoint", str(d / "model.pt"), "--layout", "folder",
                      "--src", os.path.join(ROOT, "data", "demo"), "--per-speaker", "3", "--limit", "6",
                      "--prompt-seconds", "1.5", "--max-new-seconds", "1", "--out", str(d / "out"),

@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 import valle
-from conftest import ROOT, run_script
+from conftest import ROOT, random_checkpoint, run_script, write_prompt
 
 PROMPT_TEXT = "The train leaves at nine."
 
@@ -18,13 +18,8 @@ PROMPT_TEXT = "The train leaves at nine."
 def setup(tmp_path_factory):
     """A tiny random checkpoint (made here, untrained codec) and a 2-second voice prompt."""
     d = tmp_path_factory.mktemp("sample")
-    torch.manual_seed(0)
-    cfg = valle.get_config("tiny", dropout=0.0)
-    valle.save_checkpoint(str(d / "model.pt"), config=cfg.to_dict(), phones=valle.PHONES,
-                          codec="untrained-seed0", ar=valle.ARModel(cfg).state_dict(),
-                          nar=valle.NARModel(cfg).state_dict())
-    t = np.arange(2 * 16000) / 16000
-    sf.write(d / "prompt.wav", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    random_checkpoint(d / "model.pt")
+    write_prompt(d / "prompt.wav")
     return d
 
 
