@@ -305,7 +305,7 @@ def long_form_rows():
         valle.generate_ar = timed_ar
         try:
             t = time.perf_counter()
-            [(_, codes, _)] = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
+            [(_, codes, _, _)] = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
                                                max_seconds=seconds, chunk_seconds=seconds)
             sync()
             wav = valle.join_speech([codec.decode(c.cpu()) for c in codes])

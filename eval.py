@@ -180,19 +180,29 @@ def duration_range(args):
             args.max_seconds if args.max_seconds is not None else high)
 
 
-def load_utterances(items, codec, min_seconds):
+def load_utterances(items, codec, min_seconds, cfg):
     """Read, trim and encode each item -> ([Utterance], notes). Utterances of min_seconds or less
-    (after trimming) are dropped, then speakers left with one utterance (who would be their own
-    cross-utterance prompt)."""
-    utts, notes = [], []
+    (after trimming) are dropped, and those longer than half the model's position tables (cfg):
+    a prompt and a text of two of them must fit together. Then speakers left with one utterance
+    (who would be their own cross-utterance prompt)."""
+    utts, notes, too_long = [], [], 0
     for utt, path, text, speaker in items:
         wav = valle.trim_silence(valle.load_audio(path))  # as sample.py trims a prompt
-        if len(wav) / valle.SAMPLE_RATE > min_seconds:
-            utts.append(Utterance(utt, text, speaker, wav, codec.encode(wav)))
-    if len(utts) < len(items):
-        notes.append(f"{len(items) - len(utts)} utterances left out: {min_seconds:g} s or less "
-                     "after trimming silence (continuation: --prompt-seconds + "
+        if len(wav) / valle.SAMPLE_RATE <= min_seconds:
+            continue
+        u = Utterance(utt, text, speaker, wav, codec.encode(wav))
+        if (u.codes.shape[1] > cfg.max_frames // 2
+                or len(valle.text_to_ids(text)) > (cfg.max_text_tokens - 1) // 2):
+            too_long += 1
+            continue
+        utts.append(u)
+    if len(utts) + too_long < len(items):
+        notes.append(f"{len(items) - len(utts) - too_long} utterances left out: {min_seconds:g} s "
+                     "or less after trimming silence (continuation: --prompt-seconds + "
                      f"{MIN_CONTINUATION_SECONDS} s)")
+    if too_long:
+        notes.append(f"{too_long} utterances left out: longer than half the model's tables "
+                     f"({cfg.max_frames // 2} frames, {(cfg.max_text_tokens - 1) // 2} phones)")
     count = Counter(u.speaker for u in utts)
     alone = [u for u in utts if count[u.speaker] < 2]
     if alone:
@@ -250,7 +260,7 @@ def prompt_of(mode, u, previous, prompt_frames):
     """Utterance u's prompt in `mode` -> (codes (8, Tp), transcript or None, waveform, its id).
     Continuation: u's own first prompt_frames, with no transcript (the text, u's whole transcript,
     already says it: valle.prompted_text); cross: `previous`, its speaker's utterance before it."""
-    if mode == "continuation":
+    if mode == "continuation":  # the recording's start after its leading silence is trimmed
         return u.codes[:, :prompt_frames], None, u.wav[: prompt_frames * HOP], u.id
     return previous.codes, previous.text, previous.wav, previous.id
 
@@ -265,8 +275,10 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
     for i, u in enumerate(utts):
         prompt_codes, prompt_text, prompt_wav, prompt_id = prompt_of(mode, u, utts[previous[i]], P)
         start = time.time()
-        new = valle.generate(ar, nar, [u.text], prompt_codes.to(device), prompt_text, sampling,
-                             seed=args.seed + i, max_seconds=args.max_new_seconds)[0].cpu()  # (8, T)
+        [new], [ended] = valle.generate(ar, nar, [u.text], prompt_codes.to(device), prompt_text,
+                                       sampling, seed=args.seed + i,
+                                       max_seconds=args.max_new_seconds, return_ended=True)
+        new = new.cpu()  # (8, T)
         out = torch.cat([prompt_codes, new], dim=1) if mode == "continuation" else new
         wav = codec.decode(out) if out.shape[1] else None  # EnCodec rejects 0 frames
         seconds = time.time() - start
@@ -274,7 +286,8 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
             hyp, sim = "", NO_SPEECH_SIM
         else:
             hyp = asr.transcribe(wav, valle.SAMPLE_RATE)
-            sim = encoder.similarity(wav, valle.SAMPLE_RATE, encoder.embed(prompt_wav, valle.SAMPLE_RATE))
+            voice = encoder.embed(prompt_wav, valle.SAMPLE_RATE)
+            sim = scorers.similarity(encoder, wav, valle.SAMPLE_RATE, voice)
         if args.out and wav is not None:
             path = os.path.join(args.out, mode, u.id + ".wav")
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -282,7 +295,7 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
         reference, baseline = token_references(mode, u, utts[other[i]], P)
         rows.append(dict(mode=mode, index=i, utterance=u.id, speaker=u.speaker, prompt=prompt_id,
                          seconds=u.seconds, output_seconds=out.shape[1] / valle.FRAME_RATE,
-                         generate_seconds=seconds, sim=sim, hypothesis=hyp, text=u.text,
+                         generate_seconds=seconds, ended=ended, sim=sim, hypothesis=hyp, text=u.text,
                          codes=new, reference=reference, baseline=baseline))
         print(f"{mode} {i + 1}/{len(utts)} {u.id}: {rows[-1]['output_seconds']:.2f} s "
               f"(recording {u.seconds:.2f} s) in {seconds:.2f} s", file=sys.stderr, flush=True)
@@ -298,7 +311,7 @@ def score_recordings(utts, asr, encoder, prompt_frames):
     whole = [encoder.embed(u.wav, sr) for u in utts]
     previous = along_speaker([u.speaker for u in utts], -1)
     per_mode = {
-        "continuation": [encoder.similarity(u.wav[: prompt_frames * HOP], sr, e)
+        "continuation": [scorers.similarity(encoder, u.wav[: prompt_frames * HOP], sr, e)
                          for u, e in zip(utts, whole)],
         "cross": [float(whole[i] @ whole[previous[i]]) for i in range(len(utts))],
     }
@@ -315,7 +328,8 @@ def summarize(rows):
         duration=sum(r["output_seconds"] / r["seconds"] for r in rows) / n,
         c0_edit=code_error_rate((r["codes"], r["reference"]) for r in rows),
         baseline=code_error_rate((r["baseline"], r["reference"]) for r in rows),
-        no_speech=sum(r["output_seconds"] == 0 for r in rows))
+        no_speech=sum(r["output_seconds"] == 0 for r in rows),
+        cut=sum(not r["ended"] for r in rows))
 
 
 def print_table(modes, recordings, results, group_size, untrained):
@@ -434,6 +448,8 @@ def check_out(out):
         return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file: name a folder")
+    if os.path.isdir(out) and not os.access(out, os.W_OK):
+        raise ValueError(f"cannot write to {out}: choose another --out")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent}: create it or choose another --out")
@@ -460,7 +476,7 @@ def run(args):
     codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
     asr, encoder = scorers.ASR(args.asr), scorers.SpeakerEncoder(args.speaker_encoder)
     min_seconds = args.prompt_seconds + MIN_CONTINUATION_SECONDS if "continuation" in args.modes else 0.0
-    utts, notes = load_utterances(items, codec, min_seconds)
+    utts, notes = load_utterances(items, codec, min_seconds, ar.cfg)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     sampling = valle.Sampling(top_p=args.top_p, ras=not args.no_ras)
@@ -495,6 +511,10 @@ def run(args):
     if no_speech:
         print(f"{no_speech} outputs had no speech (<eos> at once): WER counts their words as "
               f"deleted, SIM {NO_SPEECH_SIM}")
+    cut = sum(s["cut"] for s in results.values())
+    if cut:
+        print(f"{cut} outputs were cut off without <eos> (at --max-new-seconds or the model's "
+              "length limit): their duration ratio and WER are cut too")
     if args.out:
         print(f"wrote {args.out}/scores.tsv and the outputs in {args.out}/<mode>/")
     generating = sum(r["generate_seconds"] for r in rows)

@@ -70,8 +70,8 @@ def parse_args(argv=None):
                    help="samples per sentence, in one batch, written as _c1, _c2, ...")
     p.add_argument("--select", choices=scorers.SCORES + ("paper",),
                    help="keep the best candidate per sentence: likelihood (the model's own, "
-                        "offline), wer (ASR), similarity (speaker encoder), paper (Eq. 23: SIM, "
-                        "then WER)")
+                        "offline), wer (ASR), similarity (speaker encoder), paper (Eq. 23: SIM "
+                        "up to 0.3, then WER; 0.3 suits WavLM, resemblyzer always reaches it)")
     p.add_argument("--keep-all", action="store_true",
                    help="with --select: also write the other candidates, and all scores to "
                         "<out>_scores.tsv")
@@ -210,18 +210,19 @@ def run(args):
                                       seed=args.seed, max_seconds=args.max_seconds,
                                       progress=progress, compile=args.compile, candidates=N,
                                       return_ended=True)  # text-major
-        outputs = [([t], [c], [e]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
+        outputs = [([t], [c], [e], [None]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
     else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
         outputs = valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
                                       args.long_mode, sampling, args.seed, args.max_seconds,
                                       progress=progress, compile=args.compile,
                                       chunk_seconds=args.chunk_seconds, candidates=N)
-    waves = [decode(codec, chunks, prompt_codes, args.mode) for _, chunks, _ in outputs]
+    waves = [decode(codec, output[1], prompt_codes, args.mode) for output in outputs]
     wall = time.time() - start
 
     # (path, wave) to write; with --select, the kept candidate of each sentence gets the plain
     # name and, with --keep-all, the others their _c names.
     n_texts = len(outputs) // N
+    kept_paths, all_paths = output_paths(args.out, n_texts, 1), output_paths(args.out, n_texts, N)
     if args.select:
         rows, files, scoring = [], [], time.time()
         for i in range(n_texts):
@@ -237,16 +238,15 @@ def run(args):
                 line = "  ".join(f"{name} {scores[name][c]:.4f}" for name in needs)
                 line += "" if plausible[c] else f"  too short ({frames[c]} frames)"
                 print(f"sentence {i + 1} candidate {c + 1}: {line}" + ("  <- kept" if c == kept else ""))
-                path = output_paths(args.out, n_texts, 1)[i] if c == kept else \
-                    output_paths(args.out, n_texts, N)[i * N + c]
+                path, wav = kept_paths[i] if c == kept else all_paths[i * N + c], waves[i * N + c]
                 if c == kept or args.keep_all:
-                    files.append((path, waves[i * N + c]))
+                    files.append((path, wav))
                 rows.append([str(i + 1), str(c + 1), str(int(c == kept))] +
                             [f"{scores[name][c]:.6f}" for name in needs] +
-                            [os.path.basename(path) if c == kept or args.keep_all else ""])
+                            [os.path.basename(path) if (c == kept or args.keep_all) and wav is not None else ""])
         print(f"scored {len(outputs)} candidates ({', '.join(needs)}) in {time.time() - scoring:.2f} s")
     else:
-        files = list(zip(output_paths(args.out, n_texts, N), waves))
+        files = list(zip(all_paths, waves))
 
     audio_seconds, written = 0.0, 0
     for path, wav in files:
@@ -284,26 +284,36 @@ def decode(codec, chunks, prompt_codes, mode):
 
 def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, reference,
           asr=None, encoder=None):
-    """The candidates of one sentence, each (chunk texts, chunk codes, chunk ended), and their
-    waveforms -> {score name: one value per candidate}. A candidate without speech scores the
-    worst there is. Likelihood: each chunk against the voice prompt (in rolling mode the model
-    drew it after the chunk before), averaged over all codes."""
+    """The candidates of one sentence, each its chunks (texts, codes, ended, prompted by) as
+    valle.generate_long gives them, and their waveforms -> {score name: one value per
+    candidate}. A candidate without speech scores the worst there is."""
     scores = {name: [] for name in needs}
-    if encoder:
-        voice = encoder.embed(prompt_wav, valle.SAMPLE_RATE)
-    for (texts, codes, ended), wav in zip(candidates, waves):
+    voice = encoder.embed(prompt_wav, valle.SAMPLE_RATE) if encoder else None
+    for chunks, wav in zip(candidates, waves):
         if "likelihood" in needs:
-            means = valle.likelihood(ar, texts, prompt_codes, prompt_text, codes, ended)
-            counts = [c.shape[1] + e for c, e in zip(codes, ended)]  # codes, and <eos> if drawn
-            scores["likelihood"].append(sum(m * n for m, n in zip(means, counts) if n) / sum(counts)
+            scores["likelihood"].append(likelihood(ar, *chunks, prompt_codes, prompt_text)
                                         if wav is not None else float("-inf"))
         if "wer" in needs:
-            scores["wer"].append(scorers.word_error_rate(reference, asr.transcribe(wav, valle.SAMPLE_RATE))
+            scores["wer"].append(scorers.wer(asr, wav, valle.SAMPLE_RATE, reference)
                                  if wav is not None else float("inf"))
         if "similarity" in needs:
-            scores["similarity"].append(encoder.similarity(wav, valle.SAMPLE_RATE, voice)
+            scores["similarity"].append(scorers.similarity(encoder, wav, valle.SAMPLE_RATE, voice)
                                         if wav is not None else float("-inf"))
     return scores
+
+
+def likelihood(ar, texts, codes, ended, prompted_by, prompt_codes, prompt_text):
+    """One candidate's chunks -> its mean log-probability per code: each chunk scored against
+    the prompt it was drawn with (the voice, or in rolling mode the chunk before it), the
+    chunks weighted by their codes (and <eos>)."""
+    total = count = 0
+    for text, c, e, j in zip(texts, codes, ended, prompted_by):
+        prompt = (codes[j], texts[j]) if j is not None else (prompt_codes, prompt_text)
+        n = c.shape[1] + e
+        if n:
+            total += n * valle.likelihood(ar, [text], *prompt, [c], [e])[0]
+            count += n
+    return total / count if count else float("-inf")
 
 
 def main(argv=None):

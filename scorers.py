@@ -33,12 +33,28 @@ SPEAKER_ENCODERS = ("resemblyzer", "wavlm")
 
 
 def need(module, package):
-    """Import an optional extra, or a one-line error that says what to install."""
+    """Import an optional extra, or a one-line error that says what to install: the package,
+    or the module it lacks itself (resemblyzer goes in without its dependencies)."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as e:
+        missing = e.name or module
+        if missing.split(".")[0] != module.split(".")[0]:  # a dependency of the package
+            raise ValueError(f"{package} cannot import {missing}: install the extras as "
+                             "requirements-eval.txt says") from None
         raise ValueError(f"this needs the optional package {package}: pip install {package} "
                          "(or all extras: see requirements-eval.txt)") from None
+
+
+def download(what, load):
+    """Load a model that downloads its weights on first use; a failure (offline, a wrong name)
+    is a one-line error."""
+    try:
+        return load()
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot load {what} ({reason}): its weights download on first use; "
+                         "offline, use the default backends") from None
 
 
 def to_16k(wav, sr):
@@ -92,11 +108,13 @@ class ASR:
             size = size or "small.en"
             try:  # faster-whisper first: CTranslate2 int8 is the faster one on a CPU
                 fw = importlib.import_module("faster_whisper")
-                self.model = fw.WhisperModel(size, device="auto", compute_type="default")
                 self.kind = "faster-whisper"
+                self.model = download(f"Whisper {size}", lambda: fw.WhisperModel(
+                    size, device="auto", compute_type="default"))
             except ImportError:
-                self.model = need("whisper", "openai-whisper").load_model(size)
+                whisper = need("whisper", "faster-whisper (or openai-whisper)")
                 self.kind = "openai-whisper"
+                self.model = download(f"Whisper {size}", lambda: whisper.load_model(size))
 
     def transcribe(self, wav, sr):
         audio = to_16k(wav, sr)
@@ -130,13 +148,15 @@ class SpeakerEncoder:
         elif backend == "wavlm":
             transformers = need("transformers", "transformers")
             name = "microsoft/wavlm-base-plus-sv"
-            self.features = transformers.AutoFeatureExtractor.from_pretrained(name)
-            self.model = transformers.WavLMForXVector.from_pretrained(name).eval()
+            self.features, self.model = download(name, lambda: (
+                transformers.AutoFeatureExtractor.from_pretrained(name),
+                transformers.WavLMForXVector.from_pretrained(name).eval()))
         else:
             raise ValueError(f"unknown speaker encoder {backend!r}: resemblyzer or wavlm")
 
     @torch.inference_mode()
     def embed(self, wav, sr):
+        """A mono waveform at sr -> its speaker embedding, a unit vector (numpy)."""
         audio = to_16k(wav, sr)
         if self.backend == "resemblyzer":  # its own preprocessing: volume, long silences cut
             voiced = self.resemblyzer.preprocess_wav(audio, ASR_SAMPLE_RATE)
@@ -148,9 +168,21 @@ class SpeakerEncoder:
         e = self.model(**inputs).embeddings[0]
         return torch.nn.functional.normalize(e, dim=-1).numpy()
 
-    def similarity(self, wav, sr, reference):
-        """Cosine similarity in [-1, 1] of wav's embedding and a reference embedding."""
-        return float(np.dot(self.embed(wav, sr), reference))
+
+
+# -----------------------------------------------------------------------------
+# The verifiers as scores of one candidate: (audio, text or prompt) -> a number
+
+
+def wer(asr, wav, sr, text):
+    """Word error rate of what `asr` hears in wav against the text it should say (lower is
+    better)."""
+    return word_error_rate(text, asr.transcribe(wav, sr))
+
+
+def similarity(encoder, wav, sr, prompt_embedding):
+    """Cosine similarity of wav's speaker embedding and the prompt's, in [-1, 1]."""
+    return float(np.dot(encoder.embed(wav, sr), prompt_embedding))
 
 
 # -----------------------------------------------------------------------------

@@ -918,19 +918,19 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
     The model reads prompt_text + text and continues the prompt's codes (VALL-E's prompting);
     the returned codes are the new speech only (prompt_text=None: see prompted_text). With
-    candidates > 1 every text is sampled that
-    many times, all in one batch: the result is text-major ([text 1 cand 1, text 1 cand 2,
-    ...]). return_ended=True also returns whether each drew <eos>. Raises ValueError on empty
-    text."""
+    candidates > 1 every text is sampled that many times, all in one batch: the result is
+    text-major ([text 1 cand 1, text 1 cand 2, ...]). seed: an int, or one per text.
+    return_ended=True also returns whether each drew <eos>. Raises ValueError on empty text."""
     device = next(ar.parameters()).device
     target_ids = [ids for ids in map(text_to_ids, texts) for _ in range(candidates)]  # text-major
     text, text_valid = prompted_text(ar.cfg, target_ids, prompt_text, device)
     n_frames = MAX_FRAMES_PER_TOKEN * max(len(ids) for ids in target_ids)  # generate_ar may cut it
     if max_seconds:
         n_frames = min(n_frames, int(max_seconds * FRAME_RATE))
-    # text-major rows, each with its own generator object (rows never share a stream); `seed`
-    # may also be a list, one per text
-    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(texts)
+    # text-major rows, each with its own generator object (rows never share a stream)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(texts)
+    if len(seeds) != len(texts):
+        raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts: give one per text")
     generators = [g for s in seeds for g in item_generators(s, candidates, device)]
     n_groups = max(1, n_frames // ar.cfg.group_size)
     c0, ended = generate_ar(ar, text, text_valid, prompt_codes[0], n_groups, sampling, generators,
@@ -965,16 +965,18 @@ def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None):
         pad = torch.full((-len(seq) % G,), IGNORE, dtype=c.dtype, device=device)
         targets.append(torch.cat([seq, pad]).view(-1, G))  # (N_i, G)
     targets = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE)
-    B, N = targets.shape[:2]
+    B, N = targets.shape[:2]  # (B, N, G)
     groups = torch.cat([prompt_groups.expand(B, Np, G), targets[:, :-1].clamp(min=0)], dim=1)
-    x, valid = ar.embed(text, text_valid, groups, torch.ones(groups.shape[:2], dtype=torch.bool,
-                                                             device=device))
-    first = text.shape[1] + 1 + Np  # the hidden state that predicts target group 0 (<bos> is
-    logits = ar.logits(ar(x, valid)[:, first:])  # at L + 1, then group m predicts group m + 1)
+    groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=device)  # (B, Np + N - 1)
+    x, valid = ar.embed(text, text_valid, groups, groups_valid)
+    # <bos> sits at L + 1 and predicts group 0; the input group m predicts group m + 1. So the
+    # hidden state at L + 1 + Np (the last prompt group, or <bos>) predicts target group 0.
+    first = text.shape[1] + 1 + Np
+    logits = ar.logits(ar(x, valid)[:, first:])  # (B, N, G, 1025)
     logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     keep = targets != IGNORE  # (B, N, G)
-    n = keep.sum(dim=(1, 2))
-    total = (logp * keep).sum(dim=(1, 2))
+    n = keep.sum(dim=(1, 2))  # (B,) codes scored, <eos> included
+    total = (logp * keep).sum(dim=(1, 2))  # (B,)
     return [t / k if k else float("-inf") for t, k in zip(total.tolist(), n.tolist())]
 
 
@@ -1072,7 +1074,8 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
                   seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
                   language="en", chunk_seconds=None, candidates=1):
     """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
-    (8, T_k) codes, whether each drew <eos>).
+    (8, T_k) codes, whether each drew <eos>, which chunk prompted each: an index, or None for
+    the voice prompt).
 
     The text is cut into chunks of whole sentences that fit the position tables with margin
     (chunk_text, chunk_frames) and spoken chunk after chunk:
@@ -1084,7 +1087,8 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
     A chunk that reaches its cap without <eos> was cut off: it is split again and spoken
     anew (a single word is kept as it came). With max_seconds, a chunk that reaches it is kept
     as it came: the caller asked for the cut. Candidate c draws from seed + c * SEED_STRIDE, as
-    in `generate`; in fixed mode all candidates' chunks run in one batch. Decode the chunks and
+    in `generate`; the candidates' chunks that share a prompt run in one batch (fixed: all of
+    them; rolling: the first chunks, and any the voice prompts). Decode the chunks and
     join them with join_speech. progress(label, step, total) names each AR run's chunks."""
     if mode not in ("fixed", "rolling"):
         raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
@@ -1098,23 +1102,29 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
     texts = chunk_text(text, phones, language, word_limit=most_phones)
     if not texts:
         raise ValueError(f"nothing to pronounce in {text[:50]!r}: give English words")
-    # per candidate, its chunks in order: [text, codes, ended with <eos>]
-    runs = [[[t, None, False] for t in texts] for _ in range(candidates)]
+    # per candidate, its chunks in order: [text, codes, ended with <eos>, prompted by], where
+    # "prompted by" is the index of the chunk whose speech was the prompt (None: the voice prompt)
+    runs = [[[t, None, False, None] for t in texts] for _ in range(candidates)]
+
+    def prompted_by(chunks, k):  # rolling: the chunk before, if it makes a fit prompt
+        before = chunks[k - 1] if mode == "rolling" and k > 0 else None
+        fit = before and before[2] and FRAME_RATE <= before[1].shape[1] <= ar.cfg.max_frames - frames
+        return k - 1 if fit else None
+
     while True:
-        todo = [(c, k) for c, chunks in enumerate(runs) for k, (_, codes, _) in enumerate(chunks)
-                if codes is None]  # (candidate, chunk)
+        todo = [(c, k) for c, chunks in enumerate(runs) for k, chunk in enumerate(chunks)
+                if chunk[1] is None]  # (candidate, chunk), in order
         if not todo:
             break
-        todo = todo if mode == "fixed" else todo[:1]
+        if mode == "rolling":  # each candidate's next chunk: those the voice prompts in one batch
+            nexts = sorted({c: (c, k) for c, k in reversed(todo)}.values())
+            todo = [(c, k) for c, k in nexts if prompted_by(runs[c], k) is None] or nexts[:1]
         c0, k0 = todo[0]
-        before = runs[c0][k0 - 1] if mode == "rolling" and k0 > 0 else None
-        if before and before[2] and FRAME_RATE <= before[1].shape[1] <= ar.cfg.max_frames - frames:
-            prompt, prompt_ids_text = before[1], before[0]
-        else:
-            prompt, prompt_ids_text = prompt_codes, prompt_text
-        n = len(runs[c0])
-        who = f"candidate {c0 + 1}: " if candidates > 1 and len(todo) == 1 else ""
-        label = (f"{who}chunk {k0 + 1} of {n}" if len(todo) == 1 else
+        j = prompted_by(runs[c0], k0)  # the same for the whole batch
+        prompt, prompt_ids_text = (runs[c0][j][1], runs[c0][j][0]) if j is not None else \
+            (prompt_codes, prompt_text)
+        who = f"candidate {c0 + 1}: " if candidates > 1 else ""
+        label = (f"{who}chunk {k0 + 1} of {len(runs[c0])}" if len(todo) == 1 else
                  f"{len(todo)} chunks in one batch")
         report = (lambda s, m: progress(label, s, m)) if progress else None
         codes, ended = generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
@@ -1123,8 +1133,9 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
         for (c, k), code, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
             chunks = runs[c]
             halves = None if e or max_seconds else _split_again(chunks[k][0], language)
-            chunks[k: k + 1] = [[h, None, False] for h in halves] if halves else [[chunks[k][0], code, e]]
-    return [tuple(map(list, zip(*chunks))) for chunks in runs]  # (texts, codes, ended) each
+            chunks[k: k + 1] = [[h, None, False, None] for h in halves] if halves else \
+                [[chunks[k][0], code, e, j]]
+    return [tuple(map(list, zip(*chunks))) for chunks in runs]  # (texts, codes, ended, prompted by)
 
 
 def _split_again(text, language):

@@ -212,9 +212,67 @@ def test_demo_run_writes_outputs_and_pairs_each_utterance_with_the_previous_one(
                      "scot_female/scot_female_00": "scot_female/scot_female_02",
                      "scot_female/scot_female_01": "scot_female/scot_female_00",
                      "scot_female/scot_female_02": "scot_female/scot_female_01"}
+    for mode in ("continuation", "cross"):  # the printed duration: output over recording
+        ratios = [float(r["output_seconds"]) / float(r["seconds"]) for r in rows if r["mode"] == mode]
+        assert table_row(out.stdout, mode, "this model, G=2")[2] == pytest.approx(sum(ratios) / 6, abs=0.006)
     for r in rows:
         assert float(r["baseline"]) > 0.3  # another sentence's codes, not the reference itself
         output, _ = sf.read(d / "out" / r["mode"] / (r["utterance"] + ".wav"))
         assert len(output) / 24000 == pytest.approx(float(r["output_seconds"]), abs=1e-3)
         if r["mode"] == "continuation":  # the prompt (112 frames), then at most 1 s (75 frames)
             assert r["prompt"] == r["utterance"] and 112 < len(output) / 320 <= 112 + 76
+
+
+def test_what_each_mode_prompts_with_and_compares(tmp_path, monkeypatch):
+    """In process, with stand-ins: an 'embedding' is the waveform's length and a 'similarity' the
+    ratio of two lengths, so each SIM says which two waveforms it compared."""
+    import scorers
+    import valle
+    random_checkpoint(tmp_path / "model.pt")
+    calls = []
+    generate = valle.generate
+
+    def spy(ar, nar, texts, prompt_codes, prompt_text, *a, **k):
+        calls.append((texts[0], prompt_codes.shape[1], prompt_text))
+        return generate(ar, nar, texts, prompt_codes, prompt_text, *a, **k)
+
+    class Lengths:
+        def __init__(self, backend):
+            pass
+
+        def embed(self, wav, sr):
+            return np.array([float(len(wav))])
+
+    class Echo:
+        def __init__(self, backend):
+            pass
+
+        def transcribe(self, wav, sr):
+            return "hello"
+    monkeypatch.setattr(valle, "generate", spy)
+    monkeypatch.setattr(scorers, "SpeakerEncoder", Lengths)
+    monkeypatch.setattr(scorers, "ASR", Echo)
+    monkeypatch.setattr(scorers, "similarity", lambda enc, wav, sr, ref: len(wav) / ref[0])
+    ev.main(["--checkpoint", str(tmp_path / "model.pt"), "--layout", "folder", "--src",
+             os.path.join(ROOT, "data", "demo"), "--per-speaker", "3", "--limit", "3",
+             "--prompt-seconds", "1.5", "--max-new-seconds", "0.5", "--out", str(tmp_path / "o")])
+    with open(tmp_path / "o" / "scores.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    texts = {r["utterance"]: r["text"] for r in rows}
+    seconds = {r["utterance"]: float(r["seconds"]) for r in rows}
+    P = int(1.5 * valle.FRAME_RATE)  # 112 prompt frames
+    for r, (text, prompt_frames, prompt_text) in zip(rows, calls):
+        out_len = float(r["output_seconds"]) * valle.SAMPLE_RATE
+        assert text == r["text"]
+        assert float(r["duration_ratio"]) == pytest.approx(float(r["output_seconds"]) / float(r["seconds"]), abs=1e-3)
+        if r["mode"] == "continuation":  # its own start, no transcript: the text says it all
+            assert prompt_frames == P and prompt_text is None and r["prompt"] == r["utterance"]
+            assert float(r["sim"]) == pytest.approx(out_len / (P * ev.HOP), abs=1e-3)  # vs the prompt
+            # the recording: its first 1.5 s against all of it
+            assert float(r["recording_sim"]) == pytest.approx(P * ev.HOP / (seconds[r["utterance"]] * 24000), abs=1e-3)
+        else:  # the previous utterance of the speaker, with its transcript
+            assert prompt_text == texts[r["prompt"]] and r["prompt"] != r["utterance"]
+            prompt_len = seconds[r["prompt"]] * valle.SAMPLE_RATE
+            assert float(r["sim"]) == pytest.approx(out_len / prompt_len, rel=1e-3)
+            assert float(r["recording_sim"]) == pytest.approx(seconds[r["utterance"]] * prompt_len * 24000, rel=1e-3)
+    assert len(calls) == len(rows) == 6

@@ -107,10 +107,12 @@ class FakeGenerate:
     `cut` texts never end (no <eos>) and `mute` texts end at once."""
 
     def __init__(self, cut=(), mute=()):
-        self.calls, self.cut, self.mute = [], set(cut), set(mute)
+        self.calls, self.seeds, self.cut, self.mute = [], [], set(cut), set(mute)
 
-    def __call__(self, ar, nar, texts, prompt_codes, prompt_text, *args, return_ended=False, **kw):
+    def __call__(self, ar, nar, texts, prompt_codes, prompt_text, sampling=None, seed=0, *args,
+                 return_ended=False, **kw):
         self.calls.append((list(texts), prompt_codes, prompt_text))
+        self.seeds.append(seed)
         codes = [torch.full((8, 0 if t in self.mute else 40 * len(t.split())), len(self.calls))
                  for t in texts]  # 40 frames a word: a chunk of 2+ words makes a 1 s prompt
         ended = [t not in self.cut for t in texts]
@@ -129,8 +131,10 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
     prompt = torch.randint(0, 1024, (8, 20))
     text = "First one here. Second one here. Third one is silent. Fourth one here."
-    [(texts, codes, _)] = valle.generate_long(ar, nar, text, prompt, "The prompt.", mode="rolling")
+    [(texts, codes, _, prompted_by)] = valle.generate_long(ar, nar, text, prompt, "The prompt.",
+                                                           mode="rolling")
     assert texts == ["First one here.", "Second one here.", "Third one is silent.", "Fourth one here."]
+    assert prompted_by == [None, 0, 1, None]
     assert [call[0] for call in fake.calls] == [[t] for t in texts]  # one chunk at a time
     assert fake.calls[0][1] is prompt and fake.calls[0][2] == "The prompt."
     assert fake.calls[1][1] is codes[0] and fake.calls[1][2] == texts[0]  # chunk 1's own codes
@@ -150,13 +154,29 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     assert len(short.calls) == 2 and short.calls[1][1] is prompt
 
 
+def test_rolling_candidates_share_a_batch_where_the_voice_prompts_them(tiny, monkeypatch):
+    ar, nar = tiny
+    fake = FakeGenerate()
+    monkeypatch.setattr(valle, "generate", fake)
+    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
+    prompt = torch.randint(0, 1024, (8, 20))
+    runs = valle.generate_long(ar, nar, "First one here. Second one here.", prompt, "The prompt.",
+                               mode="rolling", seed=7, candidates=2)
+    S = valle.SEED_STRIDE
+    assert fake.calls[0][0] == ["First one here."] * 2 and fake.calls[0][1] is prompt  # one batch
+    assert fake.seeds == [[7, 7 + S], [7], [7 + S]]  # then each candidate after its own chunk
+    for c, (texts, codes, _, prompted_by) in enumerate(runs):
+        assert fake.calls[1 + c][0] == ["Second one here."] and fake.calls[1 + c][1] is codes[0]
+        assert prompted_by == [None, 0]
+
+
 def test_fixed_mode_runs_every_chunk_in_one_batch_with_the_voice_prompt(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate()
     monkeypatch.setattr(valle, "generate", fake)
     monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 12, 12))
     prompt = torch.randint(0, 1024, (8, 20))
-    [(texts, codes, _)] = valle.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
+    [(texts, codes, _, _)] = valle.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
     assert len(fake.calls) == 1 and fake.calls[0][0] == texts == ["One here.", "Two here.", "Three here."]
     assert fake.calls[0][1] is prompt
 
@@ -166,7 +186,7 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     fake = FakeGenerate(cut={"Two words here and there.", "Alone."})
     monkeypatch.setattr(valle, "generate", fake)
     monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 22, 22))  # a sentence a chunk
-    [(texts, codes, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
+    [(texts, codes, _, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                        torch.zeros(8, 20, dtype=torch.long), "P.")
     assert words(texts) == "One. Two words here and there. Alone.".split()  # nothing lost
     assert "Two words here and there." not in texts and len(texts) > 2  # redone in pieces
@@ -174,11 +194,11 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     assert [c.shape[1] for c in codes] == [40 * len(t.split()) for t in texts]  # each its own
     cut = FakeGenerate(cut={"Go internationalization."})  # one word longer than half the chunk
     monkeypatch.setattr(valle, "generate", cut)
-    [(texts, _, _)] = valle.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
+    [(texts, _, _, _)] = valle.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
     assert texts == ["Go", "internationalization."]
     with_cap = FakeGenerate(cut={"Two words here and there."})
     monkeypatch.setattr(valle, "generate", with_cap)
-    [(texts, _, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
+    [(texts, _, _, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                    torch.zeros(8, 20, dtype=torch.long), "P.", max_seconds=9)
     assert len(with_cap.calls) == 1 and len(texts) == 3  # the caller's cap: the cut is kept
 
@@ -212,7 +232,7 @@ def test_two_thousand_words_never_overflow_a_position_table(mode, n_words, monke
     sentence = "The quick brown fox jumps over the lazy dog, and then it runs away. "
     text = sentence * (n_words // len(sentence.split()))
     prompt = torch.randint(0, 1024, (8, 40))
-    [(texts, codes, _)] = valle.generate_long(ar, nar, text, prompt, "A prompt.", mode)
+    [(texts, codes, _, _)] = valle.generate_long(ar, nar, text, prompt, "A prompt.", mode)
     assert words(texts) == text.split()
     assert len(calls) >= len(texts) > n_words / 20
     for prompt_frames, prompt_text, chunk, c in calls:  # against the tables themselves

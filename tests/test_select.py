@@ -155,7 +155,7 @@ def test_offline_speaker_encoder_hears_one_voice_in_two_sentences():
                  for b in ["gb_male", "scot_female", "us_female"] if a != b]
     assert min(same) > max(different), (same, different)  # measured: same 0.85-0.92, others 0.5-0.8
     wav, sr, _ = demo("gb_male", 1)
-    assert enc.similarity(wav, sr, e["gb_male", 1]) == pytest.approx(1.0, abs=1e-5)
+    assert scorers.similarity(enc, wav, sr, e["gb_male", 1]) == pytest.approx(1.0, abs=1e-5)
     # audio where its VAD hears no voice (the untrained codec's noise) still gets an embedding
     # of its own, not the one of an empty clip that every such candidate would share
     rng = np.random.default_rng(0)
@@ -250,8 +250,8 @@ def test_long_text_candidates_run_in_one_batch_and_match_separate_runs(monkeypat
     runs = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, seed=5, max_seconds=0.5,
                                chunk_seconds=1, candidates=3)
     assert len(calls) == 1 and len(calls[0]) == 3 * len(runs[0][0]) > 3  # chunks x candidates
-    for c, (texts, codes, ended) in enumerate(runs):
-        [(alone_texts, alone, _)] = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT,
+    for c, (texts, codes, ended, _) in enumerate(runs):
+        [(alone_texts, alone, _, _)] = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT,
                                                         seed=5 + valle.SEED_STRIDE * c,
                                                         max_seconds=0.5, chunk_seconds=1)
         assert texts == alone_texts and all(torch.equal(a, b) for a, b in zip(codes, alone))
@@ -289,7 +289,7 @@ def test_whisper_backends_hear_16_khz_float_audio_in_english(monkeypatch):
     assert scorers.ASR("whisper").transcribe(wav, 24000) == "Hello world."
     assert FakeWhisper.heard == [("small.en", np.float32, 16000, "en")]
     monkeypatch.setitem(sys.modules, "whisper", None)
-    with pytest.raises(ValueError, match="pip install openai-whisper"):
+    with pytest.raises(ValueError, match="pip install faster-whisper"):
         scorers.ASR("whisper")
 
 
@@ -322,3 +322,98 @@ def test_wavlm_backend_embeds_16_khz_audio_to_a_unit_vector(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ValueError, match="pip install transformers"):
         scorers.SpeakerEncoder("wavlm")
+
+
+def test_a_download_that_fails_or_a_missing_dependency_is_one_line(monkeypatch):
+    import types
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore lines")
+    monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=offline))
+    with pytest.raises(ValueError, match=r"cannot load Whisper small.en \(We couldn't connect.*\): its weights"):
+        scorers.ASR("whisper")
+    monkeypatch.setitem(sys.modules, "resemblyzer", None)  # as if resemblyzer's own import failed ...
+    with pytest.raises(ValueError, match="pip install resemblyzer"):
+        scorers.SpeakerEncoder("resemblyzer")
+    for name in [m for m in sys.modules if m.startswith("resemblyzer")]:  # imported afresh ...
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "webrtcvad", None)  # ... without a dependency it goes without
+    with pytest.raises(ValueError, match="resemblyzer cannot import webrtcvad: install the extras"):
+        scorers.SpeakerEncoder("resemblyzer")
+
+
+# --- sample.py's selection, in process, with stand-in verifiers -----------------------------------
+
+class EchoASR:
+    """Hears the same words in everything."""
+
+    def __init__(self, backend):
+        pass
+
+    def transcribe(self, wav, sr):
+        return "hello"
+
+
+def test_select_per_sentence_reads_each_sentences_text_and_the_prompts_in_continuation(
+        setup, monkeypatch, capsys):
+    import sample as sample_script
+    references = []
+    wer = scorers.wer
+    monkeypatch.setattr(scorers, "ASR", EchoASR)
+    monkeypatch.setattr(scorers, "wer", lambda asr, wav, sr, text: references.append(text) or wer(asr, wav, sr, text))
+    (setup / "two.txt").write_text("First sentence here.\nSecond one.\n")
+    argv = ["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
+            "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--text-file",
+            str(setup / "two.txt"), "--candidates", "2", "--mode", "continuation"]
+    sample_script.main(argv + ["--out", str(setup / "every.wav")])  # every_1_c1.wav .. every_2_c2.wav
+    capsys.readouterr()
+    sample_script.main(argv + ["--select", "wer", "--out", str(setup / "cont.wav")])
+    assert references == [f"{PROMPT_TEXT} First sentence here."] * 2 + [f"{PROMPT_TEXT} Second one."] * 2
+    out = capsys.readouterr().out
+    assert not list(setup.glob("cont_*_c*.wav"))
+    for i in (1, 2):  # each sentence keeps one of its own candidates, as printed
+        kept = [int(line.split()[3].rstrip(":")) for line in out.splitlines()
+                if line.startswith(f"sentence {i} ") and line.endswith("<- kept")]
+        assert len(kept) == 1
+        assert np.array_equal(sf.read(str(setup / f"cont_{i}.wav"))[0],
+                              sf.read(str(setup / f"every_{i}_c{kept[0]}.wav"))[0])
+
+
+def test_a_candidate_too_short_for_its_text_is_never_kept(setup, monkeypatch, capsys):
+    import sample as sample_script
+    generate = valle.generate
+
+    def first_ends_early(*a, **k):  # candidate 1 of each sentence says 3 frames and <eos>
+        codes, ended = generate(*a, **k)
+        return [c[:, :3] if i % 3 == 0 else c for i, c in enumerate(codes)], \
+            [True if i % 3 == 0 else e for i, e in enumerate(ended)]
+    monkeypatch.setattr(valle, "generate", first_ends_early)
+    # and its score is the best: the likelihood of a lone early <eos> often is
+    monkeypatch.setattr(sample_script, "likelihood", lambda ar, texts, codes, *a: 10.0 if codes[0].shape[1] == 3 else -float(codes[0].shape[1]))
+    (setup / "one.txt").write_text("Hello world.\n")
+    sample_script.main(["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
+                        "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--text-file",
+                        str(setup / "one.txt"), "--candidates", "3", "--select", "likelihood",
+                        "--out", str(setup / "short.wav")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sentence")]
+    assert "likelihood 10.0000  too short (3 frames)" in lines[0] and "kept" not in lines[0]
+    assert lines[1].endswith("<- kept") or lines[2].endswith("<- kept")
+
+
+def test_a_candidates_likelihood_scores_each_chunk_against_its_own_prompt(monkeypatch):
+    import sample as sample_script
+    calls = []
+
+    def fake(ar, texts, prompt_codes, prompt_text, codes, ended):
+        calls.append((texts, prompt_codes, prompt_text, ended))
+        return [{"A one.": -1.0, "B two.": -3.0, "C three.": -9.0}[texts[0]]]
+    monkeypatch.setattr(valle, "likelihood", fake)
+    voice = torch.zeros(8, 10, dtype=torch.long)
+    codes = [torch.zeros(8, 3), torch.zeros(8, 5), torch.zeros(8, 0)]
+    # rolling: chunk 2 was prompted by chunk 1, chunk 3 (nothing said, no <eos>) scores nothing
+    got = sample_script.likelihood(None, ["A one.", "B two.", "C three."], codes, [True, False, False],
+                                   [None, 0, None], voice, "Voice.")
+    assert got == pytest.approx((4 * -1.0 + 5 * -3.0) / 9)  # weighted by codes (+ <eos>)
+    assert calls[0][1] is voice and calls[0][2] == "Voice." and calls[0][3] == [True]
+    assert calls[1][1] is codes[0] and calls[1][2] == "A one." and calls[1][3] == [False]
+    assert len(calls) == 2
