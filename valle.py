@@ -366,6 +366,31 @@ class OneDNNLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def quantize_int8(model):
+    """Inference on the CPU with int8 weights: every linear layer of the transformer blocks (and
+    the AR's group layers) becomes PyTorch's dynamically quantized Linear, in place (weights int8
+    per output channel; activations quantized on the fly; the same fp32 in and out). Returns how
+    many layers it converted.
+
+    A decode step reads every weight once, so a quarter of the bytes makes the AR's steps faster;
+    the NAR's big matrix products are compute-bound and gain little on a CPU without int8 dot
+    instructions (figures in the README). Conversion is explicit: torch.ao's quantize_dynamic
+    matches module types exactly and would skip OneDNNLinear. The tied code-prediction heads stay
+    fp32: they are the code embedding table itself, which the inputs also read."""
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                plain.qconfig = per_channel_dynamic_qconfig  # a scale per output channel
+                setattr(parent, name, Int8Linear.from_float(plain))
+                n += 1
+    return n
+
+
 # -----------------------------------------------------------------------------
 # Transformer blocks with a preallocated KV cache
 
