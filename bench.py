@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import valle
 from valle import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
@@ -46,6 +47,8 @@ p.add_argument("--memory", action="store_true",
                help="only the paper preset's training memory at several batch shapes (minutes)")
 p.add_argument("--long", action="store_true",
                help="only long-form speech: 60 s in 15 s chunks, fixed mode, G=2 and G=8 (minutes)")
+p.add_argument("--int8", action="store_true",
+               help="only fp32 vs int8 weights (valle.quantize_int8), batch 1, in one run")
 p.add_argument("--memory-point", type=int, nargs=2, metavar=("B", "T"), help=argparse.SUPPRESS)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
@@ -322,7 +325,59 @@ def long_form_rows():
 if args.memory_point:
     memory_point(*args.memory_point)
     raise SystemExit
-if args.data_path or args.memory or args.long:
+def int8_rows():
+    """fp32 vs int8 weights at batch 1 (G=2), one run: the AR step and its linear layers against
+    their bandwidth floors, the NAR's 7 passes, EnCodec, end to end."""
+    import copy
+    import torch.ao.nn.quantized.dynamic as nnqd
+    bw = max(read_bandwidths().values())
+    frames = int(args.seconds * valle.FRAME_RATE)
+    torch.manual_seed(0)
+    cfg = valle.get_config(args.preset, group_size=2, dropout=0.0)
+    models = {"fp32": (NoEOS(cfg).eval(), valle.NARModel(cfg).eval())}
+    ar8, nar8 = copy.deepcopy(models["fp32"][0]), copy.deepcopy(models["fp32"][1])
+    n = valle.quantize_int8(ar8) + valle.quantize_int8(nar8)
+    models["int8"] = (ar8, nar8)
+    print(f"# bench --int8: preset {args.preset}, {args.threads} threads, {frames / valle.FRAME_RATE:.1f} s "
+          f"of speech, {n} linear layers in int8, torch {torch.__version__}, "
+          f"quantized engine {torch.backends.quantized.engine}")
+    text, text_valid, prompt = make_inputs(cfg)
+    steps = frames // 2
+    c0 = [torch.randint(0, valle.CODEBOOK_SIZE, (frames,))]
+    codec = valle.Codec.untrained(0)
+    codes = torch.randint(0, valle.CODEBOOK_SIZE, (valle.N_CODEBOOKS, frames))
+    codec_s = timed(lambda: codec.decode(codes))
+    out = {}
+    for name, (ar, nar) in models.items():
+        linears = [m for m in ar.transformer.modules() if isinstance(m, (nn.Linear, nnqd.Linear))]
+        linears += [m for m in (ar.group_in, ar.group_out) if isinstance(m, (nn.Linear, nnqd.Linear))]
+        size = 1 if name == "int8" else 4
+        linear_bytes = sum(m.in_features * m.out_features * size for m in linears)
+        step_bytes = ar_weight_bytes(ar) + (linear_bytes if name == "int8" else 0)  # int8: not parameters
+        xs = {k: torch.randn(1, 1, k) for k in {m.in_features for m in linears}}
+        with torch.inference_mode():
+            lin_s = timed(lambda: [m(xs[m.in_features]) for m in linears], repeats=20, warmup=3)
+        run = lambda k: valle.generate_ar(ar, text, text_valid, prompt[0], k, valle.Sampling(),  # noqa: E731
+                                          torch.Generator().manual_seed(0))
+        total, prefill = timed(lambda: run(steps)), timed(lambda: run(1))
+        per_step = (total - prefill) / (steps - 1)
+        nar_s = timed(lambda: valle.generate_nar(nar, text, text_valid, prompt, c0))
+        out[name] = dict(total=total, per_step=per_step, lin=lin_s, nar=nar_s, e2e=total + nar_s + codec_s)
+        row(f"{name}: AR G=2 cached decode, {steps} steps", f"{total:.2f} s",
+            f"{1000 * per_step:.1f} ms/step; floor {1000 * step_bytes / bw:.1f} ms/step ({step_bytes / 1e6:.0f} MB "
+            f"/ {bw / 1e9:.1f} GB/s): {per_step * bw / step_bytes:.2f}x")
+        row(f"{name}: AR linear layers alone, one step", f"{1000 * lin_s:.1f} ms",
+            f"{len(linears)} layers, {linear_bytes / 1e6:.0f} MB: {lin_s * bw / linear_bytes:.2f}x their floor; "
+            f"the rest of the step {1000 * (per_step - lin_s):.1f} ms")
+        row(f"{name}: NAR 7 greedy passes", f"{nar_s:.2f} s")
+        row(f"{name}: end to end (AR + NAR + EnCodec {codec_s:.2f} s)", f"{out[name]['e2e']:.1f} s")
+    f, q = out["fp32"], out["int8"]
+    row("int8 speed-up: AR step / NAR / end to end",
+        f"{f['per_step'] / q['per_step']:.2f}x / {f['nar'] / q['nar']:.2f}x / {f['e2e'] / q['e2e']:.2f}x",
+        "fp32 time over int8 time, this run")
+
+
+if args.data_path or args.memory or args.long or args.int8:
     print(f"# bench: {args.threads} threads, torch {torch.__version__}")
     if args.data_path:
         data_path_rows()
@@ -330,6 +385,8 @@ if args.data_path or args.memory or args.long:
         memory_rows()
     if args.long:
         long_form_rows()
+    if args.int8:
+        int8_rows()
     raise SystemExit
 
 frames = int(args.seconds * valle.FRAME_RATE)
