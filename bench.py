@@ -8,6 +8,8 @@ Speed and memory of VALL-E 2 on this machine: prints a table, asserts nothing.
     python bench.py --data-path                         # training data path at LibriTTS size
     python bench.py --memory                            # paper preset training memory vs frames
     python bench.py --long                              # a minute of speech in chunks, G=2 and G=8
+    python bench.py --int8                              # fp32 vs int8 weights, batch 1
+    python bench.py --int8-accuracy runs/demo/best.pt data/prepared/demo  # int8 vs fp32 agreement
 
 Random weights (speed does not depend on them). <eos> is masked so that every run decodes the
 same number of steps. Warm-up before timing, the median of --repeats runs, CUDA synchronised.
@@ -49,6 +51,9 @@ p.add_argument("--long", action="store_true",
                help="only long-form speech: 60 s in 15 s chunks, fixed mode, G=2 and G=8 (minutes)")
 p.add_argument("--int8", action="store_true",
                help="only fp32 vs int8 weights (valle.quantize_int8), batch 1, in one run")
+p.add_argument("--int8-accuracy", nargs=2, metavar=("CHECKPOINT", "DATA"),
+               help="int8 vs fp32 on a trained checkpoint: teacher-forced top-1 agreement and "
+                    "validation loss on train.py's held-out split of a prepared dataset")
 p.add_argument("--memory-point", type=int, nargs=2, metavar=("B", "T"), help=argparse.SUPPRESS)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
@@ -377,7 +382,57 @@ def int8_rows():
         "fp32 time over int8 time, this run")
 
 
-if args.data_path or args.memory or args.long or args.int8:
+def int8_accuracy(checkpoint, data_path):
+    """How closely int8 follows fp32 on a trained model: top-1 agreement per position, teacher
+    forced (free-running codes diverge for good after the first difference), and the
+    validation loss of both, on the held-out split that train.py uses (its default seed)."""
+    import contextlib
+    import copy
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train
+    cfg, ar, nar, _ = valle.load_checkpoint(checkpoint)
+    data = train.Dataset(data_path)
+    targs = train.parse_args(["--data", data_path, "--out", tempfile.mkdtemp()])
+    order = list(np.random.default_rng(targs.seed).permutation(len(data)))
+    n_val = min(targs.val_max, max(1, round(targs.val_fraction * len(order))))
+    val = np.full((n_val, 2), train.NO_PARTNER, dtype=np.int64)
+    val[:, 0] = sorted(order[:n_val])
+    plan = train.make_batches(train.example_frames(data.index, val), targs.batch_frames,
+                              np.random.default_rng(0))
+    batches = [(n, val[b]) for n, b in enumerate(plan)]
+    results = {}
+    for name in ("fp32", "int8"):
+        a, n = copy.deepcopy(ar), copy.deepcopy(nar)
+        if name == "int8":
+            valle.quantize_int8(a), valle.quantize_int8(n)
+        seen = {"ar": [], "nar": []}
+        logits = a.logits
+        a.logits = lambda h: seen["ar"].append(logits(h)) or seen["ar"][-1]
+        n.register_forward_hook(lambda m, inputs, out: seen["nar"].append((out.argmax(-1), inputs[5], inputs[6])))
+        with torch.inference_mode():
+            loss = train.evaluate(train.Both(a, n), data, batches, torch.device("cpu"),
+                                  contextlib.nullcontext(), 1)
+        results[name] = loss, [x.argmax(-1) for x in seen["ar"]], seen["nar"]
+    (loss32, ar32, nar32), (loss8, ar8, nar8) = results["fp32"], results["int8"]
+    agree, total = 0, 0
+    for (_, examples), x, y in zip(batches, ar32, ar8):
+        lens = torch.tensor([data.index[e[0], FRAME_COUNT] for e in examples]) // cfg.group_size + 1
+        mask = torch.arange(x.shape[1])[None] < lens[:, None]  # (B, N + 1): each row's targets
+        agree += (x == y)[mask].sum().item()
+        total += x[mask].numel()
+    per_j = {}
+    for (x, valid, j), (y, _, _) in zip(nar32, nar8):
+        a_, t_ = per_j.get(j, (0, 0))
+        per_j[j] = (a_ + (x == y)[valid].sum().item(), t_ + valid.sum().item())
+    row("int8 vs fp32: AR top-1 agreement, codebook 0", f"{agree / total:.3f}",
+        f"teacher forced, {total} positions of {n_val} held-out utterances")
+    row("int8 vs fp32: NAR top-1 agreement, codebooks 1-7",
+        " ".join(f"{per_j[j][0] / per_j[j][1]:.3f}" for j in sorted(per_j)), "teacher forced")
+    row("validation loss AR / NAR, fp32", f"{loss32['ar']:.3f} / {loss32['nar']:.3f}")
+    row("validation loss AR / NAR, int8", f"{loss8['ar']:.3f} / {loss8['nar']:.3f}")
+
+
+if args.data_path or args.memory or args.long or args.int8 or args.int8_accuracy:
     print(f"# bench: {args.threads} threads, torch {torch.__version__}")
     if args.data_path:
         data_path_rows()
@@ -385,6 +440,8 @@ if args.data_path or args.memory or args.long or args.int8:
         memory_rows()
     if args.long:
         long_form_rows()
+    if args.int8_accuracy:
+        int8_accuracy(*args.int8_accuracy)
     if args.int8:
         int8_rows()
     raise SystemExit

@@ -88,6 +88,9 @@ def parse_args(argv=None):
                    help="torch.compile the AR decode step, a CUDA graph on a GPU (slower on a CPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 weights for inference (default: on with CUDA, off on the CPU)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights for the transformers' linear layers: faster AR steps on a "
+                        "CPU (not with CUDA, --bf16 or --compile)")
     args = p.parse_args(argv)
     checks = [
         ("--temperature", args.temperature, args.temperature > 0, "must be positive"),
@@ -108,6 +111,9 @@ def parse_args(argv=None):
         raise ValueError("--select chooses among candidates: give --candidates 2 or more")
     if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:
         raise ValueError(f"--asr must be pocketsphinx or whisper[:model], not {args.asr}")
+    for flag, on in (("--bf16", args.bf16), ("--compile", args.compile)):
+        if args.int8 and on:
+            raise ValueError(f"--int8 and {flag} do not go together: choose one")
     if args.keep_all and not args.select:
         raise ValueError("--keep-all goes with --select (without it every candidate is written)")
     return args
@@ -169,6 +175,8 @@ def load_prompt(path):
 
 def run(args):
     device = valle.pick_device(args.device)
+    if args.int8 and device.type != "cpu":
+        raise ValueError(f"--int8 runs on the CPU only: on {device.type} use --bf16")
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
     # Everything that can be wrong with the input, before any work is done.
     texts = read_texts(args)
@@ -184,6 +192,9 @@ def run(args):
                          "train both (train.py --models ar,nar)")
     if bf16:
         ar, nar = ar.to(torch.bfloat16), nar.to(torch.bfloat16)
+    if args.int8:
+        n = valle.quantize_int8(ar) + valle.quantize_int8(nar)
+        print(f"int8 weights: {n} linear layers", file=sys.stderr)
     if ckpt["codec"].startswith("untrained"):
         print("note: this checkpoint was trained on codes of the untrained test codec (the "
               "pretrained EnCodec was not available): the output is noise with the right timing, "
