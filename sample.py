@@ -195,11 +195,11 @@ def run(args):
     if args.int8:
         n = valle.quantize_int8(ar) + valle.quantize_int8(nar)
         print(f"int8 weights: {n} linear layers", file=sys.stderr)
-    if ckpt["codec"].startswith("untrained"):
-        print("note: this checkpoint was trained on codes of the untrained test codec (the "
+    codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
+    if not codec.speaks:
+        print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}; the "
               "pretrained EnCodec was not available): the output is noise with the right timing, "
               "not speech.", file=sys.stderr)
-    codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
     prompt_codes = codec.encode(prompt_wav).to(device)  # (8, Tp)
     sampling = valle.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               ras_window=args.ras_window, ras_threshold=args.ras_threshold,

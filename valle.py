@@ -239,6 +239,58 @@ def trim_silence(wav, threshold_db=-40.0, margin_s=0.05, start=True, end=True):
     return wav[first: min(len(wav), (int(loud[-1]) + 1) * frame + margin) if end else len(wav)]
 
 
+class LogMel(nn.Module):
+    """(B, 1, n) waveform -> (B, 128, ceil(n / 320)) log-mel frames: the spectral test codec's
+    encoder, EnCodec's frame rate and shape. Frame t is the spectrum of the 1280 samples
+    (53 ms, two periods of an 80 Hz voice) that end at sample 320 (t + 1): causal, like
+    EnCodec, so padding an item on the right changes only its last frame (Codec.encode_batch)."""
+    window_size, n_mels = 1280, 128
+
+    def __init__(self):
+        super().__init__()
+        import torchaudio.functional as AF
+        self.register_buffer("window", torch.hann_window(self.window_size))
+        self.register_buffer("mel", AF.melscale_fbanks(self.window_size // 2 + 1, 50.0, 8000.0,
+                                                       self.n_mels, SAMPLE_RATE))  # (641, 128)
+
+    def forward(self, x):
+        hop = SAMPLE_RATE // FRAME_RATE
+        n = x.shape[-1]
+        T = -(-n // hop)
+        x = F.pad(x[:, 0], (self.window_size - hop, T * hop - n))  # (B, (T + 3) * hop)
+        frames = x.unfold(1, self.window_size, hop) * self.window  # (B, T, 1280)
+        power = torch.fft.rfft(frames, dim=-1).abs() ** 2  # (B, T, 641)
+        return torch.log10(power @ self.mel + 1e-6).transpose(1, 2)  # (B, 128, T)
+
+
+def speech_probe(seed, seconds=20):
+    """A speech-like probe for the spectral codec's codebooks: 0.25 s segments of vowels (a
+    pulse train at 80-300 Hz through three resonators at random formants), fricatives (noise
+    above 2-7 kHz) and near-silence, at random levels."""
+    import torchaudio.functional as AF
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(low, high):
+        return low + (high - low) * float(torch.rand(1, generator=g))
+
+    n, segments = SAMPLE_RATE // 4, []
+    for _ in range(seconds * 4):
+        kind = uniform(0, 1)
+        if kind < 0.6:  # voiced
+            y = torch.zeros(n)
+            y[torch.arange(0, n, SAMPLE_RATE / uniform(80, 300)).long()] = 1.0
+            for low, high in ((250, 900), (700, 2600), (1800, 3600)):  # F1, F2, F3
+                r, theta = math.exp(-math.pi * 100 / SAMPLE_RATE), 2 * math.pi * uniform(low, high) / SAMPLE_RATE
+                a = torch.tensor([1.0, -2 * r * math.cos(theta), r * r])
+                y = AF.lfilter(y, a, torch.tensor([1.0, 0.0, 0.0]), clamp=False)
+        elif kind < 0.85:  # fricative
+            y = AF.highpass_biquad(torch.randn(n, generator=g), SAMPLE_RATE, uniform(2000, 7000))
+        else:  # near-silence
+            y = 1e-4 * torch.randn(n, generator=g)
+        segments.append(y / (y.abs().max() + 1e-9) * uniform(0.05, 0.55))
+    return torch.cat(segments)
+
+
 class Codec:
     """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
 
@@ -265,8 +317,9 @@ class Codec:
     @classmethod
     def load(cls, kind, checkpoint=None):
         """The codec that a dataset or checkpoint names by its `kind`; errors say what to do."""
-        if kind.startswith("untrained-seed"):
-            return cls.untrained(int(kind.removeprefix("untrained-seed")))
+        for test in ("untrained", "spectral"):
+            if kind.startswith(f"{test}-seed"):
+                return getattr(cls, test)(int(kind.removeprefix(f"{test}-seed")))
         try:
             return cls.pretrained(checkpoint)
         except Exception as e:  # no network, a missing file, a file that is not EnCodec's
@@ -304,6 +357,36 @@ class Codec:
                     book.inited.fill_(1)
                     residual = residual - book.dequantize(book.quantize(residual))
         return cls(model, f"untrained-seed{seed}")
+
+    @classmethod
+    def spectral(cls, seed=0):
+        """A test codec whose codes follow what is said: the untrained EnCodec with its random
+        encoder swapped for a fixed log-mel analysis (LogMel), codebooks filled as `untrained`
+        fills them, from the log-mel frames of a source-filter probe (speech_probe).
+
+        Why: the random encoder's frames are a function of the waveform's phase, so the codes
+        change every frame even through a sustained vowel, and the same sentence in two voices
+        shares almost no codes (README, "Does it learn?"): no model can read its text into
+        them. A spectrum has no phase. The decoder is EnCodec's random one: noise, as with
+        `untrained`."""
+        codec = cls.untrained(seed)
+        model = codec.model
+        model.encoder = LogMel()
+        with torch.no_grad():
+            residual = model.encoder(speech_probe(seed).view(1, 1, -1)).squeeze(0).T  # (T, 128)
+            generator = torch.Generator().manual_seed(seed)
+            for layer in model.quantizer.vq.layers:
+                book = layer._codebook
+                pick = torch.randint(0, len(residual), (book.embed.shape[0],), generator=generator)
+                jitter = torch.randn(book.embed.shape, generator=generator)
+                book.embed.copy_(residual[pick] + 0.1 * residual.std(0) * jitter)
+                residual = residual - book.dequantize(book.quantize(residual))
+        return cls(model, f"spectral-seed{seed}")
+
+    @property
+    def speaks(self):
+        """Whether decoded codes are speech (the pretrained weights) or noise (the test codecs)."""
+        return self.kind == "pretrained"
 
     @torch.inference_mode()
     def encode(self, wav):

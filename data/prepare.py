@@ -196,8 +196,8 @@ def load_in_order(items, min_s, max_s, workers):
 
 def make_codec(name, checkpoint, device):
     """--codec on `device`; auto: the pretrained EnCodec, else the untrained test codec."""
-    if name == "untrained":
-        codec = valle.Codec.untrained(seed=0)
+    if name in ("untrained", "spectral"):  # the test codecs (valle.Codec)
+        codec = valle.Codec.load(f"{name}-seed0")
     else:
         try:
             codec = valle.Codec.load("pretrained", checkpoint)
@@ -426,8 +426,10 @@ def parse_args(argv):
     p.add_argument("--layout", choices=LAYOUTS, help="required, except with --merge")
     p.add_argument("--src", help="corpus folder (or manifest file); required, except with --merge")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--codec", choices=["auto", "pretrained", "untrained"], default="auto",
-                   help="auto: pretrained EnCodec if it can be loaded, else the untrained test codec")
+    p.add_argument("--codec", choices=["auto", "pretrained", "untrained", "spectral"], default="auto",
+                   help="auto: pretrained EnCodec if it can be loaded, else the untrained test codec; "
+                        "spectral: the test codec whose codes follow the spectrum (for learning "
+                        "experiments offline)")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th for offline use")
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="skip utterances shorter than this")
