@@ -25,8 +25,11 @@ DIR/scores.tsv, one row per utterance and mode.
 Token space: codebook-0 edit distance between the model's codes and the real codes of the same
 sentence (continuation: after the prompt), over the real codes' length, beside a baseline: the
 real codes of another sentence of the speaker against the same reference. A model that learned
-something lands below the baseline. With the untrained test codec, whose decoder turns codes into
-noise, these are the only figures of the model that mean anything.
+something lands below the baseline. The text gaps say whether the models read their text: the
+mean log-probability per code of the real codes, teacher-forced, with their own text minus with
+the other sentence's text (AR: codebook 0; NAR: codebooks 1-7). With a test codec, whose decoder
+turns codes into noise, these are the only figures of the model that mean anything; --tokens-only
+computes just them (no decoding, ASR or speaker encoder), in seconds.
 
 The scorers (scorers.py): --asr pocketsphinx and --speaker-encoder resemblyzer run offline;
 whisper and wavlm download their weights on first use. The paper used a Conformer-Transducer ASR
@@ -252,6 +255,33 @@ def token_references(mode, u, other, prompt_frames):
     return u.codes[:, skip:], other.codes[:, skip:]
 
 
+@torch.inference_mode()
+def nar_likelihood(nar, text, prompt_codes, prompt_text, codes):
+    """The NAR's mean log-probability of codebooks 1-7 of `codes` (8, T), each given the real
+    codebooks below it (teacher-forced), prompted as `valle.generate` prompts it."""
+    device = next(nar.parameters()).device
+    text, text_valid = valle.prompted_text(nar.cfg, [valle.text_to_ids(text)], prompt_text, device)
+    prompt, target = prompt_codes[None].to(device), codes[None].to(device)
+    prompt_valid = torch.ones(prompt.shape[::2], dtype=torch.bool, device=device)
+    target_valid = torch.ones(target.shape[::2], dtype=torch.bool, device=device)
+    total = 0.0
+    for j in range(1, valle.N_CODEBOOKS):
+        logits = nar(text, text_valid, prompt, prompt_valid, target, target_valid, j)  # (1, T, 1024)
+        total += logits.float().log_softmax(-1).gather(-1, target[:, j, :, None]).mean().item()
+    return total / (valle.N_CODEBOOKS - 1)
+
+
+def text_gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference):
+    """How much the models read their text: the mean log-probability per code of the real codes
+    (`reference`, (8, T)) with their own text, minus with another sentence's text, from
+    teacher-forced passes (AR: codebook 0 and <eos>; NAR: codebooks 1-7). About 0 for a model
+    that has learned the voice but not the words; large for one that reads what it says."""
+    ar_logp = valle.likelihood(ar, [text, other_text], prompt_codes, prompt_text, [reference] * 2)
+    nar_own = nar_likelihood(nar, text, prompt_codes, prompt_text, reference)
+    nar_other = nar_likelihood(nar, other_text, prompt_codes, prompt_text, reference)
+    return ar_logp[0] - ar_logp[1], nar_own - nar_other
+
+
 # -----------------------------------------------------------------------------
 # Evaluation
 
@@ -280,9 +310,11 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
                                        max_seconds=args.max_new_seconds, return_ended=True)
         new = new.cpu()  # (8, T)
         out = torch.cat([prompt_codes, new], dim=1) if mode == "continuation" else new
-        wav = codec.decode(out) if out.shape[1] else None  # EnCodec rejects 0 frames
+        wav = codec.decode(out) if out.shape[1] and not args.tokens_only else None  # EnCodec rejects 0 frames
         seconds = time.time() - start
-        if wav is None:
+        if args.tokens_only:
+            hyp, sim = "", NO_SPEECH_SIM
+        elif wav is None:
             hyp, sim = "", NO_SPEECH_SIM
         else:
             hyp = asr.transcribe(wav, valle.SAMPLE_RATE)
@@ -293,10 +325,13 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             valle.write_wav(path, wav)
         reference, baseline = token_references(mode, u, utts[other[i]], P)
+        ar_gap, nar_gap = text_gaps(ar, nar, u.text, utts[other[i]].text, prompt_codes.to(device),
+                                    prompt_text, reference)
         rows.append(dict(mode=mode, index=i, utterance=u.id, speaker=u.speaker, prompt=prompt_id,
                          seconds=u.seconds, output_seconds=out.shape[1] / valle.FRAME_RATE,
                          generate_seconds=seconds, ended=ended, sim=sim, hypothesis=hyp, text=u.text,
-                         codes=new, reference=reference, baseline=baseline))
+                         codes=new, reference=reference, baseline=baseline, ar_gap=ar_gap,
+                         nar_gap=nar_gap))
         print(f"{mode} {i + 1}/{len(utts)} {u.id}: {rows[-1]['output_seconds']:.2f} s "
               f"(recording {u.seconds:.2f} s) in {seconds:.2f} s", file=sys.stderr, flush=True)
     return rows
@@ -328,6 +363,8 @@ def summarize(rows):
         duration=sum(r["output_seconds"] / r["seconds"] for r in rows) / n,
         c0_edit=code_error_rate((r["codes"], r["reference"]) for r in rows),
         baseline=code_error_rate((r["baseline"], r["reference"]) for r in rows),
+        ar_gap=sum(r["ar_gap"] for r in rows) / n,
+        nar_gap=sum(r["nar_gap"] for r in rows) / n,
         no_speech=sum(r["output_seconds"] == 0 for r in rows),
         cut=sum(not r["ended"] for r in rows))
 
@@ -351,6 +388,33 @@ def print_table(modes, recordings, results, group_size, untrained):
         for name, sim, wer, duration, c0, base, mark in table:
             print(f"{mode:<13} {name:<26} {cell(sim, '.3f', 7, mark)} {cell(wer, '.1f', 7, mark)} "
                   f"{cell(duration, '.2f', 8)} {cell(c0, '.3f', 8)} {cell(base, '.3f', 8)}")
+
+
+def print_token_table(modes, results, group_size):
+    """Token space only (--tokens-only): one row per mode."""
+    print(f"{'mode':<13} {'system':<16} {'c0 edit':>8} {'baseline':>8} {'ratio':>6} {'duration':>8} "
+          f"{'AR gap':>7} {'NAR gap':>7}")
+    for mode in modes:
+        s = results[mode]
+        print(f"{mode:<13} {f'this model, G={group_size}':<16} {s['c0_edit']:8.3f} {s['baseline']:8.3f} "
+              f"{s['c0_edit'] / max(s['baseline'], 1e-9):6.2f} {s['duration']:8.2f} "
+              f"{s['ar_gap']:7.3f} {s['nar_gap']:7.3f}")
+
+
+def write_token_scores(path, rows):
+    """--tokens-only: one line per (mode, utterance), token-space figures."""
+    columns = ["mode", "utterance", "speaker", "prompt", "seconds", "output_seconds",
+               "duration_ratio", "c0_edit", "baseline", "ar_gap", "nar_gap", "text"]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\t".join(columns) + "\n")
+        for r in rows:
+            values = [r["mode"], r["utterance"], r["speaker"], r["prompt"], f"{r['seconds']:.3f}",
+                      f"{r['output_seconds']:.3f}", f"{r['output_seconds'] / r['seconds']:.3f}",
+                      f"{code_edit_distance(r['codes'], r['reference']):.4f}",
+                      f"{code_edit_distance(r['baseline'], r['reference']):.4f}",
+                      f"{r['ar_gap']:.4f}", f"{r['nar_gap']:.4f}", r["text"]]
+            f.write("\t".join(str(v).replace("\t", " ") for v in values) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def write_scores(path, rows, recording_hyps, recording_sims):
@@ -403,6 +467,9 @@ def parse_args(argv=None):
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
                    help="resemblyzer (offline) or wavlm")
     p.add_argument("--out", help="folder for the outputs (<mode>/<utterance>.wav) and scores.tsv")
+    p.add_argument("--tokens-only", action="store_true",
+                   help="token-space figures only: no decoding, ASR or speaker similarity (fast; "
+                        "what means something with a test codec)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="utterance i samples with seed + i")
     p.add_argument("--top-p", type=float, default=valle.Sampling.top_p,
@@ -468,13 +535,14 @@ def run(args):
                          "train both (train.py --models ar,nar)")
     if bf16:
         ar, nar = ar.to(torch.bfloat16), nar.to(torch.bfloat16)
-    untrained = ckpt["codec"].startswith("untrained")
-    if untrained:
-        print("note: this checkpoint was trained on codes of the untrained test codec: its output "
+    untrained = ckpt["codec"] != "pretrained"  # a test codec: valle.Codec.speaks
+    if untrained and not args.tokens_only:
+        print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}): its output "
               "is noise, so the model's WER and SIM (marked *) measure noise; read the token-space "
               "columns.", file=sys.stderr)
     codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
-    asr, encoder = scorers.ASR(args.asr), scorers.SpeakerEncoder(args.speaker_encoder)
+    asr, encoder = (None, None) if args.tokens_only else (scorers.ASR(args.asr),
+                                                          scorers.SpeakerEncoder(args.speaker_encoder))
     min_seconds = args.prompt_seconds + MIN_CONTINUATION_SECONDS if "continuation" in args.modes else 0.0
     utts, notes = load_utterances(items, codec, min_seconds, ar.cfg)
     for note in notes:
@@ -482,14 +550,19 @@ def run(args):
     sampling = valle.Sampling(top_p=args.top_p, ras=not args.no_ras)
     prompt_frames = int(args.prompt_seconds * valle.FRAME_RATE)
 
-    recordings, recording_hyps, recording_sims = score_recordings(utts, asr, encoder, prompt_frames)
+    if not args.tokens_only:
+        recordings, recording_hyps, recording_sims = score_recordings(utts, asr, encoder,
+                                                                      prompt_frames)
     rows, results = [], {}
     for mode in args.modes:
         mode_rows = evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling,
                                   prompt_frames, args)
         results[mode] = summarize(mode_rows)
         rows += mode_rows
-    if args.out:
+    if args.out and args.tokens_only:
+        os.makedirs(args.out, exist_ok=True)
+        write_token_scores(os.path.join(args.out, "scores.tsv"), rows)
+    elif args.out:
         write_scores(os.path.join(args.out, "scores.tsv"), rows, recording_hyps, recording_sims)
 
     minutes = sum(u.seconds for u in utts) / 60
@@ -497,9 +570,22 @@ def run(args):
     print(f"{len(utts)} utterances of {speakers} speakers ({minutes:.1f} min of speech) from "
           f"{args.src} ({args.layout}); prompt {args.prompt_seconds:g} s; top-p {args.top_p:g}"
           f"{', no RAS' if args.no_ras else ''}; seed {args.seed}")
+    if args.tokens_only:
+        print_token_table(args.modes, results, ar.cfg.group_size)
+        print("c0 edit: codebook-0 edit distance to the real codes of the sentence (continuation: "
+              "after the prompt) over their length; baseline: the same for the real codes of "
+              "another sentence of the speaker; ratio: c0 edit / baseline; AR gap, NAR gap: mean "
+              "log-probability per code of the real codes with their own text minus with that "
+              "other sentence's text (nats, teacher-forced)")
+        generating = sum(r["generate_seconds"] for r in rows)
+        print(f"time: {time.time() - start:.1f} s on {device}, {generating:.1f} s of it generating")
+        return
     print_table(args.modes, recordings, results, ar.cfg.group_size, untrained)
+    print("text gap (AR / NAR, nats per code, teacher-forced, own text minus another's): " +
+          ", ".join(f"{m} {results[m]['ar_gap']:.3f} / {results[m]['nar_gap']:.3f}"
+                    for m in args.modes))
     if untrained:
-        print("* the untrained test codec decodes codes to noise: WER and SIM of the model's "
+        print("* a test codec decodes codes to noise: WER and SIM of the model's "
               "output mean nothing; its token-space figures do")
     print("c0 edit: codebook-0 edit distance to the real codes of the sentence (continuation: "
           "after the prompt) over their length; baseline: the same for the real codes of "

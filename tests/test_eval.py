@@ -183,7 +183,7 @@ def test_demo_run_prints_ground_truth_model_and_paper_rows(demo_run):
     d, out = demo_run
     assert out.returncode == 0, out.stderr
     assert "6 utterances of 2 speakers" in out.stdout
-    assert "untrained test codec" in out.stderr and "* the untrained test codec" in out.stdout
+    assert "test codec (untrained-seed0)" in out.stderr and "* a test codec" in out.stdout
     # The real recordings through pocketsphinx and resemblyzer, measured with this command: WER
     # 84.6%, SIM 0.936 (continuation) and 0.882 (cross): robotic espeak voices, a weak offline ASR.
     for mode in ("continuation", "cross"):
