@@ -2,6 +2,7 @@
 a run end to end on the demo corpus with a tiny random checkpoint (untrained codec)."""
 import csv
 import importlib.util
+import math
 import os
 
 import numpy as np
@@ -276,3 +277,56 @@ def test_what_each_mode_prompts_with_and_compares(tmp_path, monkeypatch):
             assert float(r["sim"]) == pytest.approx(out_len / prompt_len, rel=1e-3)
             assert float(r["recording_sim"]) == pytest.approx(seconds[r["utterance"]] * prompt_len * 24000, rel=1e-3)
     assert len(calls) == len(rows) == 6
+
+
+def test_tokens_only_scores_the_text_gaps_without_decoding_or_scorers(tmp_path, monkeypatch, capsys):
+    """--tokens-only: no ASR, speaker encoder or decoding; each row's text gaps compare the
+    utterance's own text with the text of the sentence its baseline codes come from (the next
+    one of its speaker), under the mode's prompt; the table prints their means."""
+    import scorers
+    import valle
+    random_checkpoint(tmp_path / "model.pt")
+    calls, gaps = [], ev.text_gaps
+
+    def spy(ar, nar, text, other_text, prompt_codes, prompt_text, reference):
+        real = gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference)
+        assert all(map(math.isfinite, real))  # about 0 for a random model: stand in for them
+        result = (0.1 * len(calls), -0.05 * len(calls) - 1)
+        calls.append((text, other_text, prompt_codes.shape[1], prompt_text, reference, result))
+        return result
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--tokens-only must not decode, transcribe or embed")
+    monkeypatch.setattr(ev, "text_gaps", spy)
+    monkeypatch.setattr(scorers, "ASR", refuse)
+    monkeypatch.setattr(scorers, "SpeakerEncoder", refuse)
+    monkeypatch.setattr(valle.Codec, "decode", refuse)
+    ev.main(["--checkpoint", str(tmp_path / "model.pt"), "--layout", "folder", "--src",
+             os.path.join(ROOT, "data", "demo"), "--per-speaker", "3", "--limit", "6",
+             "--prompt-seconds", "1.5", "--max-new-seconds", "0.5", "--tokens-only",
+             "--out", str(tmp_path / "o")])
+    with open(tmp_path / "o" / "scores.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert len(rows) == len(calls) == 12
+    texts = {r["utterance"]: r["text"] for r in rows}
+    following = {"gb_male/gb_male_00": "gb_male/gb_male_01", "gb_male/gb_male_01": "gb_male/gb_male_02",
+                 "gb_male/gb_male_02": "gb_male/gb_male_00"}
+    P = int(1.5 * valle.FRAME_RATE)
+    for r, (text, other_text, prompt_frames, prompt_text, reference, result) in zip(rows, calls):
+        assert text == r["text"]
+        if r["utterance"] in following:
+            assert other_text == texts[following[r["utterance"]]]
+        assert (float(r["ar_gap"]), float(r["nar_gap"])) == pytest.approx(result, abs=1e-4)
+        if r["mode"] == "continuation":  # after its own first 1.5 s
+            assert prompt_frames == P and prompt_text is None
+        else:
+            assert prompt_text == texts[r["prompt"]] and prompt_text != text
+        whole = float(r["seconds"]) * valle.FRAME_RATE  # the real codes, after the prompt
+        assert abs(reference.shape[1] - (whole - (P if r["mode"] == "continuation" else 0))) <= 1
+    out = capsys.readouterr().out
+    for mode in ("continuation", "cross"):
+        line = next(l for l in out.splitlines() if l.startswith(mode))
+        *_, ar_gap, nar_gap = line.split()
+        mine = [c[-1] for c, r in zip(calls, rows) if r["mode"] == mode]
+        assert float(ar_gap) == pytest.approx(sum(g[0] for g in mine) / 6, abs=1e-3)
+        assert float(nar_gap) == pytest.approx(sum(g[1] for g in mine) / 6, abs=1e-3)
