@@ -2,6 +2,7 @@
 # The quick start's two commands; each sets itself up (a venv in .venv from requirements.txt).
 #   bash run.sh demo   prepare the bundled demo data, train the tiny preset, speak a sentence
 #   bash run.sh test   run the test suite (arguments, if any, go to pytest instead of tests/)
+#   bash run.sh learn  README "Does it learn?": train on a generated espeak-ng corpus (about 2 h)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VALLE_VENV:-.venv}"
@@ -43,8 +44,27 @@ case "${1:-}" in
       --prompt-text "The train to the city leaves at half past nine." \
       --text "The little boat drifted slowly toward the island." --out runs/demo/out.wav
     ;;
+  learn)  # README, "Does it learn?": an espeak-ng corpus, the spectral test codec, token-space figures
+    STEPS="${LEARN_STEPS:-3000}"
+    EVERY="${LEARN_EVERY:-500}"
+    if [ ! -f data/prepared/learn/meta.json ]; then
+      "$PY" data/make_corpus.py --out data/corpus --train 2000 --test 40 --voices 2
+      "$PY" data/prepare.py --layout folder --src data/corpus/train --out data/prepared/learn \
+        --codec spectral
+    fi
+    rm -rf runs/learn
+    flags=(--data data/prepared/learn --out runs/learn --preset tiny --max-steps "$STEPS"
+           --lr 1e-3 --warmup 100 --batch-frames 4000 --eval-every "$EVERY" --log-every 100)
+    for ((at = EVERY; at <= STEPS; at += EVERY)); do
+      if [ "$at" = "$EVERY" ]; then "$PY" train.py "${flags[@]}" --stop-at "$at"
+      else "$PY" train.py "${flags[@]}" --stop-at "$at" --resume; fi
+      echo "== step $at: held-out sentences, token space"
+      "$PY" eval.py --checkpoint runs/learn/last.pt --layout folder --src data/corpus/test \
+        --tokens-only --prompt-seconds 1 --per-speaker 10 | tee "runs/learn/eval_$at.txt"
+    done
+    ;;
   *)
-    echo "usage: bash run.sh demo | bash run.sh test [pytest arguments]" >&2
+    echo "usage: bash run.sh demo | bash run.sh learn | bash run.sh test [pytest arguments]" >&2
     exit 2
     ;;
 esac

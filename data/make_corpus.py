@@ -1,0 +1,137 @@
+"""Generate a speech corpus with espeak-ng for the learning recipe (README, "Does it learn?").
+
+Sentences come from a small grammar written for this project (CC0, like the rest of data/):
+a few hundred words combined into short, simple sentences, every one different. Each voice
+reads its own share of them. Held-out sentences, never used in training, go to a second folder
+in the same voices: the test set for eval.py.
+
+    python data/make_corpus.py --out data/corpus --train 2000 --test 40 --voices 2
+
+Writes <out>/train/<voice>/<id>.flac and <out>/test/<voice>/<id>.flac (16 kHz, with a
+same-name .txt transcript): the folder layout of data/prepare.py and eval.py. Needs the
+espeak-ng program (Debian/Ubuntu: apt install espeak-ng; macOS: brew install espeak-ng).
+"""
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import soundfile as sf
+
+# espeak-ng voice + variant, words per minute, pitch (0-99): distinguishable speakers
+VOICES = [
+    ("us_male", "en-us+m3", 150, 45),
+    ("us_female", "en-us+f3", 150, 60),
+    ("gb_male", "en-gb+m1", 145, 35),
+    ("gb_female", "en-gb+f2", 155, 70),
+    ("us_male2", "en-us+m1", 160, 30),
+    ("us_female2", "en-us+f4", 145, 75),
+    ("gb_male2", "en-gb+m5", 150, 50),
+    ("scot_female", "en-gb-scotland+f2", 155, 65),
+]
+RATE = 16_000
+
+# The grammar: [determiner] [adjective] noun verb [determiner] [adjective] noun [place].
+NOUNS = ("dog cat bird fish horse cow goat sheep mouse frog boy girl man woman child king queen "
+         "farmer doctor teacher baker sailor painter pilot nurse driver student singer tailor "
+         "cook judge clown").split()
+OBJECTS = ("ball book box cup hat key lamp map pen ring rope shoe sock spoon stick stone table "
+           "chair bell coat drum flag kite letter apple bread cake egg lemon melon onion pear "
+           "plum carrot basket bottle candle feather hammer ladder mirror pillow ribbon "
+           "bucket blanket").split()
+ADJECTIVES = ("big small old young red green blue yellow black white brown happy sad quiet loud "
+              "tall short warm cold soft hard clean dirty heavy light fast slow round bright "
+              "dark shiny tiny").split()
+VERBS = ("sees finds takes holds drops moves opens pulls pushes lifts throws catches carries "
+         "brings buys sells paints cleans hides wants likes needs keeps breaks fixes washes "
+         "counts draws watches").split()
+PLACES = ("at home, in the garden, on the hill, by the river, near the school, under the bridge, "
+          "in the kitchen, at the market, on the boat, in the morning, at night, after lunch, "
+          "before dinner, in the rain, every day").split(", ")
+DETERMINERS = ["the", "a", "my", "your", "our", "this", "that", "every"]
+
+
+def noun_phrase(rng, nouns):
+    words = [rng.choice(DETERMINERS)]
+    if rng.random() < 0.6:
+        words.append(rng.choice(ADJECTIVES))
+    words.append(rng.choice(nouns))
+    if words[0] == "a" and words[1][0] in "aeiou":
+        words[0] = "an"
+    return words
+
+
+def sentence(rng):
+    words = noun_phrase(rng, NOUNS) + [rng.choice(VERBS)] + noun_phrase(rng, OBJECTS)
+    if rng.random() < 0.4:
+        words += rng.choice(PLACES).split()
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + "."
+
+
+def sentences(n, seed):
+    """n different sentences, the same for the same seed."""
+    rng, seen = random.Random(seed), set()
+    while len(seen) < n:
+        seen.add(sentence(rng))
+    out = sorted(seen)
+    random.Random(seed + 1).shuffle(out)
+    return out
+
+
+def speak(text, voice, wpm, pitch, tmp):
+    """One sentence -> float32 audio at RATE."""
+    wav = os.path.join(tmp, "x.wav")
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "-w", wav, text],
+                   check=True, capture_output=True)
+    audio, sr = sf.read(wav, dtype="float32")
+    # espeak-ng writes 22.05 kHz; linear interpolation to 16 kHz keeps the files small (the
+    # speech sits below 5 kHz) and needs no resampler here; prepare.py resamples to 24 kHz.
+    t = np.arange(int(len(audio) * RATE / sr)) * sr / RATE
+    return np.interp(t, np.arange(len(audio)), audio).astype(np.float32)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="data/corpus", help="folder to write (replaced if it exists)")
+    p.add_argument("--train", type=int, default=2000, help="training sentences (all voices)")
+    p.add_argument("--test", type=int, default=40, help="held-out sentences (all voices)")
+    p.add_argument("--voices", type=int, default=2, help=f"how many voices, 1-{len(VOICES)}")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same sentences")
+    args = p.parse_args(argv)
+    if not 1 <= args.voices <= len(VOICES):
+        p.error(f"--voices must be 1-{len(VOICES)}, not {args.voices}")
+    if args.train < args.voices or args.test < 2 * args.voices:
+        p.error("need at least one training and two test sentences per voice")
+    if shutil.which("espeak-ng") is None:
+        sys.exit("error: espeak-ng is not installed: apt install espeak-ng (macOS: brew install "
+                 "espeak-ng)")
+    texts = sentences(args.train + args.test, args.seed)
+    split = {"train": texts[: args.train], "test": texts[args.train:]}
+    tmp_out = args.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    seconds = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for part, items in split.items():
+            for i, text in enumerate(items):
+                name, voice, wpm, pitch = VOICES[i % args.voices]  # voices take turns
+                folder = os.path.join(tmp_out, part, name)
+                os.makedirs(folder, exist_ok=True)
+                audio = speak(text, voice, wpm, pitch, tmp)
+                seconds += len(audio) / RATE
+                stem = os.path.join(folder, f"{name}_{part}_{i:05d}")
+                sf.write(stem + ".flac", audio, RATE)
+                with open(stem + ".txt", "w") as f:
+                    f.write(text + "\n")
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.replace(tmp_out, args.out)  # all or nothing
+    print(f"wrote {args.train} training and {args.test} held-out sentences in {args.voices} "
+          f"voices ({seconds / 60:.1f} min of speech) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
