@@ -95,6 +95,11 @@ def speak(text, voice, wpm, pitch, tmp):
     return np.interp(t, np.arange(len(audio)), audio).astype(np.float32)
 
 
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="data/corpus", help="folder to write (replaced if it exists)")
@@ -104,12 +109,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same sentences")
     args = p.parse_args(argv)
     if not 1 <= args.voices <= len(VOICES):
-        p.error(f"--voices must be 1-{len(VOICES)}, not {args.voices}")
+        die(f"--voices must be 1-{len(VOICES)}, not {args.voices}")
     if args.train < args.voices or args.test < 2 * args.voices:
-        p.error("need at least one training and two test sentences per voice")
+        die(f"--train {args.train} --test {args.test}: need at least one training and two "
+            f"held-out sentences per voice ({args.voices})")
     if shutil.which("espeak-ng") is None:
-        sys.exit("error: espeak-ng is not installed: apt install espeak-ng (macOS: brew install "
-                 "espeak-ng)")
+        die("espeak-ng is not installed: apt install espeak-ng (macOS: brew install espeak-ng)")
     texts = sentences(args.train + args.test, args.seed)
     split = {"train": texts[: args.train], "test": texts[args.train:]}
     tmp_out = args.out.rstrip("/") + ".tmp"

@@ -1,0 +1,50 @@
+"""data/make_corpus.py: the learning recipe's corpus (needs the espeak-ng program)."""
+import glob
+import os
+import shutil
+
+import pytest
+import soundfile as sf
+
+from conftest import run_script
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt install espeak-ng)")
+
+
+def transcripts(root):
+    return {os.path.relpath(p, root): open(p).read().strip()
+            for p in sorted(glob.glob(os.path.join(root, "*", "*", "*.txt")))}
+
+
+@needs_espeak
+def test_writes_train_and_held_out_sentences_in_each_voice(tmp_path):
+    out = tmp_path / "corpus"
+    r = run_script("data/make_corpus.py", "--out", str(out), "--train", "4", "--test", "4",
+                   "--voices", "2")
+    assert r.returncode == 0, r.stderr
+    texts = transcripts(out)
+    assert sorted({k.split(os.sep)[0] for k in texts}) == ["test", "train"]
+    assert sorted({k.split(os.sep)[1] for k in texts}) == ["us_female", "us_male"]
+    train = [t for k, t in texts.items() if k.startswith("train")]
+    test = [t for k, t in texts.items() if k.startswith("test")]
+    assert len(train) == len(test) == 4 and len(set(train + test)) == 8  # all different
+    for key in texts:
+        audio, sr = sf.read(out / key.replace(".txt", ".flac"))
+        assert sr == 16000 and 0.5 < len(audio) / sr < 8 and abs(audio).max() > 0.05
+    again = tmp_path / "again"
+    run_script("data/make_corpus.py", "--out", str(again), "--train", "4", "--test", "4",
+               "--voices", "2")
+    assert transcripts(again) == texts  # the same seed, the same sentences
+    assert not os.path.exists(str(out) + ".tmp")
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--voices", "0"], "--voices must be 1-8"),
+    (["--voices", "2", "--test", "3"], "two held-out sentences per voice"),
+])
+def test_bad_flags_get_one_line_and_status_2(tmp_path, flags, match):
+    r = run_script("data/make_corpus.py", "--out", str(tmp_path / "c"), *flags)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
+    assert not os.path.exists(tmp_path / "c")
