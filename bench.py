@@ -229,7 +229,8 @@ def memory_point(B, T):
     ar, nar = valle.ARModel(cfg), valle.NARModel(cfg)
     opt = torch.optim.AdamW(list(ar.parameters()) + list(nar.parameters()), lr=1e-4)
     L = max(2, T * PHONES_PER_SECOND // valle.FRAME_RATE)  # text as long as read speech's
-    text = torch.randint(len(valle.PHONES) - len(valle.ARPABET), len(valle.PHONES), (B, L))
+    first = valle.PHONE_ID[valle.ARPABET[0]]
+    text = torch.randint(first, first + len(valle.ARPABET), (B, L))  # ARPAbet phones
     codes = torch.randint(0, valle.CODEBOOK_SIZE, (B, valle.N_CODEBOOKS, T))
     lens, text_lens = torch.full((B,), T), torch.full((B,), L)
     for _ in range(2):  # the second step holds AdamW's state as well

@@ -84,7 +84,7 @@ def get_config(preset="tiny", **overrides):
 
 
 # -----------------------------------------------------------------------------
-# Text: English -> ARPAbet phones -> ids in a fixed table
+# Text: English -> ARPAbet phones, other languages -> IPA symbols; ids in one fixed table
 
 # g2p_en's 70 ARPAbet symbols with stress digits. The table is fixed here, never built from
 # training data, so a checkpoint and any text always agree on ids.
@@ -98,9 +98,45 @@ ARPABET = [
 ]
 PAD, UNK, WORD_BOUNDARY = "<pad>", "<unk>", "_"
 PUNCTUATION = [".", ",", "?", "!", "-", "'"]  # the only non-letters g2p_en keeps
-PHONES = [PAD, UNK, WORD_BOUNDARY] + PUNCTUATION + ARPABET
+# Other languages are phonemized to IPA by eSpeak NG. A fixed inventory of the symbols its
+# German, Spanish and French voices write (and their neighbours), appended after ARPAbet: the
+# table only ever grows at its end, so the ids of older checkpoints and datasets stay valid.
+# How eSpeak's output is cut into these symbols: see segment_ipa.
+IPA_VOWELS = [
+    "a", "e", "i", "o", "u", "y", "æ", "ø", "œ", "ɐ", "ɑ", "ɒ", "ɔ", "ə", "ɘ", "ɛ", "ɜ", "ɞ",
+    "ɤ", "ɨ", "ɪ", "ɯ", "ɵ", "ɶ", "ʉ", "ʊ", "ʌ", "ʏ", "ɚ", "ɝ",
+    "ã", "ẽ", "ĩ", "õ", "ũ", "ɐ̃", "ɑ̃", "ɔ̃", "ɛ̃", "œ̃",  # nasal vowels (French, Portuguese)
+]
+IPA_CONSONANTS = [
+    "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "q", "r", "s", "t", "v", "w",
+    "x", "z", "ç", "ð", "ħ", "ŋ", "ɕ", "ɖ", "ɟ", "ɡ", "ɢ", "ɣ", "ɥ", "ɦ", "ɫ", "ɬ", "ɭ", "ɮ",
+    "ɰ", "ɱ", "ɲ", "ɳ", "ɴ", "ɸ", "ɹ", "ɺ", "ɻ", "ɽ", "ɾ", "ʀ", "ʁ", "ʂ", "ʃ", "ʈ", "ʋ", "ʍ",
+    "ʎ", "ʐ", "ʑ", "ʒ", "ʔ", "ʕ", "ʝ", "β", "θ", "χ",
+]
+IPA_UNITS = [  # two letters, one sound: diphthongs and affricates (eSpeak writes no tie bar)
+    "aɪ", "aʊ", "eɪ", "oʊ", "ɔɪ", "ɔø", "ɔʏ", "əʊ",
+    "tʃ", "dʒ", "ts", "dz", "pf", "tɕ", "dʑ", "tʂ",
+]
+IPA_MARKS = [  # symbols of their own that are no sound: stress, length, secondary articulation
+    "ˈ", "ˌ", "ː", "ˑ", "ʰ", "ʲ", "ʷ",
+]
+IPA = [unicodedata.normalize("NFC", s) for s in IPA_VOWELS + IPA_CONSONANTS + IPA_UNITS + IPA_MARKS]
+PHONES = [PAD, UNK, WORD_BOUNDARY] + PUNCTUATION + ARPABET + IPA
 PHONE_ID = {p: i for i, p in enumerate(PHONES)}
-PAD_ID = PHONE_ID[PAD]
+PAD_ID, UNK_ID = PHONE_ID[PAD], PHONE_ID[UNK]
+PHONE_SLOTS = 256  # phone ids are stored as uint8 (data/prepare.py): the table's hard limit
+assert len(PHONES) <= PHONE_SLOTS and len(set(PHONES)) == len(PHONES)
+SOUNDS = set(ARPABET) | set(IPA) - set(IPA_MARKS)  # what speakable() looks for
+
+# Languages (VALL-E X, arXiv 2303.03926 §3): a fixed, append-only table; a language's index is
+# stored in datasets and used by the models' language embedding. A text token carries its
+# language in its high bits, token = language index * PHONE_SLOTS + phone id, so a prompt's
+# transcript in one language and the target text in another are one sequence of tokens, and
+# padding, joining and batching are the same as for one language.
+LANGUAGES = ["en", "de", "es", "fr"]
+LANGUAGE_ID = {code: i for i, code in enumerate(LANGUAGES)}
+ESPEAK_VOICES = {"de": "de", "es": "es", "fr": "fr-fr"}  # English keeps g2p-en and ARPAbet
+ESPEAK_INSTALL = "sudo apt-get install espeak-ng (Debian, Ubuntu) or brew install espeak-ng (macOS)"
 
 # Homographs. g2p_en picks between two pronunciations of words like "record" by the part of
 # speech from NLTK's perceptron tagger, whose data is a separate download. We keep everything
@@ -154,8 +190,12 @@ def _g2p():
     return g2p_module.G2p(), g2p_module.normalize_numbers
 
 
-def phonemize(text):
-    """English text -> list of ARPAbet phones, punctuation and word boundaries."""
+def phonemize(text, language="en"):
+    """Text -> list of phones, punctuation and word boundaries: ARPAbet for English (g2p-en),
+    IPA symbols for the other languages (eSpeak NG, see phonemize_ipa)."""
+    check_language(language)
+    if language != "en":
+        return phonemize_ipa(text, language)
     from nltk.tokenize import TweetTokenizer  # rule-based: needs no NLTK data
     g2p, normalize_numbers = _g2p()
     text = normalize_numbers(text.replace("\u2019", "'"))  # "$3.50" -> "three dollars, fifty cents"
@@ -181,23 +221,114 @@ def phonemize(text):
     return phones[:-1]
 
 
+def check_language(code):
+    """Raises ValueError, listing the supported languages, unless `code` is one of them."""
+    if code not in LANGUAGE_ID:
+        raise ValueError(f"unknown language {code!r}: choose one of {', '.join(LANGUAGES)}")
+
+
+def _espeak(clauses, voice):
+    """Clauses -> eSpeak NG's IPA for each. One call reads them a line each and answers a line
+    per clause; should it answer otherwise (it splits a clause it finds too long), each clause
+    gets a call of its own."""
+    import subprocess
+
+    def run(text):
+        try:
+            out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice], input=text,
+                                 capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise FileNotFoundError("espeak-ng is missing (it phonemizes the languages other "
+                                    f"than English): {ESPEAK_INSTALL}") from None
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"espeak-ng gave no answer in 60 s for {text[:60]!r}") from None
+        if out.returncode:
+            raise ValueError(f"espeak-ng failed: {out.stderr.strip()[:200]}")
+        return out.stdout.splitlines()
+    lines = run("\n".join(clauses))
+    return lines if len(lines) == len(clauses) else [" ".join(run(c)) for c in clauses]
+
+
+def segment_ipa(ipa):
+    """eSpeak NG's IPA for one clause -> symbols, with word boundaries between its words.
+
+    What eSpeak writes (NG 1.51 and 1.52): the stress marks ˈ ˌ just before the stressed
+    vowel; the length mark ː after its vowel; diphthongs and affricates as two letters, with a
+    tie bar in some words and versions and not in others; diacritics (nasal ˜, cedilla ç) as
+    combining marks after their letter; in French, "-" linking words (liaison, "le-z"); and
+    "(en)" where it read a word by another language's rules. So: tie bars, links and language
+    switches are dropped, then each word is cut left to right into two-letter units
+    (IPA_UNITS) where one starts, else single letters; a combining mark joins the symbol before
+    it; stress and length marks are symbols of their own. Symbols outside the table come back
+    as they are: text_to_ids reads them as <unk>."""
+    ipa = re.sub(r"\([a-z]{2,3}(-[a-z]+)?\)", " ", unicodedata.normalize("NFD", ipa))
+    ipa = ipa.replace("\u0361", "").replace("\u035c", "").replace("-", "")  # ties, links
+    symbols = []
+    for word in ipa.split():
+        cut, i = [], 0
+        while i < len(word):
+            if unicodedata.category(word[i]) == "Mn":  # a diacritic: part of the symbol before
+                if cut:
+                    cut[-1] += word[i]
+                i += 1
+                continue
+            n = 2 if unicodedata.normalize("NFC", word[i: i + 2]) in IPA_UNITS else 1
+            cut.append(word[i: i + n])
+            i += n
+        symbols += [unicodedata.normalize("NFC", s) for s in cut] + [WORD_BOUNDARY]
+    return symbols[:-1]
+
+
+CLAUSE_MARKS = {".": ".", "?": "?", "!": "!", ",": ",", ";": ",", ":": ","}  # -> PUNCTUATION
+
+
+def phonemize_ipa(text, language):
+    """Text in a language other than English -> IPA symbols, punctuation, word boundaries.
+
+    eSpeak reads punctuation but writes none: each clause ends its line instead. So the text
+    is cut into clauses at . , ; : ? ! here, eSpeak phonemizes them (numbers included, in the
+    language), and the marks go back in between, as English's phones carry them."""
+    text = unicodedata.normalize("NFC", text).replace("¿", " ").replace("¡", " ")
+    pieces = re.findall(r"([^.,;:?!]*)([.,;:?!]*)", text)  # (clause, the marks after it)
+    spoken = [c for c, _ in pieces if re.search(r"\w", c)]
+    ipa = iter(_espeak(spoken, ESPEAK_VOICES[language]) if spoken else [])
+    phones = []
+    for clause, marks in pieces:
+        if re.search(r"\w", clause):
+            phones += segment_ipa(next(ipa)) + [WORD_BOUNDARY]
+        phones += [p for m in marks for p in (CLAUSE_MARKS[m], WORD_BOUNDARY)]
+    while phones and phones[-1] == WORD_BOUNDARY:
+        phones.pop()
+    return phones
+
+
 def join_phones(first, second):
-    """Two phone-id sequences read as one, at a word boundary: a prompt's transcript and the
-    text to speak (VALL-E's prompting), or two utterances joined into one training example."""
+    """Two text-token sequences read as one, at a word boundary: a prompt's transcript and the
+    text to speak (VALL-E's prompting), or two utterances joined into one training example.
+    The boundary is English's token: English's language embedding is zero, so it is neutral."""
     return [*first, PHONE_ID[WORD_BOUNDARY], *second]
 
 
 def speakable(phones):
     """Whether phones hold anything to pronounce (not only punctuation and word boundaries)."""
-    return any(p in ARPABET for p in phones)
+    return any(p in SOUNDS for p in phones)
 
 
-def text_to_ids(text):
-    """Text -> phone ids. Raises ValueError when there is nothing to pronounce."""
-    phones = phonemize(text)
+def text_to_ids(text, language="en"):
+    """Text -> text tokens: language index * PHONE_SLOTS + phone id. A symbol outside the table
+    reads as <unk> (count them with count_unknown). Raises ValueError when there is nothing
+    to pronounce or the language is unknown, FileNotFoundError when eSpeak NG is missing."""
+    phones = phonemize(text, language)
     if not speakable(phones):
-        raise ValueError(f"nothing to pronounce in {text!r}: give English words")
-    return [PHONE_ID.get(p, PHONE_ID[UNK]) for p in phones]  # an unseen symbol never crashes
+        words = "English words" if language == "en" else f"words of language {language!r}"
+        raise ValueError(f"nothing to pronounce in {text!r}: give {words}")
+    base = LANGUAGE_ID[language] * PHONE_SLOTS
+    return [base + PHONE_ID.get(p, UNK_ID) for p in phones]  # an unseen symbol never crashes
+
+
+def count_unknown(ids):
+    """How many text tokens are <unk>: symbols the phone table lacks."""
+    return sum(1 for t in ids if t % PHONE_SLOTS == UNK_ID)
 
 
 # -----------------------------------------------------------------------------
@@ -614,6 +745,18 @@ def positions(valid):
     return (valid.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def embed_text(phone_emb, language_emb, text):
+    """Text tokens (B, L) -> (B, L, d): each phone's embedding plus its language's (VALL-E X
+    §3, a learned language ID added to every text token). language_emb (len(LANGUAGES) - 1, d)
+    holds the rows of the languages after English; English's row is zero and not learned.
+    That loses nothing (every token has one language, so the phone embeddings absorb any offset
+    shared by all of English), and English-only models, checkpoints made before languages
+    were added included, compute exactly what they did without it."""
+    phone, language = text % PHONE_SLOTS, text // PHONE_SLOTS  # see LANGUAGES
+    table = F.pad(language_emb, (0, 0, 1, 0))  # (len(LANGUAGES), d): English's zero row first
+    return phone_emb(phone) + table[language]
+
+
 # -----------------------------------------------------------------------------
 # AR model: first codebook, one group of G frames per step (VALL-E 2 §3.1, §3.3.1)
 
@@ -654,6 +797,7 @@ class ARModel(nn.Module):
         self.cfg = cfg
         d, G = cfg.d_model, cfg.group_size
         self.text_emb = nn.Embedding(len(PHONES), d)
+        self.language_emb = nn.Parameter(torch.zeros(len(LANGUAGES) - 1, d))  # see embed_text
         self.text_pos = nn.Embedding(cfg.max_text_tokens + 1, d)  # + 1 for e_eos
         self.code_emb = nn.Embedding(AR_VOCAB, d)  # W_c: 1024 codes, <eos>, <bos>
         self.audio_pos = nn.Embedding(cfg.max_frames // G + 2, d)  # <bos>, groups, <eos> group
@@ -671,7 +815,8 @@ class ARModel(nn.Module):
         ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
         valid = torch.cat([text_valid, ones], dim=1)  # (B, L + 1): text and its e_eos
         specials = self.code_emb(torch.tensor([EOS, BOS], device=text.device))  # (2, d)
-        x = torch.cat([self.text_emb(text), specials[0].expand(B, 1, -1)], dim=1)
+        x = torch.cat([embed_text(self.text_emb, self.language_emb, text),
+                       specials[0].expand(B, 1, -1)], dim=1)
         x = x + self.text_pos(positions(valid))
         bos = (specials[1] + self.audio_pos.weight[0]).expand(B, 1, -1)  # audio position 0
         return torch.cat([x, bos], dim=1), torch.cat([valid, ones], dim=1)
@@ -741,6 +886,7 @@ class NARModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.text_emb = nn.Embedding(len(PHONES), d)
+        self.language_emb = nn.Parameter(torch.zeros(len(LANGUAGES) - 1, d))  # see embed_text
         self.text_pos = nn.Embedding(cfg.max_text_tokens, d)
         # One table per codebook; table j doubles as the prediction head for codebook j.
         self.code_embs = nn.ModuleList(nn.Embedding(CODEBOOK_SIZE, d) for _ in range(N_CODEBOOKS))
@@ -762,7 +908,8 @@ class NARModel(nn.Module):
         e_target = sum(self.code_embs[k](target[:, k]) for k in range(j))  # Eq. 14
         audio_valid = torch.cat([prompt_valid, target_valid], dim=1)  # (B, Tp + T)
         audio = torch.cat([e_prompt, e_target], dim=1) + self.audio_pos(positions(audio_valid))
-        text_x = self.text_emb(text) + self.text_pos(positions(text_valid))
+        text_x = embed_text(self.text_emb, self.language_emb, text)
+        text_x = text_x + self.text_pos(positions(text_valid))
         tail = torch.stack([self.eos, self.codebook_id.weight[j]]).expand(B, 2, -1)  # e_eos, e_j
         x = torch.cat([text_x, self.eos.expand(B, 1, -1), audio, tail], dim=1)  # Eq. 15
         ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
@@ -1005,12 +1152,12 @@ def item_generators(seed, candidates, device):
     return [torch.Generator(device=device).manual_seed(seed + SEED_STRIDE * c) for c in range(candidates)]
 
 
-def prompted_text(cfg, target_ids, prompt_text, device=None):
-    """The AR's and NAR's text input: the prompt's transcript, a word boundary, then each
-    target's phone ids -> (B, L) ids and validity. prompt_text=None: the targets already
-    include what the prompt says (continuation of an utterance from its first seconds, whose
-    transcript is given whole, as in the paper's evaluation)."""
-    prompt_ids = text_to_ids(prompt_text) if prompt_text is not None else None
+def prompted_text(cfg, target_ids, prompt_text, device=None, prompt_language="en"):
+    """The AR's and NAR's text input: the prompt's transcript (in prompt_language), a word
+    boundary, then each target's text tokens -> (B, L) tokens and validity. prompt_text=None:
+    the targets already include what the prompt says (continuation of an utterance from its
+    first seconds, whose transcript is given whole, as in the paper's evaluation)."""
+    prompt_ids = text_to_ids(prompt_text, prompt_language) if prompt_text is not None else None
     text, text_valid = pad_ids([join_phones(prompt_ids, ids) if prompt_ids else ids
                                 for ids in target_ids], device)
     if text.shape[1] > cfg.max_text_tokens:
@@ -1020,7 +1167,7 @@ def prompted_text(cfg, target_ids, prompt_text, device=None):
 
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
              max_seconds=None, use_cache=True, progress=None, compile=False, candidates=1,
-             return_ended=False):
+             return_ended=False, language="en", prompt_language="en"):
     """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes.
 
     prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
@@ -1028,10 +1175,12 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     the returned codes are the new speech only (prompt_text=None: see prompted_text). With
     candidates > 1 every text is sampled that many times, all in one batch: the result is
     text-major ([text 1 cand 1, text 1 cand 2, ...]). seed: an int, or one per text.
-    return_ended=True also returns whether each drew <eos>. Raises ValueError on empty text."""
+    return_ended=True also returns whether each drew <eos>. language: the texts' language,
+    prompt_language: the prompt transcript's (VALL-E X: an English voice can speak German).
+    Raises ValueError on empty text or an unknown language."""
     device = next(ar.parameters()).device
-    target_ids = [ids for ids in map(text_to_ids, texts) for _ in range(candidates)]  # text-major
-    text, text_valid = prompted_text(ar.cfg, target_ids, prompt_text, device)
+    target_ids = [text_to_ids(t, language) for t in texts for _ in range(candidates)]  # text-major
+    text, text_valid = prompted_text(ar.cfg, target_ids, prompt_text, device, prompt_language)
     n_frames = MAX_FRAMES_PER_TOKEN * max(len(ids) for ids in target_ids)  # generate_ar may cut it
     if max_seconds:
         n_frames = min(n_frames, int(max_seconds * FRAME_RATE))
@@ -1048,7 +1197,8 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
 
 
 @torch.inference_mode()
-def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None):
+def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None, language="en",
+               prompt_language="en"):
     """The AR model's own score of candidates: the mean log-probability of each one's codebook-0
     codes (and of its <eos>, where it drew one), from one teacher-forced pass. Higher is better;
     VALL-E X keeps the candidate with the best such length-normalised score.
@@ -1056,10 +1206,12 @@ def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None):
     texts[i] and codes[i] ((8, T) or (T,)) are one candidate, prompted as `generate` prompts it.
     The distribution is the raw one, temperature 1 and no top-k/top-p: a code that RAS's
     fallback drew may lie outside the nucleus. ended[i]: whether candidate i drew <eos> (default
-    all True). Returns a list of floats; a candidate without codes or <eos> scores -inf."""
+    all True). language, prompt_language: as in `generate`. Returns a list of floats; a
+    candidate without codes or <eos> scores -inf."""
     cfg, device, G = ar.cfg, next(ar.parameters()).device, ar.cfg.group_size
     ended = [True] * len(codes) if ended is None else ended
-    text, text_valid = prompted_text(cfg, [text_to_ids(t) for t in texts], prompt_text, device)
+    text, text_valid = prompted_text(cfg, [text_to_ids(t, language) for t in texts], prompt_text,
+                                     device, prompt_language)
     prompt_groups = group_codes(prompt_codes[0].to(device), G)[:-1]  # (Np, G), as generate_ar
     Np = prompt_groups.shape[0]
     # Targets: the new codes, then <eos> if drawn, in whole groups (the rest of a group after
@@ -1091,16 +1243,22 @@ def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None):
 # -----------------------------------------------------------------------------
 # Long-form speech: text of any length, in chunks of whole sentences that fit the tables
 
-# Where sentences end, by language (only English so far). A period after one of these
+# Where sentences end, by language. A period after one of these
 # abbreviations ends no sentence; nor after those of the second table when a number follows
 # ("No. 5", "5 Dec. 2020"), nor after a single letter other than "I" (an initial: "J. R. R.").
 ABBREVIATIONS = {
     "en": {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "inc",
            "ltd", "corp", "dept", "capt", "approx", "a.m", "p.m", "u.s", "u.k"},
+    "de": {"dr", "prof", "hr", "fr", "z.b", "d.h", "u.a", "bzw", "usw", "ca", "evtl", "str"},
+    "es": {"sr", "sra", "srta", "dr", "dra", "ud", "uds", "etc", "p.ej", "av"},
+    "fr": {"m", "mme", "mlle", "dr", "pr", "etc", "p.ex", "av", "bd"},
 }
 NUMBER_ABBREVIATIONS = {
     "en": {"no", "nos", "vol", "fig", "p", "pp", "ch", "jan", "feb", "mar", "apr", "jun", "jul",
            "aug", "sep", "sept", "oct", "nov", "dec"},
+    "de": {"nr", "s", "bd", "jan", "feb", "apr", "aug", "sept", "okt", "nov", "dez"},
+    "es": {"núm", "pág", "vol", "cap"},
+    "fr": {"no", "p", "vol", "chap"},
 }
 SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*\s+")  # . ! ? and closing quotes, a space
 FRAMES_PER_PHONE = 8  # chunk sizing: read English takes about 5.4 frames per phone: margin
@@ -1118,8 +1276,9 @@ def split_sentences(text, language="en"):
             word = words[-1].lower().lstrip("\"'(\u201c\u2018") if words else ""
             one_period = end.group()[0] == "." and end.group()[1:2] != "."  # not "?", "!", "..."
             after = paragraph[end.end(): end.end() + 1]
-            abbreviation = (word in ABBREVIATIONS[language] or (len(word) == 1 and word.isalpha()
-                            and word != "i") or word in NUMBER_ABBREVIATIONS[language] and after.isdigit())
+            initial = len(word) == 1 and word.isalpha() and word != "i"
+            abbreviation = (word in ABBREVIATIONS.get(language, ()) or initial
+                            or word in NUMBER_ABBREVIATIONS.get(language, ()) and after.isdigit())
             if one_period and abbreviation:
                 continue  # "Dr. Smith", "e.g. This", "J. R. R. Tolkien", "No. 5"
             if after.islower():
@@ -1135,7 +1294,7 @@ def chunk_text(text, max_phones, language="en", word_limit=None):
     than that is split at commas (and ; :), then between words: no spoken word is dropped
     (pieces with nothing to pronounce are). A word longer than a chunk is a chunk of its own
     up to word_limit phones; beyond that it is a ValueError."""
-    phones_of = lru_cache(maxsize=None)(phonemize)  # each piece is phonemized once
+    phones_of = lru_cache(maxsize=None)(lambda s: phonemize(s, language))  # each piece once
 
     def n_phones(s):
         return len(phones_of(s))
@@ -1180,7 +1339,7 @@ def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chun
 
 def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=Sampling(),
                   seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
-                  language="en", chunk_seconds=None, candidates=1):
+                  language="en", chunk_seconds=None, candidates=1, prompt_language="en"):
     """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
     (8, T_k) codes, whether each drew <eos>, which chunk prompted each: an index, or None for
     the voice prompt).
@@ -1197,11 +1356,13 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
     as it came: the caller asked for the cut. Candidate c draws from seed + c * SEED_STRIDE, as
     in `generate`; the candidates' chunks that share a prompt run in one batch (fixed: all of
     them; rolling: the first chunks, and any the voice prompts). Decode the chunks and
-    join them with join_speech. progress(label, step, total) names each AR run's chunks."""
+    join them with join_speech. progress(label, step, total) names each AR run's chunks.
+    language, prompt_language: as in `generate` (a chunk's own speech prompts in `language`)."""
     if mode not in ("fixed", "rolling"):
         raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
     frames, phones, most_phones = chunk_frames(ar.cfg, prompt_codes.shape[1],
-                                               len(text_to_ids(prompt_text)), mode, max_seconds,
+                                               len(text_to_ids(prompt_text, prompt_language)),
+                                               mode, max_seconds,
                                                chunk_seconds)
     if most_phones < 1:
         raise ValueError("the prompt leaves no room for speech in the model's tables: shorten it")
@@ -1209,7 +1370,7 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
         raise ValueError(f"chunks of {chunk_seconds} s hold no phone: plan longer ones")
     texts = chunk_text(text, phones, language, word_limit=most_phones)
     if not texts:
-        raise ValueError(f"nothing to pronounce in {text[:50]!r}: give English words")
+        raise ValueError(f"nothing to pronounce in {text[:50]!r}: give words of {language!r}")
     # per candidate, its chunks in order: [text, codes, ended with <eos>, prompted by], where
     # "prompted by" is the index of the chunk whose speech was the prompt (None: the voice prompt)
     runs = [[[t, None, False, None] for t in texts] for _ in range(candidates)]
@@ -1237,7 +1398,9 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
         report = (lambda s, m: progress(label, s, m)) if progress else None
         codes, ended = generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
                                 sampling, [seed + SEED_STRIDE * c for c, _ in todo],
-                                frames / FRAME_RATE, use_cache, report, compile, return_ended=True)
+                                frames / FRAME_RATE, use_cache, report, compile, return_ended=True,
+                                language=language,
+                                prompt_language=language if j is not None else prompt_language)
         for (c, k), code, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
             chunks = runs[c]
             halves = None if e or max_seconds else _split_again(chunks[k][0], language)
@@ -1249,11 +1412,11 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
 def _split_again(text, language):
     """A chunk that was cut off -> two or more smaller chunks, or None for a single word."""
     try:
-        parts = chunk_text(text, max(1, len(phonemize(text)) // 2), language)
+        parts = chunk_text(text, max(1, len(phonemize(text, language)) // 2), language)
     except ValueError:  # a word longer than half the chunk: halve the words instead
         words = text.split()
         parts = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])]
-    parts = [p for p in parts if speakable(phonemize(p))]
+    parts = [p for p in parts if speakable(phonemize(p, language))]
     return parts if len(parts) > 1 else None
 
 
@@ -1280,8 +1443,10 @@ def join_speech(waves, crossfade_seconds=CROSSFADE_SECONDS):
 # What the scripts share: checkpoints, the prepared dataset's index, devices
 
 # Columns of a prepared dataset's index.npy, one row per utterance (data/prepare.py writes it,
-# train.py reads it): where its phones and frames start in phones.bin and codes.bin, how many.
-PHONE_OFFSET, PHONE_COUNT, FRAME_OFFSET, FRAME_COUNT, SPEAKER = range(5)
+# train.py reads it): where its phones and frames start in phones.bin and codes.bin, how many,
+# its speaker, and its language (an index into LANGUAGES; a dataset prepared before languages
+# were added has no such column: train.py reads it as English).
+PHONE_OFFSET, PHONE_COUNT, FRAME_OFFSET, FRAME_COUNT, SPEAKER, LANGUAGE = range(6)
 
 
 def pick_device(name="auto"):
@@ -1313,6 +1478,24 @@ def write_wav(path, wav):
     os.replace(tmp, path)
 
 
+def known_phones(phones):
+    """Whether a checkpoint's or dataset's phone table is ours or an older one: a prefix."""
+    return isinstance(phones, list) and len(phones) > 0 and phones == PHONES[: len(phones)]
+
+
+def upgrade_state(state, cfg):
+    """A model's weights saved before the phone table grew or languages were added -> today's:
+    the new phones' embedding rows and the language embedding start at zero (so the model
+    computes exactly what it did). Weights of today pass through unchanged."""
+    state = dict(state)
+    rows = state.get("text_emb.weight")
+    if rows is not None and len(rows) < len(PHONES):
+        state["text_emb.weight"] = F.pad(rows, (0, 0, 0, len(PHONES) - len(rows)))
+    if "language_emb" not in state and rows is not None:
+        state["language_emb"] = rows.new_zeros(len(LANGUAGES) - 1, cfg.d_model)
+    return state
+
+
 def load_checkpoint(path, device="cpu"):
     """-> (config, ar or None, nar or None, checkpoint dict). Errors say what to do."""
     if not os.path.isfile(path):
@@ -1322,14 +1505,14 @@ def load_checkpoint(path, device="cpu"):
         cfg = Config(**ckpt["config"])
     except Exception as e:
         raise ValueError(f"{path} is not a valle2 checkpoint ({type(e).__name__}: {e})") from None
-    if ckpt.get("phones") != PHONES:
+    if not known_phones(ckpt.get("phones")):
         raise ValueError(f"{path} was trained with another phone table: retrain it")
     models = {"ar": None, "nar": None}
     for name, cls in (("ar", ARModel), ("nar", NARModel)):
         if ckpt.get(name) is not None:
             models[name] = cls(cfg).to(device).eval()
             try:
-                models[name].load_state_dict(ckpt[name])
+                models[name].load_state_dict(upgrade_state(ckpt[name], cfg))
             except RuntimeError as e:
                 raise ValueError(f"{path}: {name} weights do not fit its config ({e})") from None
     return cfg, models["ar"], models["nar"], ckpt
