@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import valle
-from valle import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
+from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT, PHONE_OFFSET,  # index.npy
+                   SPEAKER)
 
 NO_PARTNER = -1  # an example that is one utterance, not two joined
 
@@ -125,8 +126,12 @@ class Dataset:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"no prepared dataset at {path} ({type(e).__name__}: {e}); "
                              "run data/prepare.py first") from None
-        if self.meta.get("phones") != valle.PHONES:
+        if not valle.known_phones(self.meta.get("phones")):
             raise ValueError(f"{path} was prepared with another phone table: prepare it again")
+        if self.index.ndim != 2 or self.index.shape[1] not in (LANGUAGE, LANGUAGE + 1):
+            raise ValueError(f"{path}/index.npy has an unknown layout: prepare it again")
+        if self.index.shape[1] == LANGUAGE:  # prepared before languages were added: English
+            self.index = np.concatenate([self.index, np.zeros_like(self.index[:, :1])], axis=1)
         last = self.index[-1]
         if (last[PHONE_OFFSET] + last[PHONE_COUNT] != n_phones
                 or last[FRAME_OFFSET] + last[FRAME_COUNT] != n_frames):
@@ -146,12 +151,14 @@ class Dataset:
         return len(self.index)
 
     def item(self, i):
-        """Utterance i -> phone ids (n,) uint8 and codes (T, 8) int16, as stored."""
+        """Utterance i -> text tokens (n,) int64 (phone ids with its language, valle.LANGUAGES)
+        and codes (T, 8) int16, as stored."""
         if self._phones is None:
             self._phones = self._map("phones.bin", np.uint8)
             self._codes = self._map("codes.bin", np.int16).reshape(-1, valle.N_CODEBOOKS)
         po, pn, co, cn = self.index[i, :SPEAKER]
-        return self._phones[po: po + pn], self._codes[co: co + cn]
+        language = self.index[i, LANGUAGE] * valle.PHONE_SLOTS
+        return self._phones[po: po + pn].astype(np.int64) + language, self._codes[co: co + cn]
 
 
 def make_examples(index, ids, concat_prob, rng, max_frames, max_text):
@@ -437,7 +444,12 @@ def main(argv=None):
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
     step, epoch, pos, best_val = 0, 0, 0, math.inf
     if args.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError:  # its parameters differ: saved before the language embedding came
+            die(f"{last_path}'s optimizer state does not fit today's models (it was saved before "
+                f"languages were added): go on with --init-from {last_path} --out NEW_FOLDER, "
+                "which keeps the weights and starts the optimizer anew")
         step, epoch, pos, best_val = ckpt["step"], ckpt["epoch"], ckpt["pos"], ckpt["best_val"]
         log(f"resumed {last_path} at step {step}")
 

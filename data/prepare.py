@@ -26,13 +26,23 @@ Layouts:
   libritts  <speaker>/<chapter>/<id>.wav + <id>.normalized.txt (LibriTTS and LibriTTS-R)
   vctk      wav48*/<speaker>/<id>[_mic1].wav|flac + txt/<speaker>/<id>.txt
   folder    any audio file with a same-name .txt transcript; the speaker is its folder's name
-  manifest  a text file of lines path|text|speaker (paths relative to the manifest)
+  manifest  a text file of lines path|text|speaker|language (paths relative to the manifest;
+            speaker and language may be left out)
+
+Languages: --language (default en) is every utterance's language, unless a manifest line
+gives its own. English is phonemized by g2p-en to ARPAbet, the others (de, es, fr) by the
+espeak-ng program to IPA (valle.phonemize); each utterance's language goes into the index.
+
+    python data/prepare.py --layout folder --src my_german_corpus --out DIR --language de
 
 Output (in --out):
   phones.bin  uint8 phone ids of every utterance, back to back
   codes.bin   int16 (frames, 8) EnCodec codes of every utterance, back to back
-  index.npy   int64 (utterances, 5): phone offset, phone count, frame offset, frame count, speaker
-  meta.json   codec, rates, phone table, speakers, utterance ids, counts, skipped files and why
+  index.npy   int64 (utterances, 6): phone offset, phone count, frame offset, frame count, speaker,
+              language (an index into valle.LANGUAGES; a dataset prepared before languages were
+              added has 5 columns and reads as English)
+  meta.json   codec, rates, phone and language tables, speakers, utterance ids, counts, phones
+              outside the table (read as <unk>), skipped files and why
 Work is saved in chunks of 256 utterances under --out/parts/ (--out/parts-<i>of<n>/ for a
 shard), so an interrupted run picks up where it stopped. A finished dataset (meta.json
 present) is never overwritten unless --overwrite is given.
@@ -53,7 +63,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valle  # noqa: E402
-from valle import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # noqa: E402
+from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT,  # noqa: E402
+                   PHONE_OFFSET, SPEAKER)  # index.npy columns
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CHUNK = 256  # utterances per saved part
@@ -68,7 +79,7 @@ def die(msg):
 
 
 # -----------------------------------------------------------------------------
-# Layouts: each returns a sorted list of (utterance id, audio path, text, speaker)
+# Layouts: each returns a sorted list of (utterance id, audio path, text, speaker[, language])
 
 
 def _read(path):
@@ -131,8 +142,9 @@ def manifest(src):
                 parts = line.rstrip("\n").split("|")
                 path = os.path.join(base, parts[0])
                 text = parts[1] if len(parts) > 1 else ""
-                speaker = parts[2] if len(parts) > 2 else "speaker"
-                items.append((f"{n:06d}", path, text, speaker))
+                speaker = parts[2] if len(parts) > 2 and parts[2] else "speaker"
+                language = parts[3].strip() if len(parts) > 3 and parts[3].strip() else None
+                items.append((f"{n:06d}", path, text, speaker, language))
     return items
 
 
@@ -144,12 +156,12 @@ LAYOUTS = {"ljspeech": ljspeech, "libritts": libritts, "vctk": vctk, "folder": f
 # Loading: reading, resampling and phonemizing, in --workers processes
 
 
-def load_one(path, text, min_s, max_s):
-    """-> (phone ids, waveform (n,) float32 at 24 kHz) or a reason to skip."""
+def load_one(path, text, language, min_s, max_s):
+    """-> (text tokens, waveform (n,) float32 at 24 kHz) or a reason to skip."""
     if not text.strip():
         return "empty transcript"
     try:
-        ids = valle.text_to_ids(text)
+        ids = valle.text_to_ids(text, language)
     except ValueError:
         return "nothing to pronounce"
     try:
@@ -176,8 +188,8 @@ class Utterances(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        utt, path, text, speaker = self.items[i]
-        return utt, speaker, load_one(path, text, self.min_s, self.max_s)
+        utt, path, text, speaker, language = self.items[i]
+        return utt, speaker, load_one(path, text, language, self.min_s, self.max_s)
 
 
 def load_in_order(items, min_s, max_s, workers):
@@ -247,13 +259,14 @@ def save_part(path, chunk, codec, batch_size, progress):
     kept = [(utt, speaker, out) for utt, speaker, out in chunk if not isinstance(out, str)]
     skipped = [(utt, out) for utt, _, out in chunk if isinstance(out, str)]
     progress.update(len(skipped))
-    phones = [ids for _, _, (ids, _) in kept]
+    tokens = [ids for _, _, (ids, _) in kept]  # phone id + language * PHONE_SLOTS (valle.LANGUAGES)
     codes = encode_sorted(codec, [wav for _, _, (_, wav) in kept], batch_size, progress)
     tmp = path + ".tmp.npz"
     np.savez(tmp, ids=np.array([utt for utt, _, _ in kept], dtype=str),
              speakers=np.array([speaker for _, speaker, _ in kept], dtype=str),
-             phones=np.array([i for x in phones for i in x], np.uint8),
-             phone_lens=np.array([len(x) for x in phones], np.int64),
+             languages=np.array([x[0] // valle.PHONE_SLOTS for x in tokens], np.int64),
+             phones=np.array([i % valle.PHONE_SLOTS for x in tokens for i in x], np.uint8),
+             phone_lens=np.array([len(x) for x in tokens], np.int64),
              codes=np.concatenate(codes) if codes else np.zeros((0, 8), np.int16),
              code_lens=np.array([len(x) for x in codes], np.int64),
              skipped=np.array(skipped, dtype=str).reshape(-1, 2), codec=codec.kind)
@@ -283,7 +296,7 @@ def corpus_settings(args, items):
     """What decides the encoded arrays (not --device, --batch-size, --workers or --shard,
     which change nothing but near-tie codes); the corpus's fingerprint catches added files,
     which would move the chunk boundaries under the saved parts."""
-    listing = json.dumps([(utt, text, speaker) for utt, _, text, speaker in items])
+    listing = json.dumps([(utt, text, speaker, lang) for utt, _, text, speaker, lang in items])
     checkpoint = args.encodec_checkpoint and os.path.abspath(args.encodec_checkpoint)
     return {"layout": args.layout, "src": os.path.abspath(args.src), "codec": args.codec,
             "encodec_checkpoint": checkpoint, "min_seconds": args.min_seconds,
@@ -364,11 +377,14 @@ def write_dataset(out, settings, paths):
     """Write phones.bin, codes.bin, index.npy and, last, meta.json from the parts at `paths`."""
     # First only the small arrays, so that nothing is written unless all parts fit together.
     kinds, ids, speakers_of, skipped, phone_lens, code_lens = set(), [], [], [], [], []
+    languages, unknown = [], 0
     for path in paths:
         with np.load(path) as pt:
             kinds.add(str(pt["codec"]))
             ids += [str(x) for x in pt["ids"]]
             speakers_of += [str(x) for x in pt["speakers"]]
+            languages += pt["languages"].tolist() if "languages" in pt else [0] * len(pt["ids"])
+            unknown += int((pt["phones"] == valle.UNK_ID).sum())
             skipped += [tuple(map(str, x)) for x in pt["skipped"]]
             phone_lens.append(pt["phone_lens"]), code_lens.append(pt["code_lens"])
     if len(kinds) > 1:
@@ -385,16 +401,20 @@ def write_dataset(out, settings, paths):
                 codes.write(pt["codes"].tobytes())  # (frames, 8) int16, row-major
     speakers = sorted(set(speakers_of))
     number = {s: n for n, s in enumerate(speakers)}
-    index = np.zeros((len(ids), 5), dtype=np.int64)
+    index = np.zeros((len(ids), LANGUAGE + 1), dtype=np.int64)
     index[:, PHONE_COUNT] = np.concatenate(phone_lens)
     index[:, FRAME_COUNT] = np.concatenate(code_lens)
     index[1:, PHONE_OFFSET] = np.cumsum(index[:-1, PHONE_COUNT])
     index[1:, FRAME_OFFSET] = np.cumsum(index[:-1, FRAME_COUNT])
     index[:, SPEAKER] = [number[s] for s in speakers_of]
+    index[:, LANGUAGE] = languages
     np.save(os.path.join(out, "index.npy"), index)
     meta = {
         "codec": kinds.pop(), "sample_rate": valle.SAMPLE_RATE, "frame_rate": valle.FRAME_RATE,
-        "n_codebooks": valle.N_CODEBOOKS, "phones": valle.PHONES, "speakers": speakers,
+        "n_codebooks": valle.N_CODEBOOKS, "phones": valle.PHONES, "languages": valle.LANGUAGES,
+        "utterances_by_language": {valle.LANGUAGES[k]: n
+                                   for k, n in sorted(Counter(languages).items())},
+        "unknown_phones": unknown, "speakers": speakers,
         "ids": ids, "utterances": len(ids), "frames": int(index[:, FRAME_COUNT].sum()),
         "hours": round(float(index[:, FRAME_COUNT].sum()) / valle.FRAME_RATE / 3600, 4),
         "skipped": {reason: n for reason, n in Counter(r for _, r in skipped).items()},
@@ -404,6 +424,10 @@ def write_dataset(out, settings, paths):
     print(f"{out}: {len(ids)} utterances, {len(speakers)} speakers, "
           f"{meta['hours'] * 60:.1f} min, {meta['frames']} frames, codec {meta['codec']}; "
           f"skipped {len(skipped)}: {meta['skipped'] or 'none'}")
+    if len(meta["utterances_by_language"]) > 1 or "en" not in meta["utterances_by_language"]:
+        print(f"languages: {meta['utterances_by_language']}")
+    if unknown:
+        print(f"{unknown} phones outside the phone table were read as <unk>")
 
 
 def merge(out, folders):
@@ -426,6 +450,9 @@ def parse_args(argv):
     p.add_argument("--layout", choices=LAYOUTS, help="required, except with --merge")
     p.add_argument("--src", help="corpus folder (or manifest file); required, except with --merge")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--language", default="en",
+                   help=f"the utterances' language: {', '.join(valle.LANGUAGES)} (a manifest "
+                        "line's fourth field overrides it)")
     p.add_argument("--codec", choices=["auto", "pretrained", "untrained", "spectral"], default="auto",
                    help="auto: pretrained EnCodec if it can be loaded, else the untrained test codec; "
                         "spectral: the test codec whose codes follow the spectrum (for learning "
@@ -463,6 +490,10 @@ def parse_args(argv):
         args.shard = int(m[1]), int(m[2])
     if args.workers < 0:
         die(f"--workers must be 0 or more, not {args.workers}")
+    try:
+        valle.check_language(args.language)
+    except ValueError as e:
+        die(f"--language: {e}")
     if args.batch_size is not None and args.batch_size < 1:
         die(f"--batch-size must be 1 or more, not {args.batch_size}")
     if not 0 <= args.min_seconds < args.max_seconds:
@@ -492,6 +523,13 @@ def list_items(args):
             "see --help for the layouts")
     if not items:
         die(f"no utterances found in {args.src} for the {args.layout} layout")
+    items = [(*item[:4], item[4] if len(item) > 4 and item[4] else args.language) for item in items]
+    for language in sorted({item[4] for item in items}):
+        try:
+            valle.check_language(language)
+            valle.phonemize("a", language)  # espeak-ng must be there before anything is written
+        except (ValueError, FileNotFoundError) as e:
+            die(f"{args.src}: {e}")
     return items
 
 
