@@ -1,8 +1,14 @@
 """
-Speak English text in the voice of a short recording.
+Speak text in the voice of a short recording.
 
     python sample.py --checkpoint runs/demo/best.pt --text "Hello there." \
         --prompt voice.wav --prompt-text "what voice.wav says" --out out.wav
+
+Other languages (VALL-E X): --language names the text's language, --prompt-language the
+prompt's (both default to English; en, de, es, fr; all but English need the espeak-ng program):
+an English recording can speak German with a model trained on both.
+
+    python sample.py ... --language de --text "Guten Morgen." --prompt-text "Good morning."
 
 Prompting modes (VALL-E §5):
   cross         (default) the prompt is another recording of the speaker; out.wav holds the
@@ -50,6 +56,10 @@ def parse_args(argv=None):
                         "the training utterances (default: what the model's tables allow)")
     p.add_argument("--prompt", required=True, help="voice prompt audio (WAV, FLAC, OGG; any rate)")
     p.add_argument("--prompt-text", required=True, help="transcript of the prompt")
+    p.add_argument("--language", default="en",
+                   help=f"the text's language: {', '.join(valle.LANGUAGES)}")
+    p.add_argument("--prompt-language", default="en",
+                   help="the language the prompt speaks (and its transcript is in)")
     p.add_argument("--out", default="out.wav", help="output WAV (24 kHz)")
     p.add_argument("--checkpoint", default="runs/demo/best.pt", help="from train.py")
     p.add_argument("--mode", choices=["cross", "continuation"], default="cross",
@@ -92,6 +102,11 @@ def parse_args(argv=None):
                    help="int8 weights for the transformers' linear layers: faster AR steps on a "
                         "CPU (not with CUDA, --bf16 or --compile)")
     args = p.parse_args(argv)
+    for flag, code in (("--language", args.language), ("--prompt-language", args.prompt_language)):
+        try:
+            valle.check_language(code)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
     checks = [
         ("--temperature", args.temperature, args.temperature > 0, "must be positive"),
         ("--top-p", args.top_p, 0 <= args.top_p <= 1, "must be in [0, 1]"),
@@ -146,8 +161,11 @@ def read_texts(args):
 
 def check_inputs(args, texts):
     """The texts can be pronounced and --out can be written."""
-    for t in texts + [args.prompt_text]:
-        valle.text_to_ids(t)  # ValueError for empty or unpronounceable text
+    for t, language in [(t, args.language) for t in texts] + [(args.prompt_text, args.prompt_language)]:
+        ids = valle.text_to_ids(t, language)  # ValueError for empty or unpronounceable text
+        if valle.count_unknown(ids):
+            print(f"warning: {valle.count_unknown(ids)} symbol(s) of {t[:40]!r} are not in the "
+                  "phone table and read as <unk>", file=sys.stderr)
     if not args.out.lower().endswith(".wav"):
         raise ValueError(f"--out must name a .wav file, not {args.out}")
     folder = os.path.dirname(os.path.abspath(args.out))
@@ -220,13 +238,15 @@ def run(args):
         codes, ended = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
                                       seed=args.seed, max_seconds=args.max_seconds,
                                       progress=progress, compile=args.compile, candidates=N,
-                                      return_ended=True)  # text-major
+                                      return_ended=True, language=args.language,
+                                      prompt_language=args.prompt_language)  # text-major
         outputs = [([t], [c], [e], [None]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
     else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
         outputs = valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
                                       args.long_mode, sampling, args.seed, args.max_seconds,
                                       progress=progress, compile=args.compile,
-                                      chunk_seconds=args.chunk_seconds, candidates=N)
+                                      chunk_seconds=args.chunk_seconds, candidates=N,
+                                      language=args.language, prompt_language=args.prompt_language)
     waves = [decode(codec, output[1], prompt_codes, args.mode) for output in outputs]
     wall = time.time() - start
 
@@ -240,9 +260,10 @@ def run(args):
             group = range(i * N, (i + 1) * N)
             reference = (args.prompt_text + " " if args.mode == "continuation" else "") + texts[i]
             scores = score([outputs[k] for k in group], [waves[k] for k in group], needs, ar,
-                           prompt_codes, prompt_wav, args.prompt_text, reference, asr, encoder)
+                           prompt_codes, prompt_wav, args.prompt_text, reference, asr, encoder,
+                           (args.language, args.prompt_language))
             frames = [sum(c.shape[1] for c in outputs[k][1]) for k in group]  # new speech only
-            least = scorers.MIN_FRAMES_PER_PHONE * len(valle.text_to_ids(texts[i]))
+            least = scorers.MIN_FRAMES_PER_PHONE * len(valle.text_to_ids(texts[i], args.language))
             plausible = [f >= least for f in frames]
             kept = scorers.best(scores, args.select, plausible)
             for c in range(N):
@@ -294,7 +315,7 @@ def decode(codec, chunks, prompt_codes, mode):
 
 
 def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, reference,
-          asr=None, encoder=None):
+          asr=None, encoder=None, languages=("en", "en")):
     """The candidates of one sentence, each its chunks (texts, codes, ended, prompted by) as
     valle.generate_long gives them, and their waveforms -> {score name: one value per
     candidate}. A candidate without speech scores the worst there is."""
@@ -302,7 +323,7 @@ def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, r
     voice = encoder.embed(prompt_wav, valle.SAMPLE_RATE) if encoder else None
     for chunks, wav in zip(candidates, waves):
         if "likelihood" in needs:
-            scores["likelihood"].append(likelihood(ar, *chunks, prompt_codes, prompt_text)
+            scores["likelihood"].append(likelihood(ar, *chunks, prompt_codes, prompt_text, *languages)
                                         if wav is not None else float("-inf"))
         if "wer" in needs:
             scores["wer"].append(scorers.wer(asr, wav, valle.SAMPLE_RATE, reference)
@@ -313,16 +334,19 @@ def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, r
     return scores
 
 
-def likelihood(ar, texts, codes, ended, prompted_by, prompt_codes, prompt_text):
+def likelihood(ar, texts, codes, ended, prompted_by, prompt_codes, prompt_text, language="en",
+               prompt_language="en"):
     """One candidate's chunks -> its mean log-probability per code: each chunk scored against
     the prompt it was drawn with (the voice, or in rolling mode the chunk before it), the
     chunks weighted by their codes (and <eos>)."""
     total = count = 0
     for text, c, e, j in zip(texts, codes, ended, prompted_by):
-        prompt = (codes[j], texts[j]) if j is not None else (prompt_codes, prompt_text)
+        prompt = (codes[j], texts[j], language) if j is not None else \
+            (prompt_codes, prompt_text, prompt_language)
         n = c.shape[1] + e
         if n:
-            total += n * valle.likelihood(ar, [text], *prompt, [c], [e])[0]
+            total += n * valle.likelihood(ar, [text], *prompt[:2], [c], [e], language=language,
+                                          prompt_language=prompt[2])[0]
             count += n
     return total / count if count else float("-inf")
 
