@@ -6,10 +6,15 @@ reads its own share of them. Held-out sentences, never used in training, go to a
 in the same voices: the test set for eval.py.
 
     python data/make_corpus.py --out data/corpus --train 2000 --test 40 --voices 2
+    python data/make_corpus.py --out data/bilingual --languages en,de --train 200 --test 20
 
 Writes <out>/train/<voice>/<id>.flac and <out>/test/<voice>/<id>.flac (16 kHz, with a
-same-name .txt transcript): the folder layout of data/prepare.py and eval.py. Needs the
-espeak-ng program (Debian/Ubuntu: apt install espeak-ng; macOS: brew install espeak-ng).
+same-name .txt transcript): the folder layout of data/prepare.py and eval.py; and the same as
+manifests, <out>/train.list and <out>/test.list (path|text|speaker|language), the layout for
+more than one language. With --languages, each voice (an espeak-ng variant, speed and pitch)
+reads --train and --test sentences in each language: the same speaker in every language.
+Needs the espeak-ng program (Debian/Ubuntu: apt install espeak-ng; macOS: brew install
+espeak-ng).
 """
 import argparse
 import os
@@ -22,7 +27,8 @@ import tempfile
 import numpy as np
 import soundfile as sf
 
-# espeak-ng voice + variant, words per minute, pitch (0-99): distinguishable speakers
+# espeak-ng voice + variant, words per minute, pitch (0-99): distinguishable speakers. In
+# another language a speaker keeps its variant, speed and pitch (LANGUAGE_VOICES).
 VOICES = [
     ("us_male", "en-us+m3", 150, 45),
     ("us_female", "en-us+f3", 150, 60),
@@ -34,6 +40,7 @@ VOICES = [
     ("scot_female", "en-gb-scotland+f2", 155, 65),
 ]
 RATE = 16_000
+LANGUAGE_VOICES = {"de": "de", "es": "es"}  # espeak-ng's voice for each language but English
 
 # The grammar: [determiner] [adjective] noun verb [determiner] [adjective] noun [place].
 NOUNS = ("dog cat bird fish horse cow goat sheep mouse frog boy girl man woman child king queen "
@@ -73,11 +80,65 @@ def sentence(rng):
     return text[0].upper() + text[1:] + "."
 
 
-def sentences(n, seed):
+# German: subject, verb, object (articles in place: no agreement to get wrong), [place].
+SUBJECTS_DE = ("der Hund, die Katze, der Vogel, das Pferd, die Kuh, die Ziege, das Schaf, "
+               "die Maus, der Frosch, der Junge, das Mädchen, der Mann, die Frau, das Kind, der König, "
+               "die Königin, der Bauer, die Ärztin, der Lehrer, der Bäcker, die Malerin, "
+               "der Fahrer, die Sängerin, der Koch, die Richterin").split(", ")
+VERBS_DE = ("sieht findet nimmt hält trägt kauft verkauft malt sucht wäscht zählt bringt "
+            "versteckt braucht öffnet hebt wirft fängt zeichnet repariert").split()
+OBJECTS_DE = ("den Ball, das Buch, die Kiste, die Tasse, den Hut, den Schlüssel, die Lampe, "
+              "die Karte, den Ring, das Seil, den Schuh, den Löffel, den Stein, den Tisch, "
+              "den Stuhl, die Glocke, den Mantel, die Trommel, die Fahne, den Brief, den Apfel, "
+              "das Brot, den Kuchen, das Ei, die Zitrone, die Birne, die Pflaume, den Korb, "
+              "die Flasche, die Kerze, die Feder, den Hammer, die Leiter, den Spiegel, "
+              "das Kissen, den Eimer, die Decke").split(", ")
+PLACES_DE = ("zu Hause, im Garten, auf dem Hügel, am Fluss, bei der Schule, unter der Brücke, "
+             "in der Küche, auf dem Markt, auf dem Boot, am Morgen, in der Nacht, nach dem "
+             "Essen, im Regen, jeden Tag").split(", ")
+
+
+def satz(rng):
+    words = [rng.choice(SUBJECTS_DE), rng.choice(VERBS_DE), rng.choice(OBJECTS_DE)]
+    if rng.random() < 0.4:
+        words.append(rng.choice(PLACES_DE))
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + "."
+
+
+# Spanish: the same shape.
+SUBJECTS_ES = ("el perro, el gato, el pájaro, el caballo, la vaca, la cabra, la oveja, el ratón, "
+               "la rana, el niño, la niña, el hombre, la mujer, el rey, la reina, el granjero, "
+               "la médica, el maestro, el panadero, la pintora, el piloto, la enfermera, "
+               "el cocinero, la cantante").split(", ")
+VERBS_ES = ("ve encuentra toma lleva compra vende pinta busca lava cuenta trae esconde "
+            "necesita abre levanta tira dibuja guarda quiere rompe").split()
+OBJECTS_ES = ("la pelota, el libro, la caja, la taza, el sombrero, la llave, la lámpara, "
+              "el mapa, el anillo, la cuerda, el zapato, la cuchara, la piedra, la mesa, "
+              "la silla, la campana, el abrigo, el tambor, la bandera, la carta, la manzana, "
+              "el pan, el pastel, el huevo, el limón, la pera, la cesta, la botella, la vela, "
+              "la pluma, el martillo, el espejo, la almohada, el cubo").split(", ")
+PLACES_ES = ("en casa, en el jardín, en la colina, junto al río, cerca de la escuela, bajo el "
+             "puente, en la cocina, en el mercado, en el barco, por la mañana, por la noche, "
+             "después de comer, bajo la lluvia, cada día").split(", ")
+
+
+def frase(rng):
+    words = [rng.choice(SUBJECTS_ES), rng.choice(VERBS_ES), rng.choice(OBJECTS_ES)]
+    if rng.random() < 0.4:
+        words.append(rng.choice(PLACES_ES))
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + "."
+
+
+GRAMMARS = {"en": sentence, "de": satz, "es": frase}
+
+
+def sentences(n, seed, language="en"):
     """n different sentences, the same for the same seed."""
     rng, seen = random.Random(seed), set()
     while len(seen) < n:
-        seen.add(sentence(rng))
+        seen.add(GRAMMARS[language](rng))
     out = sorted(seen)
     random.Random(seed + 1).shuffle(out)
     return out
@@ -107,7 +168,15 @@ def main(argv=None):
     p.add_argument("--test", type=int, default=40, help="held-out sentences (all voices)")
     p.add_argument("--voices", type=int, default=2, help=f"how many voices, 1-{len(VOICES)}")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same sentences")
+    p.add_argument("--languages", default="en",
+                   help=f"comma-separated, from {', '.join(GRAMMARS)}: --train and --test "
+                        "sentences in each")
     args = p.parse_args(argv)
+    languages = args.languages.split(",")
+    unknown = [x for x in languages if x not in GRAMMARS]
+    if unknown or len(set(languages)) != len(languages):
+        die(f"--languages takes distinct languages from {', '.join(GRAMMARS)}, "
+            f"not {args.languages!r}")
     if not 1 <= args.voices <= len(VOICES):
         die(f"--voices must be 1-{len(VOICES)}, not {args.voices}")
     if args.train < args.voices or args.test < 2 * args.voices:
@@ -115,27 +184,37 @@ def main(argv=None):
             f"held-out sentences per voice ({args.voices})")
     if shutil.which("espeak-ng") is None:
         die("espeak-ng is not installed: apt install espeak-ng (macOS: brew install espeak-ng)")
-    texts = sentences(args.train + args.test, args.seed)
-    split = {"train": texts[: args.train], "test": texts[args.train:]}
     tmp_out = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp_out, ignore_errors=True)
-    seconds = 0.0
+    seconds, lists = 0.0, {"train": [], "test": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for part, items in split.items():
-            for i, text in enumerate(items):
-                name, voice, wpm, pitch = VOICES[i % args.voices]  # voices take turns
-                folder = os.path.join(tmp_out, part, name)
-                os.makedirs(folder, exist_ok=True)
-                audio = speak(text, voice, wpm, pitch, tmp)
-                seconds += len(audio) / RATE
-                stem = os.path.join(folder, f"{name}_{part}_{i:05d}")
-                sf.write(stem + ".flac", audio, RATE)
-                with open(stem + ".txt", "w") as f:
-                    f.write(text + "\n")
+        for language in languages:
+            texts = sentences(args.train + args.test, args.seed, language)
+            split = {"train": texts[: args.train], "test": texts[args.train:]}
+            for part, items in split.items():
+                for i, text in enumerate(items):
+                    name, voice, wpm, pitch = VOICES[i % args.voices]  # voices take turns
+                    if language != "en":  # the same speaker: its variant, speed and pitch
+                        voice = LANGUAGE_VOICES[language] + "+" + voice.split("+")[1]
+                    folder = os.path.join(tmp_out, part, name)
+                    os.makedirs(folder, exist_ok=True)
+                    audio = speak(text, voice, wpm, pitch, tmp)
+                    seconds += len(audio) / RATE
+                    tag = "" if language == "en" else f"{language}_"
+                    stem = os.path.join(folder, f"{name}_{tag}{part}_{i:05d}")
+                    sf.write(stem + ".flac", audio, RATE)
+                    with open(stem + ".txt", "w") as f:
+                        f.write(text + "\n")
+                    path = os.path.relpath(stem + ".flac", tmp_out)
+                    lists[part].append(f"{path}|{text}|{name}|{language}\n")
+        for part, lines in lists.items():  # manifests: data/prepare.py --layout manifest
+            with open(os.path.join(tmp_out, part + ".list"), "w") as f:
+                f.writelines(lines)
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp_out, args.out)  # all or nothing
     print(f"wrote {args.train} training and {args.test} held-out sentences in {args.voices} "
-          f"voices ({seconds / 60:.1f} min of speech) to {args.out}")
+          f"voices and {len(languages)} language(s) ({seconds / 60:.1f} min of speech) "
+          f"to {args.out}")
 
 
 if __name__ == "__main__":
