@@ -422,6 +422,20 @@ def speech_probe(seed, seconds=20):
     return torch.cat(segments)
 
 
+def fill_codebooks(model, frames, generator=None):
+    """Fill an EnCodec model's codebooks from encoder frames (T, 128): each codebook takes
+    jittered frames at random, level by level on the residuals the levels before leave (a
+    k-means init without iterations). generator=None draws from torch's global one."""
+    residual = frames
+    for layer in model.quantizer.vq.layers:
+        book = layer._codebook
+        pick = torch.randint(0, len(residual), (book.embed.shape[0],), generator=generator)
+        jitter = torch.randn(book.embed.shape, generator=generator)
+        book.embed.copy_(residual[pick] + 0.1 * residual.std(0) * jitter)  # (1024, 128)
+        book.inited.fill_(1)
+        residual = residual - book.dequantize(book.quantize(residual))
+
+
 class Codec:
     """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
 
@@ -479,14 +493,8 @@ class Codec:
             noise = torch.randn_like(t) * (torch.sin(2 * math.pi * 2.1 * t) > 0.6)  # fricatives
             probe = 0.3 * voiced + 0.2 * noise
             with torch.no_grad():
-                residual = model.encoder(probe.view(1, 1, -1)).squeeze(0).T  # (450, 128)
-                for layer in model.quantizer.vq.layers:
-                    book = layer._codebook
-                    pick = torch.randint(0, len(residual), (book.embed.shape[0],))
-                    jitter = 0.1 * residual.std(0) * torch.randn_like(book.embed)
-                    book.embed.copy_(residual[pick] + jitter)  # (1024, 128)
-                    book.inited.fill_(1)
-                    residual = residual - book.dequantize(book.quantize(residual))
+                frames = model.encoder(probe.view(1, 1, -1)).squeeze(0).T  # (450, 128)
+                fill_codebooks(model, frames)  # the global generator, seeded above
         return cls(model, f"untrained-seed{seed}")
 
     @classmethod
@@ -504,14 +512,8 @@ class Codec:
         model = codec.model
         model.encoder = LogMel()
         with torch.no_grad():
-            residual = model.encoder(speech_probe(seed).view(1, 1, -1)).squeeze(0).T  # (T, 128)
-            generator = torch.Generator().manual_seed(seed)
-            for layer in model.quantizer.vq.layers:
-                book = layer._codebook
-                pick = torch.randint(0, len(residual), (book.embed.shape[0],), generator=generator)
-                jitter = torch.randn(book.embed.shape, generator=generator)
-                book.embed.copy_(residual[pick] + 0.1 * residual.std(0) * jitter)
-                residual = residual - book.dequantize(book.quantize(residual))
+            frames = model.encoder(speech_probe(seed).view(1, 1, -1)).squeeze(0).T  # (T, 128)
+            fill_codebooks(model, frames, torch.Generator().manual_seed(seed))
         return cls(model, f"spectral-seed{seed}")
 
     @property
