@@ -3,6 +3,8 @@
 #   bash run.sh demo   prepare the bundled demo data, train the tiny preset, speak a sentence
 #   bash run.sh test   run the test suite (arguments, if any, go to pytest instead of tests/)
 #   bash run.sh learn  README "Does it learn?": train on a generated espeak-ng corpus (about 2 h)
+#   bash run.sh bilingual  README "Other languages": English and German in the same voices, then
+#                          an English voice speaks German
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VALLE_VENV:-.venv}"
@@ -63,8 +65,23 @@ case "${1:-}" in
         --tokens-only --prompt-seconds 1 --per-speaker 10 | tee "runs/learn/eval_$at.txt"
     done
     ;;
+  bilingual)  # README, "Other languages": VALL-E X's language ID on a generated corpus
+    STEPS="${BILINGUAL_STEPS:-300}"
+    if [ ! -f data/prepared/bilingual/meta.json ]; then
+      "$PY" data/make_corpus.py --out data/bilingual --languages en,de --train 300 --test 10 --voices 2
+      "$PY" data/prepare.py --layout manifest --src data/bilingual/train.list \
+        --out data/prepared/bilingual
+    fi
+    rm -rf runs/bilingual
+    "$PY" train.py --data data/prepared/bilingual --out runs/bilingual --preset tiny \
+      --max-steps "$STEPS" --lr 1e-3 --warmup 50 --batch-frames 3000 --eval-every 100 --log-every 50
+    prompt=data/bilingual/test/us_male/us_male_test_00000
+    "$PY" sample.py --checkpoint runs/bilingual/best.pt --prompt "$prompt.flac" \
+      --prompt-text "$(cat "$prompt.txt")" --language de \
+      --text "Die Katze findet den Schlüssel im Garten." --out runs/bilingual/de.wav
+    ;;
   *)
-    echo "usage: bash run.sh demo | bash run.sh learn | bash run.sh test [pytest arguments]" >&2
+    echo "usage: bash run.sh demo | learn | bilingual | test [pytest arguments]" >&2
     exit 2
     ;;
 esac
