@@ -141,6 +141,7 @@ class Utterance:
     speaker: str
     wav: torch.Tensor  # (n,) at 24 kHz, leading and trailing silence trimmed
     codes: torch.Tensor  # (8, ceil(n / 320)) its EnCodec codes, on the CPU
+    language: str = "en"  # valle.LANGUAGES
 
     @property
     def seconds(self):
@@ -148,8 +149,8 @@ class Utterance:
 
 
 def list_utterances(args):
-    """--src in --layout -> sorted (id, audio path, text, speaker), filtered by duration, then
-    --per-speaker and --limit. Raises ValueError for bad input."""
+    """--src in --layout -> sorted (id, audio path, text, speaker, language), filtered by
+    duration, then --per-speaker and --limit. Raises ValueError for bad input."""
     if not os.path.exists(args.src):
         raise ValueError(f"--src {args.src} does not exist")
     try:
@@ -159,6 +160,8 @@ def list_utterances(args):
                          "missing); see --help") from None
     if not items:
         raise ValueError(f"no utterances in {args.src} for the {args.layout} layout")
+    # the language: a manifest line's fourth field, else --language (prepare.py's rule)
+    items = [(*item[:4], item[4] if len(item) > 4 and item[4] else args.language) for item in items]
     low, high = duration_range(args)
     if (low, high) != (0.0, math.inf):
         kept = [item for item in items if low <= audio_seconds(item[1]) <= high]
@@ -167,9 +170,10 @@ def list_utterances(args):
                              f"{high:g} s: --min-seconds and --max-seconds set the range")
         items = kept
     items = select(items, args.per_speaker, args.limit)
-    for utt, _, text, _ in items:
+    for utt, _, text, _, language in items:
         try:
-            valle.text_to_ids(text)
+            valle.check_language(language)
+            valle.text_to_ids(text, language)
         except ValueError as e:
             raise ValueError(f"utterance {utt}: {e}") from None
     return items
@@ -189,13 +193,13 @@ def load_utterances(items, codec, min_seconds, cfg):
     a prompt and a text of two of them must fit together. Then speakers left with one utterance
     (who would be their own cross-utterance prompt)."""
     utts, notes, too_long = [], [], 0
-    for utt, path, text, speaker in items:
+    for utt, path, text, speaker, language in items:
         wav = valle.trim_silence(valle.load_audio(path))  # as sample.py trims a prompt
         if len(wav) / valle.SAMPLE_RATE <= min_seconds:
             continue
-        u = Utterance(utt, text, speaker, wav, codec.encode(wav))
+        u = Utterance(utt, text, speaker, wav, codec.encode(wav), language)
         if (u.codes.shape[1] > cfg.max_frames // 2
-                or len(valle.text_to_ids(text)) > (cfg.max_text_tokens - 1) // 2):
+                or len(valle.text_to_ids(text, language)) > (cfg.max_text_tokens - 1) // 2):
             too_long += 1
             continue
         utts.append(u)
@@ -256,11 +260,12 @@ def token_references(mode, u, other, prompt_frames):
 
 
 @torch.inference_mode()
-def nar_likelihood(nar, text, prompt_codes, prompt_text, codes):
+def nar_likelihood(nar, text, prompt_codes, prompt_text, codes, language="en", prompt_language="en"):
     """The NAR's mean log-probability of codebooks 1-7 of `codes` (8, T), each given the real
     codebooks below it (teacher-forced), prompted as `valle.generate` prompts it."""
     device = next(nar.parameters()).device
-    text, text_valid = valle.prompted_text(nar.cfg, [valle.text_to_ids(text)], prompt_text, device)
+    text, text_valid = valle.prompted_text(nar.cfg, [valle.text_to_ids(text, language)],
+                                           prompt_text, device, prompt_language)
     prompt, target = prompt_codes[None].to(device), codes[None].to(device)
     prompt_valid = torch.ones(prompt.shape[::2], dtype=torch.bool, device=device)
     target_valid = torch.ones(target.shape[::2], dtype=torch.bool, device=device)
@@ -271,15 +276,21 @@ def nar_likelihood(nar, text, prompt_codes, prompt_text, codes):
     return total / (valle.N_CODEBOOKS - 1)
 
 
-def text_gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference):
+def text_gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference,
+              languages=("en", "en", "en")):
     """How much the models read their text: the mean log-probability per code of the real codes
     (`reference`, (8, T)) with their own text, minus with another sentence's text, from
     teacher-forced passes (AR: codebook 0 and <eos>; NAR: codebooks 1-7). About 0 for a model
-    that has learned the voice but not the words; large for one that reads what it says."""
-    ar_logp = valle.likelihood(ar, [text, other_text], prompt_codes, prompt_text, [reference] * 2)
-    nar_own = nar_likelihood(nar, text, prompt_codes, prompt_text, reference)
-    nar_other = nar_likelihood(nar, other_text, prompt_codes, prompt_text, reference)
-    return ar_logp[0] - ar_logp[1], nar_own - nar_other
+    that has learned the voice but not the words; large for one that reads what it says.
+    languages: of the text, of the other text, of the prompt."""
+    (own, other), prompt_language = languages[:2], languages[2]
+    ar_own, ar_other = (valle.likelihood(ar, [t], prompt_codes, prompt_text, [reference],
+                                         language=lang, prompt_language=prompt_language)[0]
+                        for t, lang in ((text, own), (other_text, other)))
+    nar_own = nar_likelihood(nar, text, prompt_codes, prompt_text, reference, own, prompt_language)
+    nar_other = nar_likelihood(nar, other_text, prompt_codes, prompt_text, reference, other,
+                               prompt_language)
+    return ar_own - ar_other, nar_own - nar_other
 
 
 # -----------------------------------------------------------------------------
@@ -287,12 +298,13 @@ def text_gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference):
 
 
 def prompt_of(mode, u, previous, prompt_frames):
-    """Utterance u's prompt in `mode` -> (codes (8, Tp), transcript or None, waveform, its id).
-    Continuation: u's own first prompt_frames, with no transcript (the text, u's whole transcript,
-    already says it: valle.prompted_text); cross: `previous`, its speaker's utterance before it."""
+    """Utterance u's prompt in `mode` -> (codes (8, Tp), transcript or None, waveform, its id,
+    its language). Continuation: u's own first prompt_frames, with no transcript (the text, u's
+    whole transcript, already says it: valle.prompted_text); cross: `previous`, its speaker's
+    utterance before it (in a corpus of several languages, it may speak another one)."""
     if mode == "continuation":  # the recording's start after its leading silence is trimmed
-        return u.codes[:, :prompt_frames], None, u.wav[: prompt_frames * HOP], u.id
-    return previous.codes, previous.text, previous.wav, previous.id
+        return u.codes[:, :prompt_frames], None, u.wav[: prompt_frames * HOP], u.id, u.language
+    return previous.codes, previous.text, previous.wav, previous.id, previous.language
 
 
 def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
@@ -303,11 +315,13 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
     previous, other = along_speaker(speakers, -1), along_speaker(speakers, +1)  # prompt, baseline
     rows = []
     for i, u in enumerate(utts):
-        prompt_codes, prompt_text, prompt_wav, prompt_id = prompt_of(mode, u, utts[previous[i]], P)
+        prompt_codes, prompt_text, prompt_wav, prompt_id, prompt_language = prompt_of(
+            mode, u, utts[previous[i]], P)
         start = time.time()
         [new], [ended] = valle.generate(ar, nar, [u.text], prompt_codes.to(device), prompt_text,
                                        sampling, seed=args.seed + i,
-                                       max_seconds=args.max_new_seconds, return_ended=True)
+                                       max_seconds=args.max_new_seconds, return_ended=True,
+                                       language=u.language, prompt_language=prompt_language)
         new = new.cpu()  # (8, T)
         out = torch.cat([prompt_codes, new], dim=1) if mode == "continuation" else new
         wav = codec.decode(out) if out.shape[1] and not args.tokens_only else None  # EnCodec rejects 0 frames
@@ -326,7 +340,8 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
             valle.write_wav(path, wav)
         reference, baseline = token_references(mode, u, utts[other[i]], P)
         ar_gap, nar_gap = text_gaps(ar, nar, u.text, utts[other[i]].text, prompt_codes.to(device),
-                                    prompt_text, reference)
+                                    prompt_text, reference,
+                                    (u.language, utts[other[i]].language, prompt_language))
         rows.append(dict(mode=mode, index=i, utterance=u.id, speaker=u.speaker, prompt=prompt_id,
                          seconds=u.seconds, output_seconds=out.shape[1] / valle.FRAME_RATE,
                          generate_seconds=seconds, ended=ended, sim=sim, hypothesis=hyp, text=u.text,
@@ -454,6 +469,9 @@ def parse_args(argv=None):
     p.add_argument("--layout", required=True, choices=LAYOUTS,
                    help="librispeech (speaker/chapter/*.flac + *.trans.txt) or a data/prepare.py layout")
     p.add_argument("--src", required=True, help="corpus folder (or manifest file)")
+    p.add_argument("--language", default="en",
+                   help="the utterances' language, unless a manifest line gives its own "
+                        "(path|text|speaker|language); ASR and WER read English only")
     p.add_argument("--modes", default=",".join(MODES), help="continuation, cross or both")
     p.add_argument("--prompt-seconds", type=float, default=3.0,
                    help="continuation: the prompt is this much of the utterance's start")
@@ -504,6 +522,10 @@ def parse_args(argv=None):
             raise ValueError(f"{flag} {rule}, not {value}")
     if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:
         raise ValueError(f"--asr must be pocketsphinx or whisper[:model], not {args.asr}")
+    try:
+        valle.check_language(args.language)
+    except ValueError as e:
+        raise ValueError(f"--language: {e}") from None
     low, high = duration_range(args)
     if low >= high:
         raise ValueError(f"--min-seconds ({low:g}) must be below --max-seconds ({high:g})")
@@ -528,6 +550,9 @@ def run(args):
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
     # Everything that can be wrong with the input, before any work is done.
     items = list_utterances(args)
+    if not args.tokens_only and any(item[4] != "en" for item in items):
+        raise ValueError("the ASR and WER read English only: evaluate other languages with "
+                         "--tokens-only (the token-space figures)")
     check_out(args.out)
     _, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
     if ar is None or nar is None:

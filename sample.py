@@ -122,6 +122,9 @@ def parse_args(argv=None):
     for flag, value, ok, rule in checks:
         if not ok or (value is not None and not math.isfinite(value)):
             raise ValueError(f"{flag} {rule}, not {value}")
+    if args.select in ("wer", "paper") and args.language != "en":
+        raise ValueError(f"--select {args.select} transcribes English only: for --language "
+                         f"{args.language} choose likelihood or similarity")
     if args.select and args.candidates < 2:
         raise ValueError("--select chooses among candidates: give --candidates 2 or more")
     if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:

@@ -99,8 +99,9 @@ ARPABET = [
 PAD, UNK, WORD_BOUNDARY = "<pad>", "<unk>", "_"
 PUNCTUATION = [".", ",", "?", "!", "-", "'"]  # the only non-letters g2p_en keeps
 # Other languages are phonemized to IPA by eSpeak NG. A fixed inventory of the symbols its
-# German, Spanish and French voices write (and their neighbours), appended after ARPAbet: the
-# table only ever grows at its end, so the ids of older checkpoints and datasets stay valid.
+# German, Spanish and French voices write, and the other common IPA letters (room for more
+# languages without a new table), appended after ARPAbet: the table only ever grows at its
+# end, so the ids of older checkpoints and datasets stay valid.
 # How eSpeak's output is cut into these symbols: see segment_ipa.
 IPA_VOWELS = [
     "a", "e", "i", "o", "u", "y", "æ", "ø", "œ", "ɐ", "ɑ", "ɒ", "ɔ", "ə", "ɘ", "ɛ", "ɜ", "ɞ",
@@ -113,7 +114,9 @@ IPA_CONSONANTS = [
     "ɰ", "ɱ", "ɲ", "ɳ", "ɴ", "ɸ", "ɹ", "ɺ", "ɻ", "ɽ", "ɾ", "ʀ", "ʁ", "ʂ", "ʃ", "ʈ", "ʋ", "ʍ",
     "ʎ", "ʐ", "ʑ", "ʒ", "ʔ", "ʕ", "ʝ", "β", "θ", "χ",
 ]
-IPA_UNITS = [  # two letters, one sound: diphthongs and affricates (eSpeak writes no tie bar)
+IPA_UNITS = [  # two letters, one sound: diphthongs (ɔø: German eu/äu) and affricates, which
+    # eSpeak writes with a tie bar in some words and not in others. Read as one wherever the
+    # two letters meet, also across a syllable ("Rätsel"): an approximation that costs little.
     "aɪ", "aʊ", "eɪ", "oʊ", "ɔɪ", "ɔø", "ɔʏ", "əʊ",
     "tʃ", "dʒ", "ts", "dz", "pf", "tɕ", "dʑ", "tʂ",
 ]
@@ -279,22 +282,43 @@ def segment_ipa(ipa):
     return symbols[:-1]
 
 
-CLAUSE_MARKS = {".": ".", "?": "?", "!": "!", ",": ",", ";": ",", ":": ","}  # -> PUNCTUATION
+# Clause marks -> the table's punctuation. The table is append-only and English's six marks
+# were there first: ";" and ":" pause like "," and read as one.
+CLAUSE_MARKS = {".": ".", "?": "?", "!": "!", ",": ",", ";": ",", ":": ","}
+
+
+def clauses(text, language):
+    """Text -> [(clause, the marks after it)]: cut after . , ; : ? ! where a space or the end
+    follows, so "3,5" and "z.B." stay whole, and not after an abbreviation's period ("Dr.
+    Müller": ABBREVIATIONS, shared with split_sentences)."""
+    pieces, start = [], 0
+    for mark in re.finditer(r"[.,;:?!]+(?=\s|$)", text):
+        words = text[start: mark.start()].split()
+        word = words[-1].lower().lstrip("\"'(\u201c\u201e\u00ab") if words else ""
+        if mark.group() == "." and word in ABBREVIATIONS.get(language, ()):
+            continue
+        pieces.append((text[start: mark.start()], mark.group()))
+        start = mark.end()
+    return pieces + [(text[start:], "")]
 
 
 def phonemize_ipa(text, language):
     """Text in a language other than English -> IPA symbols, punctuation, word boundaries.
 
     eSpeak reads punctuation but writes none: each clause ends its line instead. So the text
-    is cut into clauses at . , ; : ? ! here, eSpeak phonemizes them (numbers included, in the
-    language), and the marks go back in between, as English's phones carry them."""
+    is cut into clauses here, eSpeak phonemizes them (numbers and abbreviations included, by the
+    language's rules), and the marks go back in between, as English's phones carry them. Other
+    marks ("-", "'", quotes) are left to eSpeak, which reads them as part of the words ("s'il"
+    is one word) and writes nothing for them."""
     text = unicodedata.normalize("NFC", text).replace("¿", " ").replace("¡", " ")
-    pieces = re.findall(r"([^.,;:?!]*)([.,;:?!]*)", text)  # (clause, the marks after it)
-    spoken = [c for c, _ in pieces if re.search(r"\w", c)]
+    pieces = clauses(text, language)
+    # a clause with a letter or digit always makes eSpeak write a line (it spells what it
+    # cannot read), so _espeak's count of lines per clause holds
+    spoken = [c for c, _ in pieces if re.search(r"[^\W_]", c)]
     ipa = iter(_espeak(spoken, ESPEAK_VOICES[language]) if spoken else [])
     phones = []
     for clause, marks in pieces:
-        if re.search(r"\w", clause):
+        if re.search(r"[^\W_]", clause):
             phones += segment_ipa(next(ipa)) + [WORD_BOUNDARY]
         phones += [p for m in marks for p in (CLAUSE_MARKS[m], WORD_BOUNDARY)]
     while phones and phones[-1] == WORD_BOUNDARY:
@@ -750,10 +774,11 @@ def positions(valid):
 def embed_text(phone_emb, language_emb, text):
     """Text tokens (B, L) -> (B, L, d): each phone's embedding plus its language's (VALL-E X
     §3, a learned language ID added to every text token). language_emb (len(LANGUAGES) - 1, d)
-    holds the rows of the languages after English; English's row is zero and not learned.
-    That loses nothing (every token has one language, so the phone embeddings absorb any offset
-    shared by all of English), and English-only models, checkpoints made before languages
-    were added included, compute exactly what they did without it."""
+    holds the rows of the languages after English; English's row is zero and not learned, where
+    VALL-E X learns one for every language. That loses nothing (every token has one language,
+    so the phone embeddings absorb any offset shared by all of English), and English-only
+    models, checkpoints made before languages were added included, compute exactly what they
+    did without it."""
     phone, language = text % PHONE_SLOTS, text // PHONE_SLOTS  # see LANGUAGES
     table = F.pad(language_emb, (0, 0, 1, 0))  # (len(LANGUAGES), d): English's zero row first
     return phone_emb(phone) + table[language]
@@ -1481,8 +1506,10 @@ def write_wav(path, wav):
 
 
 def known_phones(phones):
-    """Whether a checkpoint's or dataset's phone table is ours or an older one: a prefix."""
-    return isinstance(phones, list) and len(phones) > 0 and phones == PHONES[: len(phones)]
+    """Whether a checkpoint's or dataset's phone table is ours or an older one: a prefix that
+    holds at least the English symbols (the first table there was, before the IPA ones)."""
+    return (isinstance(phones, list) and len(PHONES) - len(IPA) <= len(phones)
+            and phones == PHONES[: len(phones)])
 
 
 def upgrade_state(state, cfg):

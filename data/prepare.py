@@ -296,7 +296,8 @@ def corpus_settings(args, items):
     """What decides the encoded arrays (not --device, --batch-size, --workers or --shard,
     which change nothing but near-tie codes); the corpus's fingerprint catches added files,
     which would move the chunk boundaries under the saved parts."""
-    listing = json.dumps([(utt, text, speaker, lang) for utt, _, text, speaker, lang in items])
+    listing = json.dumps([(utt, text, speaker) + ((lang,) if lang != "en" else ())  # English:
+                          for utt, _, text, speaker, lang in items])  # as before languages came
     checkpoint = args.encodec_checkpoint and os.path.abspath(args.encodec_checkpoint)
     return {"layout": args.layout, "src": os.path.abspath(args.src), "codec": args.codec,
             "encodec_checkpoint": checkpoint, "min_seconds": args.min_seconds,

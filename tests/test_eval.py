@@ -288,8 +288,9 @@ def test_tokens_only_scores_the_text_gaps_without_decoding_or_scorers(tmp_path, 
     random_checkpoint(tmp_path / "model.pt")
     calls, gaps = [], ev.text_gaps
 
-    def spy(ar, nar, text, other_text, prompt_codes, prompt_text, reference):
-        real = gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference)
+    def spy(ar, nar, text, other_text, prompt_codes, prompt_text, reference, languages):
+        assert languages == ("en", "en", "en")
+        real = gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference, languages)
         assert all(map(math.isfinite, real))  # about 0 for a random model: stand in for them
         result = (0.1 * len(calls), -0.05 * len(calls) - 1)
         calls.append((text, other_text, prompt_codes.shape[1], prompt_text, reference, result))

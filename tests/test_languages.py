@@ -185,6 +185,17 @@ def test_prompt_and_target_carry_their_own_language():
     assert max(text[: len(prompt) + 1]) < valle.PHONE_SLOTS and min(text[len(prompt) + 1:]) >= DE
 
 
+@needs_espeak
+def test_a_german_prompt_transcript_carries_german():
+    target = valle.text_to_ids("Good morning.")
+    text, valid = valle.prompted_text(valle.get_config("tiny"), [target], "Guten Morgen.",
+                                      prompt_language="de")
+    text = text[0][valid[0]].tolist()
+    prompt = text[: len(text) - len(target) - 1]
+    assert prompt == valle.text_to_ids("Guten Morgen.", "de") and min(prompt) >= DE
+    assert text[len(prompt):] == [valle.PHONE_ID["_"]] + target
+
+
 def test_english_only_training_leaves_the_language_embedding_at_zero(models):
     ar, nar = models
     ar.train()
@@ -283,6 +294,15 @@ def test_prepare_records_each_utterances_language(bilingual):
     by_id = {f"{n:06d}": line.split("|")[3] for n, line in enumerate(lines)}
     assert [valle.LANGUAGES[k] for k in index[:, valle.LANGUAGE]] == \
         [by_id[i] for i in meta["ids"]]
+    # train.py reads each utterance's tokens with its language, as text_to_ids makes them
+    import train
+    data = train.Dataset(str(bilingual / "train"))
+    texts = {f"{n:06d}": line.split("|")[1] for n, line in enumerate(lines)}
+    for k in (0, len(meta["ids"]) - 1):  # the manifest lists English first, German last
+        language = valle.LANGUAGES[index[k, valle.LANGUAGE]]
+        tokens, _ = data.item(k)
+        assert tokens.tolist() == valle.text_to_ids(texts[meta["ids"][k]], language)
+    assert {valle.LANGUAGES[index[k, valle.LANGUAGE]] for k in (0, len(index) - 1)} == {"en", "de"}
 
 
 @needs_espeak
@@ -320,6 +340,58 @@ def test_an_english_voice_speaks_german(bilingual, tmp_path):
     import soundfile as sf
     wav, sr = sf.read(out)
     assert sr == valle.SAMPLE_RATE and len(wav) > 0 and np.isfinite(wav).all()
+
+
+@needs_espeak
+@pytest.mark.parametrize("flags", [[], ["--long-text-file"]])
+def test_sample_hands_both_languages_to_the_model(bilingual, tmp_path, monkeypatch, flags):
+    import sample
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("spied")
+    monkeypatch.setattr(valle, "generate", spy)
+    monkeypatch.setattr(valle, "generate_long", spy)
+    text = "Der Hund sieht den Ball."
+    if flags:
+        (tmp_path / "story.txt").write_text(text)
+        flags = flags + [str(tmp_path / "story.txt")]
+    else:
+        flags = ["--text-file", str(tmp_path / "lines.txt")]
+        (tmp_path / "lines.txt").write_text(text + "\n")
+    args = sample.parse_args(["--checkpoint", str(bilingual / "run" / "last.pt"), "--prompt",
+                              str(bilingual / "corpus" / "test" / "us_male" / "us_male_de_test_00000.flac"),
+                              "--prompt-text", "Der Vogel.", "--prompt-language", "de",
+                              "--language", "es", "--out", str(tmp_path / "o.wav"), *flags])
+    with pytest.raises(ValueError, match="spied"):
+        sample.run(args)
+    assert seen["language"] == "es" and seen["prompt_language"] == "de"
+
+
+@needs_espeak
+def test_eval_reads_each_utterances_language(bilingual, tmp_path, monkeypatch, capsys):
+    import eval as ev
+    seen, generate = [], valle.generate
+
+    def spy(ar, nar, texts, prompt_codes, prompt_text, *args, **kwargs):
+        seen.append((texts[0], prompt_text, kwargs["language"], kwargs["prompt_language"]))
+        return generate(ar, nar, texts, prompt_codes, prompt_text, *args, **kwargs)
+    monkeypatch.setattr(valle, "generate", spy)
+    src = str(bilingual / "corpus" / "test.list")
+    common = ["--checkpoint", str(bilingual / "run" / "last.pt"), "--layout", "manifest",
+              "--src", src, "--prompt-seconds", "1", "--max-new-seconds", "0.3"]
+    ev.main(common + ["--tokens-only", "--out", str(tmp_path / "o")])
+    language = {line.split("|")[1]: line.split("|")[3] for line in open(src).read().splitlines()}
+    assert len(seen) == 2 * len(language) and {s[2] for s in seen} == {"en", "de"}
+    for text, prompt_text, lang, prompt_lang in seen:
+        assert lang == language[text]
+        assert prompt_lang == (lang if prompt_text is None else language[prompt_text])
+    assert any(s[3] != s[2] for s in seen)  # cross: a speaker's German prompted by its English
+    with pytest.raises(SystemExit):  # without --tokens-only: the ASR reads English only
+        ev.main(common + ["--out", str(tmp_path / "p")])
+    assert "read English only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p")
 
 
 @pytest.mark.parametrize("flags, match", [

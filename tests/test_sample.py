@@ -119,7 +119,7 @@ def test_bad_text_checkpoint_and_output(setup, tmp_path):
     ckpt["config"]["d_model"] = 256  # weights from another config
     valle.save_checkpoint(str(tmp_path / "other.pt"), **ckpt)
     bad(setup, "--checkpoint", str(tmp_path / "other.pt"), match="do not fit its config")
-    ckpt["config"]["d_model"], ckpt["phones"] = 128, valle.PHONES[:-1]
+    ckpt["config"]["d_model"], ckpt["phones"] = 128, valle.PHONES[:40] + ["XX"] + valle.PHONES[41:]
     valle.save_checkpoint(str(tmp_path / "phones.pt"), **ckpt)
     bad(setup, "--checkpoint", str(tmp_path / "phones.pt"), match="another phone table")
     bad(setup, out="no/such/folder/x.wav", match="cannot write")
