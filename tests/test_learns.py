@@ -82,7 +82,7 @@ def test_the_ar_reads_its_text(trained):
     torch.manual_seed(0)
     loss, acc = ar.loss(text, text_lens, codes, code_lens)
     wrong_loss, wrong_acc = ar.loss(*wrong_text(text, text_lens), codes, code_lens)
-    # Measured: 0.64 accuracy; 1.24 nats with the right text, 1.91 with the wrong one. The
+    # Measured: 0.65 accuracy; 1.17 nats with the right text, 1.95 with the wrong one. The
     # onsets, a fifth of the codes, carry the whole gap: about 3 nats each.
     assert acc > 0.6, f"held-out codebook-0 accuracy {acc:.3f}"
     assert wrong_loss - loss > 0.4, f"right text {loss:.3f} vs wrong text {wrong_loss:.3f} nats"
@@ -116,18 +116,20 @@ def classes(c0):
 @torch.no_grad()
 def test_greedy_codes_follow_the_text(trained):
     """Free-running, greedy, no voice prompt (the task has one voice): the classes spelled by
-    the generated codebook 0 are closer to the held-out text's than to another text's (measured:
-    0.66 against 0.83 edits per class; the model is still learning at 250 steps)."""
+    the generated codebook 0 are closer to the held-out text's than to another text's (measured
+    on the 64 held-out utterances: 0.63 against 0.79 edits per class; the model is still
+    learning at 250 steps)."""
     from rapidfuzz.distance import Levenshtein
     ar, _, (text, text_lens, _, _) = trained
-    texts = [[p % CLASSES for p in text[i, : text_lens[i]].tolist()] for i in range(16)]
-    t, tv = valle.pad_ids([text[i, : text_lens[i]].tolist() for i in range(16)])
+    n = len(text)  # all 64 held-out utterances
+    texts = [[p % CLASSES for p in text[i, : text_lens[i]].tolist()] for i in range(n)]
+    t, tv = valle.pad_ids([text[i, : text_lens[i]].tolist() for i in range(n)])
     c0 = valle.generate_ar(ar, t, tv, torch.zeros(0, dtype=torch.long), max_groups=40,
                            sampling=valle.Sampling(top_k=1, ras=False))
     own = sum(Levenshtein.normalized_distance(classes(c.tolist()), texts[i])
-              for i, c in enumerate(c0)) / 16
+              for i, c in enumerate(c0)) / n
     other = sum(Levenshtein.normalized_distance(classes(c.tolist()), texts[i - 1])
-                for i, c in enumerate(c0)) / 16
+                for i, c in enumerate(c0)) / n
     assert own < other - 0.1, f"edit distance to own text {own:.3f}, other {other:.3f}"
 
 
@@ -139,7 +141,7 @@ def test_eval_text_gaps_see_the_models_read(trained, monkeypatch):
     import eval as evaluation
     ar, nar, (text, text_lens, codes, code_lens) = trained
     names = {f"utterance {i}": text[i, : text_lens[i]].tolist() for i in range(8)}
-    monkeypatch.setattr(valle, "text_to_ids", names.__getitem__)
+    monkeypatch.setattr(valle, "text_to_ids", lambda name, language="en": names[name])
     no_prompt = torch.zeros(8, 0, dtype=torch.long)
     gaps = [evaluation.text_gaps(ar, nar, f"utterance {i}", f"utterance {i - 1}", no_prompt, None,
                                  codes[i, :, : code_lens[i]]) for i in range(1, 8)]
