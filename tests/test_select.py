@@ -404,16 +404,18 @@ def test_a_candidates_likelihood_scores_each_chunk_against_its_own_prompt(monkey
     import sample as sample_script
     calls = []
 
-    def fake(ar, texts, prompt_codes, prompt_text, codes, ended):
-        calls.append((texts, prompt_codes, prompt_text, ended))
+    def fake(ar, texts, prompt_codes, prompt_text, codes, ended, language, prompt_language):
+        calls.append((texts, prompt_codes, prompt_text, ended, language, prompt_language))
         return [{"A one.": -1.0, "B two.": -3.0, "C three.": -9.0}[texts[0]]]
     monkeypatch.setattr(valle, "likelihood", fake)
     voice = torch.zeros(8, 10, dtype=torch.long)
     codes = [torch.zeros(8, 3), torch.zeros(8, 5), torch.zeros(8, 0)]
     # rolling: chunk 2 was prompted by chunk 1, chunk 3 (nothing said, no <eos>) scores nothing
     got = sample_script.likelihood(None, ["A one.", "B two.", "C three."], codes, [True, False, False],
-                                   [None, 0, None], voice, "Voice.")
+                                   [None, 0, None], voice, "Voice.", "de", "en")
     assert got == pytest.approx((4 * -1.0 + 5 * -3.0) / 9)  # weighted by codes (+ <eos>)
     assert calls[0][1] is voice and calls[0][2] == "Voice." and calls[0][3] == [True]
     assert calls[1][1] is codes[0] and calls[1][2] == "A one." and calls[1][3] == [False]
+    # the voice prompts in its own language; a chunk's speech, in the text's
+    assert calls[0][4:] == ("de", "en") and calls[1][4:] == ("de", "de")
     assert len(calls) == 2
