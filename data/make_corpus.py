@@ -98,14 +98,6 @@ PLACES_DE = ("zu Hause, im Garten, auf dem Hügel, am Fluss, bei der Schule, unt
              "Essen, im Regen, jeden Tag").split(", ")
 
 
-def satz(rng):
-    words = [rng.choice(SUBJECTS_DE), rng.choice(VERBS_DE), rng.choice(OBJECTS_DE)]
-    if rng.random() < 0.4:
-        words.append(rng.choice(PLACES_DE))
-    text = " ".join(words)
-    return text[0].upper() + text[1:] + "."
-
-
 # Spanish: the same shape.
 SUBJECTS_ES = ("el perro, el gato, el pájaro, el caballo, la vaca, la cabra, la oveja, el ratón, "
                "la rana, el niño, la niña, el hombre, la mujer, el rey, la reina, el granjero, "
@@ -123,15 +115,20 @@ PLACES_ES = ("en casa, en el jardín, en la colina, junto al río, cerca de la e
              "después de comer, bajo la lluvia, cada día").split(", ")
 
 
-def frase(rng):
-    words = [rng.choice(SUBJECTS_ES), rng.choice(VERBS_ES), rng.choice(OBJECTS_ES)]
-    if rng.random() < 0.4:
-        words.append(rng.choice(PLACES_ES))
-    text = " ".join(words)
-    return text[0].upper() + text[1:] + "."
+def subject_verb_object(subjects, verbs, objects, places):
+    """The German and Spanish grammar, from its word lists: a function of a random generator."""
+    def sentence(rng):
+        words = [rng.choice(subjects), rng.choice(verbs), rng.choice(objects)]
+        if rng.random() < 0.4:
+            words.append(rng.choice(places))
+        text = " ".join(words)
+        return text[0].upper() + text[1:] + "."
+    return sentence
 
 
-GRAMMARS = {"en": sentence, "de": satz, "es": frase}
+GRAMMARS = {"en": sentence,
+            "de": subject_verb_object(SUBJECTS_DE, VERBS_DE, OBJECTS_DE, PLACES_DE),
+            "es": subject_verb_object(SUBJECTS_ES, VERBS_ES, OBJECTS_ES, PLACES_ES)}
 
 
 def sentences(n, seed, language="en"):
