@@ -123,7 +123,8 @@ IPA_UNITS = [  # two letters, one sound: diphthongs (ɔø: German eu/äu) and af
 IPA_MARKS = [  # symbols of their own that are no sound: stress, length, secondary articulation
     "ˈ", "ˌ", "ː", "ˑ", "ʰ", "ʲ", "ʷ",
 ]
-IPA = [unicodedata.normalize("NFC", s) for s in IPA_VOWELS + IPA_CONSONANTS + IPA_UNITS + IPA_MARKS]
+IPA = [unicodedata.normalize("NFC", s)  # one spelling of each: precomposed where one exists
+       for s in IPA_VOWELS + IPA_CONSONANTS + IPA_UNITS + IPA_MARKS]
 PHONES = [PAD, UNK, WORD_BOUNDARY] + PUNCTUATION + ARPABET + IPA
 PHONE_ID = {p: i for i, p in enumerate(PHONES)}
 PAD_ID, UNK_ID = PHONE_ID[PAD], PHONE_ID[UNK]
