@@ -89,15 +89,16 @@ def librispeech(src):
     return sorted(items)
 
 
-def _prepare_layouts():
+def _load_prepare():
     spec = importlib.util.spec_from_file_location(
         "prepare", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prepare.py"))
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    return prepare.LAYOUTS
+    return prepare
 
 
-LAYOUTS = {"librispeech": librispeech, **_prepare_layouts()}  # each returns sorted tuples
+prepare = _load_prepare()  # data/prepare.py: its layouts and their languages
+LAYOUTS = {"librispeech": librispeech, **prepare.LAYOUTS}  # each returns sorted tuples
 
 
 def audio_seconds(path):
@@ -161,7 +162,7 @@ def list_utterances(args):
     if not items:
         raise ValueError(f"no utterances in {args.src} for the {args.layout} layout")
     # the language: a manifest line's fourth field, else --language (prepare.py's rule)
-    items = [(*item[:4], item[4] if len(item) > 4 and item[4] else args.language) for item in items]
+    items = prepare.with_language(items, args.language)
     low, high = duration_range(args)
     if (low, high) != (0.0, math.inf):
         kept = [item for item in items if low <= audio_seconds(item[1]) <= high]

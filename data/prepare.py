@@ -148,6 +148,12 @@ def manifest(src):
     return items
 
 
+def with_language(items, default):
+    """Layout items -> (id, path, text, speaker, language): a manifest line's own language, else
+    `default` (--language)."""
+    return [(*item[:4], item[4] if len(item) > 4 and item[4] else default) for item in items]
+
+
 LAYOUTS = {"ljspeech": ljspeech, "libritts": libritts, "vctk": vctk, "folder": folder,
            "manifest": manifest}
 
@@ -524,7 +530,7 @@ def list_items(args):
             "see --help for the layouts")
     if not items:
         die(f"no utterances found in {args.src} for the {args.layout} layout")
-    items = [(*item[:4], item[4] if len(item) > 4 and item[4] else args.language) for item in items]
+    items = with_language(items, args.language)
     for language in sorted({item[4] for item in items}):
         try:
             valle.check_language(language)
