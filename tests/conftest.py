@@ -9,6 +9,19 @@ import valle  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# VALLE_ONEDNN=0 bash run.sh test: the suite with PyTorch's oneDNN kernels off, in this process
+# and in every Python the tests start (a sitecustomize.py on their PYTHONPATH), to check that no
+# test depends on which CPU kernels ran. With the math libraries held to AVX2, the same check
+# for instruction sets: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# ONEDNN_MAX_CPU_ISA=AVX2 (ATen's switch alone leaves MKL and oneDNN as they are).
+if os.environ.get("VALLE_ONEDNN") == "0":
+    import tempfile
+    torch.backends.mkldnn.enabled = False
+    _site = tempfile.mkdtemp(prefix="valle-no-onednn-")
+    with open(os.path.join(_site, "sitecustomize.py"), "w") as f:
+        f.write("import torch\ntorch.backends.mkldnn.enabled = False\n")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_site, os.environ.get("PYTHONPATH")]))
+
 
 @pytest.fixture(scope="session")
 def codec():
