@@ -62,6 +62,35 @@ try:
 except ValueError as e:
     p.error(str(e))
 cuda = device.type == "cuda"
+
+
+def machine():
+    """What made the figures: the CPU's model and the instructions that change them (AVX-512,
+    VNNI's int8 dot products, bf16), the kernels PyTorch chose, and the GPU if one is used."""
+    import platform
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        name = " ".join(info.get("model name", name).split())
+        if "cpu family" in info:  # a VM may name only the vendor: AMD family 23 is Zen 1-2, 25 Zen 3-4
+            name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+        flags = set(info.get("flags", "").split())
+    except OSError:
+        pass
+    has = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+           if f in flags]
+    line = (f"# machine: {name}, {os.cpu_count()} CPUs ({' '.join(has) or 'flags unknown'}); "
+            f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"quantized engine {torch.backends.quantized.engine}, "
+            f"oneDNN {'on' if torch.backends.mkldnn.enabled else 'off'}")
+    if cuda:
+        line += f"; GPU {torch.cuda.get_device_name(device)}"
+    return line
+
+
+if not args.memory_point:  # a child process whose stdout the parent reads
+    print(machine(), flush=True)
 TEXT = ("VALL-E two speaks this sentence in the voice of a short prompt, "
         "and it takes about ten seconds to say all of it out loud.")
 PROMPT_TEXT = "A three second voice prompt."
@@ -345,8 +374,7 @@ def int8_rows():
     n = valle.quantize_int8(ar8) + valle.quantize_int8(nar8)
     models["int8"] = (ar8, nar8)
     print(f"# bench --int8: preset {args.preset}, {args.threads} threads, {frames / valle.FRAME_RATE:.1f} s "
-          f"of speech, {n} linear layers in int8, torch {torch.__version__}, "
-          f"quantized engine {torch.backends.quantized.engine}")
+          f"of speech, {n} linear layers in int8")
     text, text_valid, prompt = make_inputs(cfg)
     steps = frames // 2
     c0 = [torch.randint(0, valle.CODEBOOK_SIZE, (frames,))]
@@ -434,7 +462,7 @@ def int8_accuracy(checkpoint, data_path):
 
 
 if args.data_path or args.memory or args.long or args.int8 or args.int8_accuracy:
-    print(f"# bench: {args.threads} threads, torch {torch.__version__}")
+    print(f"# bench: {args.threads} threads")
     if args.data_path:
         data_path_rows()
     if args.memory:
@@ -452,8 +480,7 @@ if args.quick:
     frames = min(frames, 60)
 dtype = torch.bfloat16 if args.bf16 else torch.float32
 print(f"# bench: preset {args.preset}, {device}, {args.threads} threads, {dtype}, "
-      f"{frames / valle.FRAME_RATE:.1f} s of speech after a {args.prompt_seconds:.0f} s prompt, "
-      f"torch {torch.__version__}")
+      f"{frames / valle.FRAME_RATE:.1f} s of speech after a {args.prompt_seconds:.0f} s prompt")
 
 # --- AR decoding: KV cache vs naive, for each group size ------------------------------------
 bws = read_bandwidths()
