@@ -22,6 +22,20 @@ if os.environ.get("VALLE_ONEDNN") == "0":
         f.write("import torch\ntorch.backends.mkldnn.enabled = False\n")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_site, os.environ.get("PYTHONPATH")]))
 
+# torch.compile keeps its kernels on disk (Inductor's cache), and with PyTorch 2.11 a cache filled
+# by a run under AVX-512 crashes a later run held to AVX2 (SIGSEGV or SIGBUS in the compiled
+# decode step; a fresh cache does not). So each of these settings gets a cache of its own, which
+# the Pythons that the tests start inherit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+    _setting = "-".join([torch.backends.cpu.get_cpu_capability(),
+                         os.environ.get("MKL_ENABLE_INSTRUCTIONS", "mkl"),
+                         os.environ.get("ONEDNN_MAX_CPU_ISA", "onednn"),
+                         "onednn-on" if torch.backends.mkldnn.enabled else "onednn-off"]).lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}", f"valle-tests-{_setting}")
+
 
 @pytest.fixture(scope="session")
 def codec():

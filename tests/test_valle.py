@@ -702,18 +702,23 @@ def test_bf16_autocast_decoding_and_training(size):
 
 
 def test_bf16_fixed_shape_step_and_bf16_weights():
+    import golden  # a trained model, whose greedy choices win by margins that bf16 keeps: a
+    ar, _ = golden.load_weights()  # random one's near-ties flip with the CPU's kernels
+    text, valid, codes, _ = golden.made_up_batch()
+    run = lambda **kw: valle.generate_ar(ar, text, valid, codes[0, 0, :16], 12,  # noqa: E731
+                                         valle.Sampling(top_p=0.0), torch.Generator().manual_seed(7), **kw)
+    fp32 = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive = run(use_cache=False)
+        fixed = run(compile=True)  # the compiled fixed-shape step (it used to fail on the dtype)
+    assert [len(a) for a in naive] == [len(a) for a in fp32] == [24, 24]
+    for other in (fixed, fp32):  # 48 of 48 on AVX-512, on AVX2 and with oneDNN off
+        assert sum(int((a[:n] == b[:n]).sum()) for a, b in zip(naive, other)
+                   for n in [min(len(a), len(b))]) >= 0.9 * 48
     torch.manual_seed(0)
     ar = valle.ARModel(valle.get_config("tiny", dropout=0.0)).eval()
     text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
     prompt = torch.randint(0, 1024, (13,), generator=torch.Generator().manual_seed(1))
-    run = lambda **kw: valle.generate_ar(ar, text, valid, prompt, 12, valle.Sampling(top_p=0.0),  # noqa: E731
-                                         torch.Generator().manual_seed(7), **kw)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        naive = run(use_cache=False)
-        fixed = run(compile=True)  # the compiled fixed-shape step (it used to fail on the dtype)
-    assert all(len(a) > 0 for a in naive)
-    agree = sum(int((a[: min(len(a), len(b))] == b[: min(len(a), len(b))]).sum()) for a, b in zip(naive, fixed))
-    assert agree >= 0.8 * sum(min(len(a), len(b)) for a, b in zip(naive, fixed))  # bf16 may flip ties
     bf16 = copy.deepcopy(ar).to(torch.bfloat16)  # what sample.py --bf16 does
     with torch.inference_mode():
         _, _, cache = cached_and_naive_logits(bf16, torch.randint(0, 1024, (2, 9, 2)))
