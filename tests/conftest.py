@@ -19,7 +19,8 @@ if os.environ.get("VALLE_ONEDNN") == "0":
     torch.backends.mkldnn.enabled = False
     _site = tempfile.mkdtemp(prefix="valle-no-onednn-")
     with open(os.path.join(_site, "sitecustomize.py"), "w") as f:
-        f.write("import torch\ntorch.backends.mkldnn.enabled = False\n")
+        f.write("try:\n    import torch\n    torch.backends.mkldnn.enabled = False\n"
+                "except ImportError:\n    pass\n")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_site, os.environ.get("PYTHONPATH")]))
 
 # torch.compile keeps its kernels on disk (Inductor's cache), and with PyTorch 2.11 a cache filled
