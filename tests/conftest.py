@@ -1,5 +1,7 @@
+import getpass
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -15,7 +17,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # for instruction sets: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 # ONEDNN_MAX_CPU_ISA=AVX2 (ATen's switch alone leaves MKL and oneDNN as they are).
 if os.environ.get("VALLE_ONEDNN") == "0":
-    import tempfile
     torch.backends.mkldnn.enabled = False
     _site = tempfile.mkdtemp(prefix="valle-no-onednn-")
     with open(os.path.join(_site, "sitecustomize.py"), "w") as f:
@@ -28,8 +29,6 @@ if os.environ.get("VALLE_ONEDNN") == "0":
 # decode step; a fresh cache does not). So each of these settings gets a cache of its own, which
 # the Pythons that the tests start inherit.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    import getpass
-    import tempfile
     _setting = "-".join([torch.backends.cpu.get_cpu_capability(),
                          os.environ.get("MKL_ENABLE_INSTRUCTIONS", "mkl"),
                          os.environ.get("ONEDNN_MAX_CPU_ISA", "onednn"),

@@ -36,6 +36,7 @@ CONFIG = dict(d_model=16, n_head=2, n_layer=2, d_ff=64, dropout=0.0, group_size=
               max_text_tokens=64, max_frames=400)  # 0.75 MB of weights in git
 TEXTS = [[20, 21, 22, 23, 24, 25], [30, 31, 32, 33]]  # phone ids: no text frontend involved
 FRAMES = 64  # per made-up utterance
+PROMPT_FRAMES = 16  # the voice prompt: the start of utterance 0
 STEPS = 400  # training steps for the stored weights
 LOSS_STEPS = 30  # training steps whose losses are compared (13.9 falls to 11.3 over them)
 LOSS_RTOL = 1e-3  # relative; AVX-512, AVX2, no SIMD and oneDNN off differ by < 1e-6 here
@@ -97,7 +98,7 @@ def decode(ar, nar):
     """-> dict of code lists: AR decoding (greedy with RAS; sampled at temperature 2 with top-p
     and RAS, cached and naive) and the NAR's codebooks 1-7 for the greedy codes."""
     text, text_valid, codes, _ = made_up_batch()
-    prompt = codes[0, :, :16]  # (8, 16): the start of utterance 0
+    prompt = codes[0, :, :PROMPT_FRAMES]  # (8, Tp)
     out = {}
     hot = valle.Sampling(temperature=2.0)  # at 1.0 the trained model's draws are its argmax
     for name, sampling, cache in [("greedy_ras", valle.Sampling(top_p=0.0), True),
@@ -113,9 +114,11 @@ def decode(ar, nar):
 @one_thread
 def greedy_margins(ar, nar, out):
     """The least margin (top-1 minus top-2 logit) of the decoded codes that were argmax choices:
-    the AR's greedy codes that RAS let stand, and every NAR code. -> (ar margin, nar margin)."""
+    the AR's greedy codes that RAS let stand, and every NAR code (out: what decode returned).
+    -> (ar margin, nar margin)."""
     text, text_valid, codes, _ = made_up_batch()
-    prompt = codes[0, :, :16]
+    prompt = codes[0, :, :PROMPT_FRAMES]
+    prompt_valid = torch.ones(1, PROMPT_FRAMES, dtype=torch.bool)
     ar_margin = nar_margin = float("inf")
     with torch.inference_mode():
         for i, c0 in enumerate(out["greedy_ras"]):
@@ -124,21 +127,18 @@ def greedy_margins(ar, nar, out):
             groups = valle.group_codes(whole, ar.cfg.group_size)[None, :-1]  # (1, N, G)
             x, valid = ar.embed(text[i:i + 1], text_valid[i:i + 1], groups,
                                 torch.ones(groups.shape[:2], dtype=torch.bool))
-            logits = ar.logits(ar(x, valid))[0, -groups.shape[1] - 1:-1].flatten(0, 1)  # (T, 1025)
-            picked = whole[-len(logits):]
-            new = logits[len(logits) - len(c0):]
+            # the logits that chose each code: those of <bos> .. the last group but one
+            new = ar.logits(ar(x, valid))[0, -groups.shape[1] - 1:-1].flatten(0, 1)[-len(c0):]
             top2 = new.topk(2, dim=-1).values
-            argmax = new.argmax(-1) == picked[len(logits) - len(c0):]
+            argmax = new.argmax(-1) == torch.tensor(c0)
             if argmax.any():
                 ar_margin = min(ar_margin, float((top2[:, 0] - top2[:, 1])[argmax].min()))
-        full = valle.generate_nar(nar, text, text_valid, prompt,
-                                  [torch.tensor(c) for c in out["greedy_ras"]])
-        for i, f in enumerate(full):
-            target = f[None]
-            valid = torch.ones(1, f.shape[1], dtype=torch.bool)
+        for i, (c0, rest) in enumerate(zip(out["greedy_ras"], out["nar_codebooks_1_to_7"])):
+            target = torch.tensor([c0] + rest)[None]  # (1, 8, T): pass j reads codebooks < j
+            valid = torch.ones(1, len(c0), dtype=torch.bool)
             for j in range(1, valle.N_CODEBOOKS):
-                top2 = nar(text[i:i + 1], text_valid[i:i + 1], prompt[None],
-                           torch.ones(1, 16, dtype=torch.bool), target, valid, j).topk(2, dim=-1).values
+                top2 = nar(text[i:i + 1], text_valid[i:i + 1], prompt[None], prompt_valid,
+                           target, valid, j).topk(2, dim=-1).values
                 nar_margin = min(nar_margin, float((top2[..., 0] - top2[..., 1]).min()))
     return ar_margin, nar_margin
 
