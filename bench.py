@@ -39,7 +39,8 @@ p.add_argument("--threads", type=int, default=2, help="CPU threads")
 p.add_argument("--seconds", type=float, default=10.0, help="speech to generate")
 p.add_argument("--prompt-seconds", type=float, default=3.0, help="voice prompt length")
 p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
-p.add_argument("--bf16", action="store_true", help="bfloat16 weights for decoding")
+p.add_argument("--bf16", action="store_true",
+               help="bf16 matrix products for decoding, as sample.py --bf16")
 p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
 p.add_argument("--compile", action="store_true",
                help="also time the compiled fixed-shape decode step (always on CUDA)")
@@ -101,15 +102,22 @@ def sync():
         torch.cuda.synchronize()
 
 
+def bf16():
+    """--bf16: the models' matrix products in bf16 (valle.bf16_linears, under autocast)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
 def timed(fn, repeats=args.repeats, warmup=1):
     """Median wall time of fn() in seconds, after warm-up."""
     for _ in range(warmup):
-        fn()
+        with bf16():
+            fn()
     times = []
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
-        fn()
+        with bf16():
+            fn()
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -478,8 +486,8 @@ if args.data_path or args.memory or args.long or args.int8 or args.int8_accuracy
 frames = int(args.seconds * valle.FRAME_RATE)
 if args.quick:
     frames = min(frames, 60)
-dtype = torch.bfloat16 if args.bf16 else torch.float32
-print(f"# bench: preset {args.preset}, {device}, {args.threads} threads, {dtype}, "
+precision = "bf16 matrix products" if args.bf16 else "fp32"
+print(f"# bench: preset {args.preset}, {device}, {args.threads} threads, {precision}, "
       f"{frames / valle.FRAME_RATE:.1f} s of speech after a {args.prompt_seconds:.0f} s prompt")
 
 # --- AR decoding: KV cache vs naive, for each group size ------------------------------------
@@ -494,7 +502,9 @@ ar_seconds = {}
 for G in (1, 2, 4, 8):
     torch.manual_seed(0)
     cfg = valle.get_config(args.preset, group_size=G, dropout=0.0)
-    ar = NoEOS(cfg).to(device, dtype).eval()
+    ar = NoEOS(cfg).to(device).eval()
+    if args.bf16:
+        valle.bf16_linears(ar)
     text, text_valid, prompt = make_inputs(cfg)
     steps = frames // G
     run = lambda cache, n=steps, compile=False: valle.generate_ar(  # noqa: E731
@@ -513,7 +523,8 @@ for G in (1, 2, 4, 8):
         f"{ar_weight_bytes(ar) / per_step / 1e9:.1f} GB/s")
     if G == 2 and (args.compile or cuda):
         t = time.perf_counter()
-        run(True, 2, compile=True)  # compiles on the first call
+        with bf16():
+            run(True, 2, compile=True)  # compiles on the first call
         first = time.perf_counter() - t
         total_c = timed(lambda: run(True, compile=True))
         prefill_c = timed(lambda: run(True, 1, compile=True))
@@ -559,8 +570,10 @@ row("AR time, G=1 / G=2", f"{ar_seconds[1] / ar_seconds[2]:.2f}x", "grouping hal
 # --- NAR, codec, end to end -------------------------------------------------------------------
 torch.manual_seed(0)
 cfg = valle.get_config(args.preset, group_size=2, dropout=0.0)
-ar = NoEOS(cfg).to(device, dtype).eval()
-nar = valle.NARModel(cfg).to(device, dtype).eval()
+ar = NoEOS(cfg).to(device).eval()
+nar = valle.NARModel(cfg).to(device).eval()
+if args.bf16:
+    valle.bf16_linears(ar), valle.bf16_linears(nar)
 text, text_valid, prompt = make_inputs(cfg)
 c0 = [torch.randint(0, valle.CODEBOOK_SIZE, (frames,), device=device)]
 nar_s = timed(lambda: valle.generate_nar(nar, text, text_valid, prompt, c0))

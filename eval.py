@@ -308,10 +308,11 @@ def prompt_of(mode, u, previous, prompt_frames):
     return previous.codes, previous.text, previous.wav, previous.id, previous.language
 
 
-def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
+def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args, bf16=False):
     """Speak every utterance in `mode` (P: continuation's prompt frames), score it, write it to
-    --out -> one dict per utterance."""
+    --out -> one dict per utterance. bf16: the models run under bf16 autocast (fp32 weights)."""
     device = next(ar.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     speakers = [u.speaker for u in utts]
     previous, other = along_speaker(speakers, -1), along_speaker(speakers, +1)  # prompt, baseline
     rows = []
@@ -319,10 +320,11 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
         prompt_codes, prompt_text, prompt_wav, prompt_id, prompt_language = prompt_of(
             mode, u, utts[previous[i]], P)
         start = time.time()
-        [new], [ended] = valle.generate(ar, nar, [u.text], prompt_codes.to(device), prompt_text,
-                                       sampling, seed=args.seed + i,
-                                       max_seconds=args.max_new_seconds, return_ended=True,
-                                       language=u.language, prompt_language=prompt_language)
+        with autocast:
+            [new], [ended] = valle.generate(ar, nar, [u.text], prompt_codes.to(device), prompt_text,
+                                           sampling, seed=args.seed + i,
+                                           max_seconds=args.max_new_seconds, return_ended=True,
+                                           language=u.language, prompt_language=prompt_language)
         new = new.cpu()  # (8, T)
         out = torch.cat([prompt_codes, new], dim=1) if mode == "continuation" else new
         wav = codec.decode(out) if out.shape[1] and not args.tokens_only else None  # EnCodec rejects 0 frames
@@ -340,9 +342,10 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             valle.write_wav(path, wav)
         reference, baseline = token_references(mode, u, utts[other[i]], P)
-        ar_gap, nar_gap = text_gaps(ar, nar, u.text, utts[other[i]].text, prompt_codes.to(device),
-                                    prompt_text, reference,
-                                    (u.language, utts[other[i]].language, prompt_language))
+        with autocast:
+            ar_gap, nar_gap = text_gaps(ar, nar, u.text, utts[other[i]].text,
+                                        prompt_codes.to(device), prompt_text, reference,
+                                        (u.language, utts[other[i]].language, prompt_language))
         rows.append(dict(mode=mode, index=i, utterance=u.id, speaker=u.speaker, prompt=prompt_id,
                          seconds=u.seconds, output_seconds=out.shape[1] / valle.FRAME_RATE,
                          generate_seconds=seconds, ended=ended, sim=sim, hypothesis=hyp, text=u.text,
@@ -498,7 +501,8 @@ def parse_args(argv=None):
                    help="stop each output's new speech at this length (default: the model's limits)")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 weights for inference (default: on with CUDA, off on the CPU)")
+                   help="bf16 matrix products for inference (norms, residual stream and "
+                        "logits stay fp32; default: on with CUDA, off on the CPU)")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):
@@ -559,8 +563,8 @@ def run(args):
     if ar is None or nar is None:
         raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
                          "train both (train.py --models ar,nar)")
-    if bf16:
-        ar, nar = ar.to(torch.bfloat16), nar.to(torch.bfloat16)
+    if bf16:  # bf16 matrix products under autocast; norms, residual stream and logits in fp32
+        ar, nar = valle.bf16_linears(ar), valle.bf16_linears(nar)
     untrained = ckpt["codec"] != "pretrained"  # a test codec: valle.Codec.speaks
     if untrained and not args.tokens_only:
         print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}): its output "
@@ -582,7 +586,7 @@ def run(args):
     rows, results = [], {}
     for mode in args.modes:
         mode_rows = evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling,
-                                  prompt_frames, args)
+                                  prompt_frames, args, bf16)
         results[mode] = summarize(mode_rows)
         rows += mode_rows
     if args.out and args.tokens_only:

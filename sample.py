@@ -93,11 +93,15 @@ def parse_args(argv=None):
                    help="stop each sentence (long text: each chunk) at this length and keep what "
                         "came (default: the model's tables; a long-text chunk that reaches them "
                         "is split and spoken again)")
+    p.add_argument("--max-batch", type=int, default=valle.MAX_BATCH,
+                   help="rows decoded at once (sentences x candidates, or long-text chunks x "
+                        "candidates); the paper's size takes about 0.25 GB a row in bf16")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the AR decode step, a CUDA graph on a GPU (slower on a CPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 weights for inference (default: on with CUDA, off on the CPU)")
+                   help="bf16 matrix products for inference (norms, residual stream and "
+                        "logits stay fp32; default: on with CUDA, off on the CPU)")
     p.add_argument("--int8", action="store_true",
                    help="int8 weights for the transformers' linear layers, on a CPU: faster AR "
                         "steps, and a faster NAR where the CPU has int8 dot products (VNNI); "
@@ -115,6 +119,7 @@ def parse_args(argv=None):
         ("--ras-window", args.ras_window, args.ras_window >= 1, "must be at least 1"),
         ("--ras-threshold", args.ras_threshold, 0 < args.ras_threshold <= 1, "must be in (0, 1]"),
         ("--candidates", args.candidates, args.candidates >= 1, "must be at least 1"),
+        ("--max-batch", args.max_batch, args.max_batch >= 1, "must be at least 1"),
         ("--max-seconds", args.max_seconds, args.max_seconds is None or args.max_seconds > 0,
          "must be positive"),
         ("--chunk-seconds", args.chunk_seconds, args.chunk_seconds is None or args.chunk_seconds > 0,
@@ -212,8 +217,8 @@ def run(args):
     if ar is None or nar is None:
         raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
                          "train both (train.py --models ar,nar)")
-    if bf16:
-        ar, nar = ar.to(torch.bfloat16), nar.to(torch.bfloat16)
+    if bf16:  # bf16 matrix products under autocast; norms, residual stream and logits in fp32
+        ar, nar = valle.bf16_linears(ar), valle.bf16_linears(nar)
     if args.int8:
         n = valle.quantize_int8(ar) + valle.quantize_int8(nar)
         print(f"int8 weights: {n} linear layers", file=sys.stderr)
@@ -238,19 +243,25 @@ def run(args):
 
     start = time.time()
     N = args.candidates
-    if args.text_file:  # sentences, one output each, all candidates of all in one batch
-        codes, ended = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
-                                      seed=args.seed, max_seconds=args.max_seconds,
-                                      progress=progress, compile=args.compile, candidates=N,
-                                      return_ended=True, language=args.language,
-                                      prompt_language=args.prompt_language)  # text-major
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # codecs stay fp32
+    if args.text_file:  # sentences, one output each, all candidates of all in --max-batch rows
+        with autocast:
+            codes, ended = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
+                                          seed=args.seed, max_seconds=args.max_seconds,
+                                          progress=progress, compile=args.compile, candidates=N,
+                                          return_ended=True, language=args.language,
+                                          prompt_language=args.prompt_language,
+                                          max_batch=args.max_batch)  # text-major
         outputs = [([t], [c], [e], [None]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
     else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
-        outputs = valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
-                                      args.long_mode, sampling, args.seed, args.max_seconds,
-                                      progress=progress, compile=args.compile,
-                                      chunk_seconds=args.chunk_seconds, candidates=N,
-                                      language=args.language, prompt_language=args.prompt_language)
+        with autocast:
+            outputs = valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
+                                          args.long_mode, sampling, args.seed, args.max_seconds,
+                                          progress=progress, compile=args.compile,
+                                          chunk_seconds=args.chunk_seconds, candidates=N,
+                                          language=args.language,
+                                          prompt_language=args.prompt_language,
+                                          max_batch=args.max_batch)
     waves = [decode(codec, output[1], prompt_codes, args.mode) for output in outputs]
     wall = time.time() - start
 
@@ -263,9 +274,10 @@ def run(args):
         for i in range(n_texts):
             group = range(i * N, (i + 1) * N)
             reference = (args.prompt_text + " " if args.mode == "continuation" else "") + texts[i]
-            scores = score([outputs[k] for k in group], [waves[k] for k in group], needs, ar,
-                           prompt_codes, prompt_wav, args.prompt_text, reference, asr, encoder,
-                           (args.language, args.prompt_language))
+            with autocast:
+                scores = score([outputs[k] for k in group], [waves[k] for k in group], needs, ar,
+                               prompt_codes, prompt_wav, args.prompt_text, reference, asr,
+                               encoder, (args.language, args.prompt_language))
             frames = [sum(c.shape[1] for c in outputs[k][1]) for k in group]  # new speech only
             least = scorers.MIN_FRAMES_PER_PHONE * len(valle.text_to_ids(texts[i], args.language))
             plausible = [f >= least for f in frames]

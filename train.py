@@ -21,7 +21,9 @@ import math
 import mmap
 import os
 import sys
+import threading
 import time
+import traceback
 from contextlib import nullcontext
 
 import numpy as np
@@ -36,9 +38,50 @@ from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT, PHONE_OFFSE
 NO_PARTNER = -1  # an example that is one utterance, not two joined
 
 
+STOPPED = "valle2/stopped"  # a key in the process group's store: why a process stopped early
+
+
 def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
+    """One line on stderr, status 2. Under torch.distributed the others are told first (see
+    watch_peers): else they would wait for this process in a collective until its timeout."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        try:
+            dist.distributed_c10d._get_default_store().set(STOPPED, f"process {dist.get_rank()}: {msg}")
+        except Exception:  # the store is gone with process 0: the others notice that instead
+            pass
+        stop_now()
     sys.exit(2)
+
+
+def stop_now():
+    """Leave at once, aborting the process group: a collective still in flight (NCCL's kernels
+    wait for the peers) must not hold the exit, nor Python's clean-up run into it."""
+    try:
+        dist.distributed_c10d._abort_process_group()
+    except Exception:
+        pass
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def watch_peers(finished, every=1.0):
+    """A thread of every process under torch.distributed: when another process has died (its
+    reason in the store), or process 0 with the store itself, say so on one line and stop.
+    Without it a failure on one machine leaves the others waiting in the gradient all-reduce
+    for the collective timeout (10 minutes), then ending in a wall of errors. `finished` is set
+    once every process is past training (main), when exits are expected."""
+    store = dist.distributed_c10d._get_default_store()
+    while not finished.wait(every):
+        try:
+            if not store.check([STOPPED]):
+                continue
+            why = store.get(STOPPED).decode()
+        except Exception:  # process 0, which holds the store, is gone
+            why = "process 0 stopped"
+        if not finished.is_set():
+            print(f"error: stopping, because {why}", file=sys.stderr, flush=True)
+            stop_now()
 
 
 def parse_args(argv=None):
@@ -285,12 +328,15 @@ class Both(nn.Module):
         super().__init__()
         self.ar, self.nar = ar, nar
 
-    def forward(self, text, text_lens, codes, code_lens, generator):
+    def forward(self, text, text_lens, codes, code_lens, j, frac):
+        """A batch (lengths on the CPU) and the NAR's draws (NARModel.draw) -> losses and
+        accuracies, as tensors on the device: nothing here waits for the GPU."""
         out = {}
         if self.ar is not None:
             out["ar"], out["ar_acc"] = self.ar.loss(text, text_lens, codes, code_lens)
         if self.nar is not None:
-            out["nar"], out["nar_acc"], _ = self.nar.loss(text, text_lens, codes, code_lens, generator)
+            out["nar"], out["nar_acc"], _ = self.nar.loss(text, text_lens, codes, code_lens, j=j,
+                                                          frac=frac)
         return out
 
 
@@ -301,6 +347,50 @@ def seed_for(args, rank, step):
     return torch.Generator().manual_seed(args.seed + rank * 7919 + step * 104_729)
 
 
+def train_step(model, raw, optimizer, batches, generator, autocast, args, ddp):
+    """One optimizer step over args.grad_accum batches (text and codes on the device, lengths
+    on the CPU) -> (losses and accuracies, each model's gradient norm), all tensors on the
+    device. Nothing here reads a value back from the GPU, so the CPU can queue the next step
+    while this one runs; the log reads them at its steps only."""
+    stats = {}
+    for micro in range(args.grad_accum):
+        text, text_lens, codes, code_lens = next(batches)
+        j, frac = valle.NARModel.draw(len(codes), generator)
+        last = micro == args.grad_accum - 1  # DDP all-reduces the gradients on the last only
+        with autocast, (model.no_sync() if ddp and not last else nullcontext()):
+            out = model(text, text_lens, codes, code_lens, j, frac)
+            loss = sum(v for k, v in out.items() if not k.endswith("acc")) / args.grad_accum
+            loss.backward()
+        for name, v in out.items():
+            stats[name] = stats.get(name, 0) + v.detach() / args.grad_accum
+    # Each model is clipped on its own: the paper trains them as separate models, and one norm
+    # over both would let a spike in one shrink the other's update.
+    norms = {name: nn.utils.clip_grad_norm_(m.parameters(), args.clip)
+             for name, m in (("ar", raw.ar), ("nar", raw.nar)) if m is not None}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, norms
+
+
+# What a resumed run must share with the run it continues: what plans the batches (which
+# utterances are held out, which are joined, how batches are cut and shared among the
+# processes) and the optimisation. With any of it changed, "continue" would skip or repeat
+# data. The rest may change between sessions (--stop-at, --log-every, --eval-every, --threads,
+# --workers, --device, --compile; --max-steps moves where the learning rate reaches 0).
+SAME_RUN = ("seed", "batch_frames", "concat_prob", "val_fraction", "val_max", "grad_accum", "lr",
+            "warmup", "weight_decay", "clip", "models")
+
+
+def differences(ckpt, args, world):
+    """What this command changes of the run in ckpt that it would resume -> list of phrases."""
+    before = ckpt.get("args") or {}
+    out = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {before[k]})"
+           for k in SAME_RUN if k in before and before[k] != getattr(args, k)]
+    if ckpt.get("processes", world) != world:  # checkpoints before this check have no count
+        out.append(f"{world} process(es) (the run has {ckpt['processes']})")
+    return out
+
+
 def lr_at(args, step):
     """Linear warm-up to the peak, then linear decay to 0 at --max-steps (VALL-E §5)."""
     if step < args.warmup:
@@ -309,35 +399,38 @@ def lr_at(args, step):
 
 
 @torch.no_grad()
-def evaluate(raw, data, val_batches, device, autocast, world):
+def evaluate(raw, data, val_batches, autocast):
     """Validation loss and top-1 accuracy on this process's share of the fixed held-out batches
     (AR on codebook 0, NAR on each codebook 1..7), summed over processes: every process takes
-    part, so none waits in a collective while another evaluates alone."""
+    part, so none waits in a collective while another evaluates alone. The sums stay on the
+    models' device, which is where NCCL's all-reduce needs them."""
+    device = next(raw.parameters()).device
     raw.eval()
-    sums = torch.zeros(2 + valle.N_CODEBOOKS, dtype=torch.float64)  # ar, nar, acc0..acc7
-    batches = 0
+    sums = torch.zeros(2 + valle.N_CODEBOOKS, dtype=torch.float64, device=device)  # ar, nar, acc0..7
     for number, examples in val_batches:
-        text, text_lens, codes, code_lens = (x.to(device) for x in collate(data, examples))
+        text, text_lens, codes, code_lens = collate(data, examples)
+        text, codes = text.to(device), codes.to(device)
         g = torch.Generator().manual_seed(1234 + number)  # the same prompt split every time
         with autocast:
             if raw.ar is not None:
                 loss, acc = raw.ar.loss(text, text_lens, codes, code_lens)
-                sums[0] += loss.item()
-                sums[2] += acc.item()
+                sums[0] += loss
+                sums[2] += acc
             if raw.nar is not None:
                 for j in range(1, valle.N_CODEBOOKS):
                     loss, acc, _ = raw.nar.loss(text, text_lens, codes, code_lens, g, j=j)
-                    sums[1] += loss.item() / (valle.N_CODEBOOKS - 1)
-                    sums[2 + j] += acc.item()
-        batches += 1
-    totals = torch.cat([sums, torch.tensor([batches], dtype=torch.float64)])
-    if world > 1:
+                    sums[1] += loss / (valle.N_CODEBOOKS - 1)
+                    sums[2 + j] += acc
+    batches = torch.tensor([len(val_batches)], dtype=torch.float64, device=device)
+    totals = torch.cat([sums, batches])
+    if dist.is_initialized():  # also with one process under torchrun: the same code path
         dist.all_reduce(totals)
+    totals = totals.tolist()
     raw.train()
     if totals[-1] == 0:  # no held-out utterances
         return {}
     names = ["ar", "nar"] + [f"acc{k}" for k in range(valle.N_CODEBOOKS)]
-    val = dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
+    val = dict(zip(names, (t / totals[-1] for t in totals[:-1])))
     drop = (["ar", "acc0"] if raw.ar is None else []) + (
         ["nar"] + [f"acc{k}" for k in range(1, valle.N_CODEBOOKS)] if raw.nar is None else [])
     return {k: v for k, v in val.items() if k not in drop}
@@ -362,6 +455,15 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        finished = threading.Event()
+        threading.Thread(target=watch_peers, args=(finished,), daemon=True).start()
+        previous_hook = sys.excepthook
+
+        def tell_peers(*exc):  # any error that ends this process ends the others too
+            previous_hook(*exc)
+            why = "".join(traceback.format_exception_only(*exc[:2])).strip().splitlines()[-1]
+            die(f"{why} (the traceback is above)")
+        sys.excepthook = tell_peers
     if args.threads:
         torch.set_num_threads(args.threads)
     is_main = rank == 0
@@ -395,6 +497,10 @@ def main(argv=None):
             die(f"{source} holds no {' or '.join(missing)} model; choose --models accordingly")
         ar = ar if "ar" in wanted else None
         nar = nar if "nar" in wanted else None
+        if args.resume and differences(ckpt, args, world):
+            die(f"{source} is another run: {'; '.join(differences(ckpt, args, world))}. Resume "
+                f"with its values, or start a new run from its weights with --init-from {source} "
+                "--out NEW_FOLDER")
     else:
         if os.path.exists(last_path):
             die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
@@ -406,9 +512,10 @@ def main(argv=None):
         ar = valle.ARModel(cfg).to(device) if "ar" in args.models else None
         nar = valle.NARModel(cfg).to(device) if "nar" in args.models else None
     raw = Both(ar, nar).train()  # the uncompiled, unwrapped module whose weights we save
-    model = torch.compile(raw, dynamic=True) if args.compile else raw  # batch shapes vary
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model)
+    model = nn.parallel.DistributedDataParallel(raw) if ddp else raw
+    if args.compile:  # after DDP, as PyTorch advises: the compiled graph is then split at DDP's
+        # gradient buckets, and each bucket is all-reduced while the backward pass goes on
+        model = torch.compile(model, dynamic=True)  # batch shapes vary; each NAR j compiles once
 
     # Hold out a seeded share for validation (capped); drop utterances the tables cannot hold.
     index = data.index
@@ -452,6 +559,9 @@ def main(argv=None):
                 "which keeps the weights and starts the optimizer anew")
         step, epoch, pos, best_val = ckpt["step"], ckpt["epoch"], ckpt["pos"], ckpt["best_val"]
         log(f"resumed {last_path} at step {step}")
+        if ckpt["args"]["max_steps"] != args.max_steps:
+            log(f"--max-steps {args.max_steps} (the run had {ckpt['args']['max_steps']}): the "
+                f"learning rate now decays to 0 at step {args.max_steps}")
 
     def save(path, val):
         valle.save_checkpoint(
@@ -459,51 +569,52 @@ def main(argv=None):
             ar=ar.state_dict() if ar is not None else None,
             nar=nar.state_dict() if nar is not None else None,
             optimizer=optimizer.state_dict(), step=step, epoch=epoch, pos=pos, best_val=best_val,
-            val=val, args=vars(args))
+            val=val, args=vars(args), processes=world)
 
     loader = torch.utils.data.DataLoader(
         TrainBatches(data, plan), batch_size=None, sampler=batch_keys(plan, epoch, pos),
         num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
-    batches = iter(loader)
-    models = [(name, m) for name, m in (("ar", ar), ("nar", nar)) if m is not None]
-
-    # The loop: grad_accum batches per optimizer step, then clipping, the step, logging and,
-    # every eval_every steps, evaluation and checkpoints.
-    end = min(args.max_steps, args.stop_at or args.max_steps)
+    loader_batches = iter(loader)
     t0, frames, waited, run_waited, run_steps = time.time(), 0, 0.0, 0.0, 0
+
+    def batches():  # the loader's batches: text and codes to the device, lengths stay on the CPU
+        nonlocal epoch, pos, frames, waited
+        while True:
+            t = time.perf_counter()
+            (epoch, k), (text, text_lens, codes, code_lens) = next(loader_batches)
+            waited += time.perf_counter() - t
+            pos = k + 1  # the next batch of this epoch to read
+            frames += int(code_lens.sum()) * world
+            yield text.to(device, non_blocking=True), text_lens, codes.to(device, non_blocking=True), code_lens
+    feed = batches()
+
+    # The loop: an optimizer step (train_step), logging and, every eval_every steps,
+    # evaluation and checkpoints.
+    end = min(args.max_steps, args.stop_at or args.max_steps)
     while step < end:
         generator = seed_for(args, rank, step)
         lr = lr_at(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = {}
         try:
-            for micro in range(args.grad_accum):
-                t = time.perf_counter()
-                (epoch, k), batch = next(batches)
-                waited += time.perf_counter() - t
-                pos = k + 1  # the next batch of this epoch to read
-                text, text_lens, codes, code_lens = (x.to(device, non_blocking=True) for x in batch)
-                frames += int(code_lens.sum()) * world
-                last = micro == args.grad_accum - 1
-                with autocast, (model.no_sync() if ddp and not last else nullcontext()):
-                    out = model(text, text_lens, codes, code_lens, generator)
-                    loss = sum(v for k, v in out.items() if not k.endswith("acc")) / args.grad_accum
-                    loss.backward()
-                for name, v in out.items():
-                    stats[name] = stats.get(name, 0) + v.item() / args.grad_accum
-            # Each model is clipped on its own: the paper trains them as separate models, and
-            # one norm over both would let a spike in one shrink the other's update.
-            norms = {name: float(nn.utils.clip_grad_norm_(m.parameters(), args.clip))
-                     for name, m in models}
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats, norms = train_step(model, raw, optimizer, feed, generator, autocast, args, ddp)
         except torch.OutOfMemoryError:
             die(f"out of memory with --batch-frames {args.batch_frames}: lower it "
                 "(and raise --grad-accum to keep the effective batch)")
+        except RuntimeError:
+            if ddp:  # a collective failed, most likely because another process stopped: give
+                time.sleep(5)  # watch_peers the time to say why, in one line, and stop us
+            raise
         step += 1
         if step % args.log_every == 0 or step == 1:
+            # The one read of the step's figures: averaged over the processes
+            figures = torch.stack([v.float() for v in [*stats.values(), *norms.values()]])
+            if ddp:
+                dist.all_reduce(figures)
+            figures = (figures / world).tolist()
+            stats = dict(zip(stats, figures))
+            norms = dict(zip(norms, figures[len(stats):]))
             dt = time.time() - t0
             n = args.log_every if step > 1 else 1
             losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if not k.endswith("acc"))
@@ -515,7 +626,7 @@ def main(argv=None):
             t0, frames, waited = time.time(), 0, 0.0
         if step % args.eval_every == 0 or step == end:
             t = time.time()
-            val = evaluate(raw, data, val_batches, device, autocast, world)
+            val = evaluate(raw, data, val_batches, autocast)
             acc = " ".join(f"{k[3:]}:{v:.3f}" for k, v in val.items() if k.startswith("acc"))
             log(f"val  {step:5d} | " + " ".join(f"{k} {val[k]:.3f}" for k in ("ar", "nar") if k in val)
                 + f" | top-1 accuracy per codebook {acc} | {time.time() - t:.1f} s", flush=True)
@@ -527,6 +638,8 @@ def main(argv=None):
                 save(last_path, val)
             t0 = time.time()
     if ddp:
+        dist.barrier()  # every process is past training: exits from here on are expected
+        finished.set()
         dist.barrier()
         dist.destroy_process_group()
     if run_steps:

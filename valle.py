@@ -17,6 +17,7 @@ import os
 import re
 import unicodedata
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -461,6 +462,12 @@ def fill_codebooks(model, frames, generator=None):
         residual = residual - book.dequantize(book.quantize(residual))
 
 
+def fp32(device):
+    """A region that runs in fp32 even under a caller's autocast. ("meta", which tests use for
+    where tensors live, has no autocast to turn off.)"""
+    return nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 class Codec:
     """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
 
@@ -546,13 +553,19 @@ class Codec:
         """Whether decoded codes are speech (the pretrained weights) or noise (the test codecs)."""
         return self.kind == "pretrained"
 
-    @torch.inference_mode()
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()  # not inference_mode: codes may train a model
     def encode(self, wav):
-        """(n,) float waveform at 24 kHz -> (8, ceil(n / 320)) long codes."""
-        frames = self.model.encode(wav.reshape(1, 1, -1).float())
+        """(n,) float waveform at 24 kHz, on any device -> (8, ceil(n / 320)) long codes, on the
+        codec's. In fp32, also under a caller's autocast."""
+        with fp32(self.device):
+            frames = self.model.encode(wav.reshape(1, 1, -1).float().to(self.device))
         return frames[0][0][0].long()  # one frame: (codes (1, 8, T), scale=None)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_batch(self, wavs):
         """[(n_i,) float waveforms at 24 kHz] -> [(8, ceil(n_i / 320)) long codes], one call.
 
@@ -561,19 +574,20 @@ class Codec:
         only an item's last frame, through a partial hop. Near ties still flip a few codes,
         since other shapes round differently: 2.6% of the untrained test codec's codes on the
         demo corpus (tests/test_prepare.py); one item per call gives exactly `encode`'s codes."""
-        device = next(self.model.parameters()).device
         lengths = [len(w) for w in wavs]
-        x = torch.zeros(len(wavs), 1, max(lengths), device=device)  # (B, 1, n_max)
+        x = torch.zeros(len(wavs), 1, max(lengths), device=self.device)  # (B, 1, n_max)
         for row, wav in zip(x, wavs):
             row[0, : len(wav)] = wav
-        codes = self.model.encode(x)[0][0].long().cpu()  # (B, 8, ceil(n_max / 320))
+        with fp32(self.device):
+            codes = self.model.encode(x)[0][0].long().cpu()  # (B, 8, ceil(n_max / 320))
         hop = SAMPLE_RATE // FRAME_RATE
         return [c[:, : -(-n // hop)] for c, n in zip(codes, lengths)]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, codes):
-        """(8, T) codes -> (T * 320,) float waveform."""
-        return self.model.decode([(codes.unsqueeze(0).long(), None)]).reshape(-1)
+        """(8, T) codes, on any device -> (T * 320,) float waveform, on the codec's; fp32."""
+        with fp32(self.device):
+            return self.model.decode([(codes.unsqueeze(0).long().to(self.device), None)]).reshape(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -605,6 +619,17 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+def bf16_linears(model):
+    """Inference in bf16 (run it under torch.autocast(..., dtype=torch.bfloat16)): the linear
+    layers' weights become bf16, in place, so that a decode step reads 2 bytes per weight and
+    casts none (autocast over fp32 weights would cast them again in every compiled step).
+    Norms, embeddings, the residual stream and the logits (head) stay fp32. Returns model."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.to(torch.bfloat16)
+    return model
 
 
 def quantize_int8(model):
@@ -762,9 +787,27 @@ def _init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def valid_lengths(lengths, size):
-    """(B,) lengths -> (B, size) validity: True at the first lengths[i] positions of row i."""
-    return torch.arange(size, device=lengths.device) < lengths[:, None]
+def valid_lengths(lengths, size, device=None):
+    """(B,) lengths -> (B, size) validity on `device` (default: the lengths'): True at the first
+    lengths[i] positions of row i. Training keeps lengths on the CPU, where its shapes are
+    read without waiting for a GPU; the copy to the GPU is queued, not waited for."""
+    device = lengths.device if device is None else device
+    return torch.arange(size, device=device) < lengths.to(device, non_blocking=True)[:, None]
+
+
+def head(h, weight):
+    """The tied prediction head: hidden (..., d) -> logits, in fp32 even under autocast. The
+    logits feed the loss, the sampler and the likelihood scorer, where bf16 (8 bits of
+    mantissa) would round near-ties together."""
+    with fp32(h.device):
+        return linear(h.float(), weight.float())
+
+
+def accuracy(logits, labels, keep):
+    """Top-1 accuracy over the positions `keep` marks: a masked mean. (Indexing with the mask
+    would make the GPU report how many positions it keeps before the step can go on.)"""
+    hits = (logits.argmax(-1) == labels) & keep
+    return hits.sum() / keep.sum()
 
 
 def positions(valid):
@@ -797,6 +840,22 @@ def group_codes(c0, G):
     c0 = c0[c0.shape[0] % G:]
     eos = torch.full((G,), EOS, dtype=c0.dtype, device=c0.device)
     return torch.cat([c0, eos]).view(-1, G)  # (T/G + 1, G)
+
+
+def group_batch(c0, lens, G):
+    """group_codes for a padded batch: (B, T) codes and their (B,) lengths -> (B, N + 1, G)
+    targets, each row its own groups and its <eos> group, then IGNORE. One gather, no Python
+    loop; the shape comes from lengths on the CPU (valid_lengths says why)."""
+    lens_cpu = lens.cpu()
+    N = max(lens_cpu.tolist()) // G  # the most groups in a row
+    lens = lens_cpu.to(c0.device, non_blocking=True)
+    n = (lens // G)[:, None]  # (B, 1) each row's groups
+    slot = torch.arange((N + 1) * G, device=c0.device)  # the targets' code slots
+    first = (lens % G)[:, None]  # leading codes clipped, as group_codes clips them
+    codes = c0.gather(1, (first + slot).clamp(max=c0.shape[1] - 1))
+    group = slot // G
+    targets = torch.where(group < n, codes, torch.where(group == n, EOS, IGNORE))
+    return targets.view(len(c0), N + 1, G)
 
 
 def ungroup(groups):
@@ -868,7 +927,7 @@ class ARModel(nn.Module):
         from one hidden state: inside a group the model is non-autoregressive (Eq. 11)."""
         B, S, d = h.shape
         h = self.group_out(h).view(B, S, self.cfg.group_size, d)  # (B, S, G, d)
-        return linear(h, self.code_emb.weight[: EOS + 1])  # <bos> is never predicted
+        return head(h, self.code_emb.weight[: EOS + 1])  # <bos> is never predicted
 
     def forward(self, x, valid, cache=None):
         """Embedded sequence (B, S, d) -> hidden states (B, S, d); see KVCache for `cache`."""
@@ -879,20 +938,17 @@ class ARModel(nn.Module):
 
         Returns (loss, top-1 accuracy), both averaged over every target code incl. <eos>."""
         c0 = codes[:, 0] if codes.dim() == 3 else codes
-        targets = nn.utils.rnn.pad_sequence(
-            [group_codes(c0[i, : code_lens[i]], self.cfg.group_size) for i in range(len(c0))],
-            batch_first=True, padding_value=IGNORE)  # (B, N + 1, G)
+        targets = group_batch(c0, code_lens, self.cfg.group_size)  # (B, N + 1, G)
         groups = targets[:, :-1].clamp(min=0)  # inputs: every real group, pads -> code 0
         groups_valid = targets[:, :-1, 0] != IGNORE
         groups_valid &= targets[:, :-1, 0] != EOS  # the <eos> group is a target, never an input
-        x, valid = self.embed(text, valid_lengths(text_lens, text.shape[1]), groups, groups_valid)
+        text_valid = valid_lengths(text_lens, text.shape[1], text.device)
+        x, valid = self.embed(text, text_valid, groups, groups_valid)
         bos = text.shape[1] + 1  # the position of <bos>: after L phones and e_eos (see above)
         h = self(x, valid)[:, bos:]  # <bos>, g_0 .. g_{N-1}: (B, N + 1, d)
         logits = self.logits(h)  # (B, N + 1, G, 1025)
         loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE)
-        keep = targets != IGNORE
-        acc = (logits.argmax(-1) == targets)[keep].float().mean()
-        return loss, acc
+        return loss, accuracy(logits, targets, targets != IGNORE)
 
 
 # -----------------------------------------------------------------------------
@@ -930,12 +986,24 @@ class NARModel(nn.Module):
 
         text (B, L); prompt (B, 8, Tp): all 8 codebooks of the acoustic condition; target
         (B, 8, T): only codebooks 0..j-1 are read, the rest may hold anything."""
+        audio = torch.cat([prompt, target], dim=2)  # (B, 8, Tp + T)
+        is_prompt = torch.cat([prompt_valid, torch.zeros_like(target_valid)], dim=1)
+        logits = self.frames(text, text_valid, audio, torch.cat([prompt_valid, target_valid], dim=1),
+                             is_prompt, j)
+        return logits[:, prompt.shape[2]:]
+
+    def frames(self, text, text_valid, audio, audio_valid, is_prompt, j):
+        """The model proper: logits (B, S, 1024) for codebook j of every audio frame.
+
+        audio (B, 8, S): each row's frames in time order, valid where audio_valid (B, S); the
+        frames is_prompt marks read all 8 codebooks (Eq. 13), the others codebooks 0..j-1
+        (Eq. 14). Training passes each utterance whole, its prompt a prefix; inference, the
+        prompt then the target (forward)."""
         B, L = text.shape
-        T = target.shape[2]
-        e_prompt = sum(self.code_embs[k](prompt[:, k]) for k in range(N_CODEBOOKS))  # Eq. 13
-        e_target = sum(self.code_embs[k](target[:, k]) for k in range(j))  # Eq. 14
-        audio_valid = torch.cat([prompt_valid, target_valid], dim=1)  # (B, Tp + T)
-        audio = torch.cat([e_prompt, e_target], dim=1) + self.audio_pos(positions(audio_valid))
+        read = is_prompt[:, :, None] | (torch.arange(N_CODEBOOKS, device=audio.device) < j)
+        e_audio = sum(self.code_embs[k](audio[:, k]) * read[:, :, k, None]  # (B, S, d)
+                      for k in range(N_CODEBOOKS))
+        audio = e_audio + self.audio_pos(positions(audio_valid))
         text_x = embed_text(self.text_emb, self.language_emb, text)
         text_x = text_x + self.text_pos(positions(text_valid))
         tail = torch.stack([self.eos, self.codebook_id.weight[j]]).expand(B, 2, -1)  # e_eos, e_j
@@ -943,34 +1011,37 @@ class NARModel(nn.Module):
         ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
         valid = torch.cat([text_valid, ones, audio_valid, ones, ones], dim=1)
         h = self.transformer(self.drop(x), valid)
-        first = L + 1 + prompt.shape[2]  # target frame 0: after the text, its e_eos and the prompt
-        h = h[:, first: first + T]  # target frames (B, T, d)
-        return linear(h, self.code_embs[j].weight)  # (B, T, 1024), tied head
+        h = h[:, L + 1: L + 1 + audio.shape[1]]  # the audio frames (B, S, d)
+        return head(h, self.code_embs[j].weight)  # (B, S, 1024), tied
 
-    def loss(self, text, text_lens, codes, code_lens, generator=None, j=None):
+    @staticmethod
+    def draw(batch_size, generator=None, j=None):
+        """A training step's random choices, on the CPU: j ~ U{1..7} for the batch (unless
+        given), then each row's prompt fraction ~ U[0.1, 0.5) (VALL-E 2 §3.3.2)."""
+        if j is None:
+            j = torch.randint(1, N_CODEBOOKS, (1,), generator=generator).tolist()[0]
+        return j, 0.1 + 0.4 * torch.rand(batch_size, generator=generator)
+
+    def loss(self, text, text_lens, codes, code_lens, generator=None, j=None, frac=None):
         """Training loss (Eq. 17): split each utterance into prompt and target, draw j.
 
         The prompt is a random prefix (10-50% of the utterance, all 8 codebooks), the target
-        the rest; j ~ U{1..7} for the batch unless given. Loss only on target frames of
-        codebook j. Returns (loss, top-1 accuracy, j)."""
-        device = codes.device
-        if j is None:
-            j = int(torch.randint(1, N_CODEBOOKS, (1,), generator=generator))
-        frac = 0.1 + 0.4 * torch.rand(len(codes), generator=generator)
-        lens = code_lens.cpu()
+        the rest; j ~ U{1..7} for the batch unless given (`draw` draws what is not given). Loss
+        only on target frames of codebook j. Returns (loss, top-1 accuracy, j)."""
+        if frac is None:
+            j, frac = self.draw(len(codes), generator, j)
+        lens = code_lens.cpu()  # the split is reckoned on the CPU, where the draws are
         split = torch.minimum((lens * frac).long().clamp(min=1), lens - 1)  # both parts non-empty
-        prompts = [codes[i, :, : split[i]].T for i in range(len(codes))]  # (Tp_i, 8) each
-        targets = [codes[i, :, split[i]: code_lens[i]].T for i in range(len(codes))]
-        prompt = nn.utils.rnn.pad_sequence(prompts, batch_first=True).transpose(1, 2)  # (B, 8, Tp)
-        target = nn.utils.rnn.pad_sequence(targets, batch_first=True).transpose(1, 2)  # (B, 8, T)
-        prompt_valid = valid_lengths(split.to(device), prompt.shape[2])
-        target_valid = valid_lengths((lens - split).to(device), target.shape[2])
-        logits = self(text, valid_lengths(text_lens, text.shape[1]), prompt, prompt_valid, target,
-                      target_valid, j)
-        labels = target[:, j].masked_fill(~target_valid, IGNORE)  # (B, T)
+        device, S = codes.device, codes.shape[2]
+        # each utterance stays whole, in time order: its first split[i] frames are the prompt
+        audio_valid = valid_lengths(lens, S, device)
+        is_prompt = valid_lengths(split, S, device)
+        target_valid = audio_valid & ~is_prompt
+        logits = self.frames(text, valid_lengths(text_lens, text.shape[1], device), codes,
+                             audio_valid, is_prompt, j)
+        labels = codes[:, j].masked_fill(~target_valid, IGNORE)  # (B, S)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        acc = (logits.argmax(-1) == labels)[target_valid].float().mean()
-        return loss, acc, j
+        return loss, accuracy(logits, labels, target_valid), j
 
 
 # -----------------------------------------------------------------------------
@@ -985,6 +1056,17 @@ class Sampling:
     ras_window: int = 10  # K: how many previous codes RAS looks at (§3.4.1)
     ras_threshold: float = 0.1  # t_r: resample from the full distribution at this ratio or above
     ras: bool = True  # repetition-aware sampling on/off
+
+    def __post_init__(self):  # each would decode without an error, and wrongly
+        checks = [("temperature", self.temperature > 0, "positive (greedy is top_p=0)"),
+                  ("top_k", self.top_k >= 0, "0 (off) or more"),
+                  ("top_p", 0 <= self.top_p <= 1, "in [0, 1]"),
+                  ("ras_window", self.ras_window >= 1, "at least 1"),
+                  ("ras_threshold", 0 < self.ras_threshold <= 1, "in (0, 1]")]
+        for name, ok, rule in checks:
+            value = getattr(self, name)
+            if not ok or not math.isfinite(value):
+                raise ValueError(f"{name} must be {rule}, not {value}")
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -1113,18 +1195,24 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
                 generator=None, use_cache=True, progress=None, compile=False, return_ended=False):
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
-    An item stops at its first <eos>, after `max_groups` groups, or where prompt and speech
-    fill the position tables. `generator`: one torch.Generator, or a list of B (one stream per
-    item, see `generate`). use_cache=False is the naive path that the cached one must match;
+    An item stops at its first <eos>, after `max_groups` groups (an int, or one per item: an
+    item's own budget, so that its length never depends on its batch), or where prompt and
+    speech fill the position tables. `generator`: one torch.Generator, or a list of B (one
+    stream per item, see `generate`). use_cache=False is the naive path that the cached one must match;
     compile=True compiles the cached step (worth it on a GPU; on a CPU it is slower).
     return_ended=True also returns, per item, whether it drew <eos> (else it was cut off)."""
     cfg, device, B = model.cfg, text.device, text.shape[0]
     prompt_groups = group_codes(prompt_c0.to(device), cfg.group_size)[:-1]  # (Np, G), no <eos>
     Np = prompt_groups.shape[0]
-    # The one length limit: prompt and speech fill at most the position tables' max_frames.
-    n_new = min(max_groups, (cfg.max_frames - len(prompt_c0)) // cfg.group_size)
-    if n_new < 1:
+    # The length limits: each item's budget, and prompt and speech fill at most the position
+    # tables' max_frames.
+    budgets = list(max_groups) if isinstance(max_groups, (list, tuple)) else [max_groups] * B
+    room = (cfg.max_frames - len(prompt_c0)) // cfg.group_size
+    if room < 1:
         raise ValueError(f"the prompt fills the model's {cfg.max_frames} frames: shorten it")
+    budgets = [min(b, room) for b in budgets]
+    n_new = max(budgets)
+    budget = torch.tensor(budgets, device=device)
 
     # 1. Prefill: text and prompt in one pass (into the KV cache, unless naive).
     groups = prompt_groups.expand(B, Np, -1)  # (B, Np, G)
@@ -1142,16 +1230,17 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
     for step in range(n_new):
         new, history = sample_group(logits, history, generator, sampling)  # (B, G)
         groups = torch.cat([groups, new[:, None]], dim=1)  # (B, Np + step + 1, G)
-        done |= (new == EOS).any(dim=1)
+        done |= (new == EOS).any(dim=1) | (budget <= step + 1)
         if progress:
             progress(step + 1, n_new)
         if done.all() or step == n_new - 1:
             break
         logits = next_logits(groups)
 
-    # 3. Collect: each item's new codes, up to its first <eos>.
-    codes = [ungroup(g) for g in groups[:, Np:]]
-    return (codes, [bool((g == EOS).any()) for g in groups[:, Np:]]) if return_ended else codes
+    # 3. Collect: each item's new codes within its budget, up to its first <eos>.
+    new = [g[Np: Np + b] for g, b in zip(groups, budgets)]
+    codes = [ungroup(g) for g in new]
+    return (codes, [bool((g == EOS).any()) for g in new]) if return_ended else codes
 
 
 @torch.inference_mode()
@@ -1193,9 +1282,13 @@ def prompted_text(cfg, target_ids, prompt_text, device=None, prompt_language="en
     return text, text_valid
 
 
+MAX_BATCH = 32  # rows (texts x candidates) decoded at once, unless told: the paper's size takes
+# about 0.25 GB a row in bf16 (the AR's KV cache, the NAR's mask and activations; an estimate)
+
+
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
              max_seconds=None, use_cache=True, progress=None, compile=False, candidates=1,
-             return_ended=False, language="en", prompt_language="en"):
+             return_ended=False, language="en", prompt_language="en", max_batch=MAX_BATCH):
     """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes.
 
     prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
@@ -1205,22 +1298,30 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     text-major ([text 1 cand 1, text 1 cand 2, ...]). seed: an int, or one per text.
     return_ended=True also returns whether each drew <eos>. language: the texts' language,
     prompt_language: the prompt transcript's (VALL-E X: an English voice can speak German).
-    Raises ValueError on empty text or an unknown language."""
+    The rows run in batches of at most max_batch (None: all at once); on the CPU in fp32 a
+    row's codes do not depend on its batch. Raises ValueError on empty text or an unknown
+    language."""
     device = next(ar.parameters()).device
     target_ids = [text_to_ids(t, language) for t in texts for _ in range(candidates)]  # text-major
-    text, text_valid = prompted_text(ar.cfg, target_ids, prompt_text, device, prompt_language)
-    n_frames = MAX_FRAMES_PER_TOKEN * max(len(ids) for ids in target_ids)  # generate_ar may cut it
-    if max_seconds:
-        n_frames = min(n_frames, int(max_seconds * FRAME_RATE))
     # text-major rows, each with its own generator object (rows never share a stream)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(texts)
     if len(seeds) != len(texts):
         raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts: give one per text")
     generators = [g for s in seeds for g in item_generators(s, candidates, device)]
-    n_groups = max(1, n_frames // ar.cfg.group_size)
-    c0, ended = generate_ar(ar, text, text_valid, prompt_codes[0], n_groups, sampling, generators,
-                            use_cache, progress, compile, return_ended=True)
-    codes = generate_nar(nar, text, text_valid, prompt_codes, c0)
+    # each row's own step budget, from its own text (generate_ar may cut it further)
+    n_frames = [MAX_FRAMES_PER_TOKEN * len(ids) for ids in target_ids]
+    if max_seconds:
+        n_frames = [min(n, int(max_seconds * FRAME_RATE)) for n in n_frames]
+    n_groups = [max(1, n // ar.cfg.group_size) for n in n_frames]
+    rows = max_batch or len(target_ids)
+    batches = [(k, prompted_text(ar.cfg, target_ids[k: k + rows], prompt_text, device,
+                                 prompt_language)) for k in range(0, len(target_ids), rows)]
+    codes, ended = [], []  # every batch's input is checked above, before any decoding
+    for k, (text, text_valid) in batches:
+        c0, e = generate_ar(ar, text, text_valid, prompt_codes[0], n_groups[k: k + rows], sampling,
+                            generators[k: k + rows], use_cache, progress, compile, return_ended=True)
+        codes += generate_nar(nar, text, text_valid, prompt_codes, c0)
+        ended += e
     return (codes, ended) if return_ended else codes
 
 
@@ -1367,7 +1468,8 @@ def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chun
 
 def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=Sampling(),
                   seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
-                  language="en", chunk_seconds=None, candidates=1, prompt_language="en"):
+                  language="en", chunk_seconds=None, candidates=1, prompt_language="en",
+                  max_batch=MAX_BATCH):
     """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
     (8, T_k) codes, whether each drew <eos>, which chunk prompted each: an index, or None for
     the voice prompt).
@@ -1385,7 +1487,8 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
     in `generate`; the candidates' chunks that share a prompt run in one batch (fixed: all of
     them; rolling: the first chunks, and any the voice prompts). Decode the chunks and
     join them with join_speech. progress(label, step, total) names each AR run's chunks.
-    language, prompt_language: as in `generate` (a chunk's own speech prompts in `language`)."""
+    language, prompt_language, max_batch: as in `generate` (a chunk's own speech prompts in
+    `language`)."""
     if mode not in ("fixed", "rolling"):
         raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
     frames, phones, most_phones = chunk_frames(ar.cfg, prompt_codes.shape[1],
@@ -1422,13 +1525,15 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
             (prompt_codes, prompt_text)
         who = f"candidate {c0 + 1}: " if candidates > 1 else ""
         label = (f"{who}chunk {k0 + 1} of {len(runs[c0])}" if len(todo) == 1 else
-                 f"{len(todo)} chunks in one batch")
+                 f"{len(todo)} chunks in one batch" if len(todo) <= (max_batch or len(todo)) else
+                 f"{len(todo)} chunks in batches of {max_batch}")
         report = (lambda s, m: progress(label, s, m)) if progress else None
         codes, ended = generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
                                 sampling, [seed + SEED_STRIDE * c for c, _ in todo],
                                 frames / FRAME_RATE, use_cache, report, compile, return_ended=True,
                                 language=language,
-                                prompt_language=language if j is not None else prompt_language)
+                                prompt_language=language if j is not None else prompt_language,
+                                max_batch=max_batch)
         for (c, k), code, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
             chunks = runs[c]
             halves = None if e or max_seconds else _split_again(chunks[k][0], language)
@@ -1492,10 +1597,19 @@ def pick_device(name="auto"):
 
 
 def save_checkpoint(path, **state):
-    """Write atomically: a crash while saving never corrupts the previous file."""
+    """Write atomically and durably: neither a crash nor a power loss while saving leaves
+    anything but the previous file or the whole new one."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # and the rename itself
+    finally:
+        os.close(folder)
 
 
 def write_wav(path, wav):

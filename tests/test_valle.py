@@ -1,4 +1,5 @@
 """Tests of valle.py: CPU, offline, seconds."""
+import contextlib
 import copy
 import math
 import os
@@ -719,11 +720,12 @@ def test_bf16_fixed_shape_step_and_bf16_weights():
     ar = valle.ARModel(valle.get_config("tiny", dropout=0.0)).eval()
     text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
     prompt = torch.randint(0, 1024, (13,), generator=torch.Generator().manual_seed(1))
-    bf16 = copy.deepcopy(ar).to(torch.bfloat16)  # what sample.py --bf16 does
-    with torch.inference_mode():
+    bf16 = valle.bf16_linears(copy.deepcopy(ar))  # what sample.py --bf16 does, under autocast
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, _, cache = cached_and_naive_logits(bf16, torch.randint(0, 1024, (2, 9, 2)))
-    assert cache.k[0].dtype == torch.bfloat16
-    assert all(len(c) > 0 for c in valle.generate_ar(bf16, text, valid, prompt, 12, valle.Sampling(top_p=0.0)))
+        assert cache.k[0].dtype == torch.bfloat16
+        assert all(len(c) > 0 for c in valle.generate_ar(bf16, text, valid, prompt, 12,
+                                                          valle.Sampling(top_p=0.0)))
 
 
 # --- golden regression ----------------------------------------------------------
@@ -747,3 +749,152 @@ def test_golden_training_losses_are_unchanged():
     stored = golden.expected()[f"loss_first_{golden.LOSS_STEPS}_steps"]
     losses = golden.train(golden.LOSS_STEPS)[2]
     assert losses == pytest.approx(stored, rel=golden.LOSS_RTOL)
+
+
+# --- right on GPUs: no waiting for the device, devices, budgets, precision -------------------
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_group_batch_is_group_codes_row_by_row(G):
+    c0 = torch.randint(0, 1024, (3, 13))
+    lens = torch.tensor([13, 6, 9])
+    batch = valle.group_batch(c0, lens, G)
+    assert batch.shape == (3, 13 // G + 1, G)
+    for row, n in zip(range(3), lens.tolist()):
+        own = valle.group_codes(c0[row, :n], G)
+        assert torch.equal(batch[row, : len(own)], own)
+        assert (batch[row, len(own):] == valle.IGNORE).all()
+
+
+class DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that make the host wait for a device (a value read back, or a
+    boolean mask's count: nonzero, or indexing with a mask), on tensors of the given device."""
+    WAITS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.reads = torch.device(device), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        on_device = [a for a in args if isinstance(a, torch.Tensor) and a.device == self.device]
+        if func in self.WAITS and on_device:
+            self.reads.append(str(func))
+        if func == torch.ops.aten.index.Tensor and on_device and any(  # x[mask] counts it inside
+                i is not None and i.dtype == torch.bool for i in args[1]):
+            self.reads.append("boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_never_waits_for_the_device():
+    """A whole train.py step (both losses, backward, clipping, AdamW) on the meta device, which
+    stands in for a GPU: lengths come from the CPU, and no value is read back from the device
+    (on meta a read would fail anyway: it has no values)."""
+    import argparse
+    import train
+    torch.manual_seed(0)
+    cfg = valle.get_config("tiny", dropout=0.0)
+    raw = train.Both(valle.ARModel(cfg), valle.NARModel(cfg)).to("meta")
+    optimizer = torch.optim.AdamW(raw.parameters(), foreach=True)
+    text, text_lens = torch.randint(3, 60, (2, 12)).to("meta"), torch.tensor([12, 7])
+    codes, code_lens = torch.randint(0, 1024, (2, 8, 40)).to("meta"), torch.tensor([40, 23])
+    batches = iter([(text, text_lens, codes, code_lens)] * 2)
+    args = argparse.Namespace(grad_accum=2, clip=1.0)
+    with DeviceReads("meta") as reads:
+        stats, norms = train.train_step(raw, raw, optimizer, batches, torch.Generator().manual_seed(0),
+                                        contextlib.nullcontext(), args, ddp=False)
+    assert reads.reads == []
+    assert sorted(stats) == ["ar", "ar_acc", "nar", "nar_acc"] and sorted(norms) == ["ar", "nar"]
+    assert all(v.device.type == "meta" for v in [*stats.values(), *norms.values()])
+    # the counter sees what the old losses did: a CUDA-scalar slice and a boolean mask
+    with DeviceReads("cpu") as reads:
+        lens = torch.tensor([5, 3])
+        torch.zeros(2, 9)[0, : lens[0]], torch.zeros(4)[torch.tensor([True, False, True, True])]
+    assert reads.reads == ["aten._local_scalar_dense.default", "boolean mask"]
+
+
+def test_sampling_refuses_values_that_would_decode_wrongly():
+    for bad in (dict(temperature=0), dict(temperature=-1), dict(temperature=float("nan")),
+                dict(ras_window=0), dict(ras_threshold=0), dict(top_p=1.5), dict(top_k=-1)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            valle.Sampling(**bad)
+    valle.Sampling(temperature=0.5, top_p=0.0, ras_window=1, ras_threshold=1.0)  # all fine
+
+
+def test_codec_takes_input_from_any_device():
+    class Spy(torch.nn.Module):  # an EnCodec on another device (meta), recording its inputs
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen = []
+
+        def set_target_bandwidth(self, bw):
+            pass
+
+        def encode(self, x):
+            self.seen.append(x.device.type)
+            return [(torch.zeros(len(x), 8, 3, dtype=torch.long), None)]  # codes: any device
+
+        def decode(self, frames):
+            self.seen.append(frames[0][0].device.type)
+            return torch.zeros(1, 1, 960, device=frames[0][0].device)
+
+    codec = valle.Codec(Spy(), "spy")
+    codec.encode(torch.zeros(960))
+    codec.encode_batch([torch.zeros(960), torch.zeros(640)])
+    codec.decode(torch.zeros(8, 3, dtype=torch.long))
+    assert codec.model.seen == ["meta"] * 3
+
+
+def test_checkpoints_reach_the_disk_before_they_replace_the_last(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    valle.save_checkpoint(str(tmp_path / "c.pt"), step=3)
+    assert calls == ["fsync", "replace", "fsync"]  # the data, the rename, then the folder's entry
+    assert torch.load(tmp_path / "c.pt", weights_only=True) == {"step": 3}
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_each_item_has_its_own_step_budget_and_batches_may_be_capped(models):
+    """Without <eos>, an item stops at its own budget (MAX_FRAMES_PER_TOKEN per text token),
+    not at the budget of its batch's longest text; so capped batches give the same codes."""
+    _, nar = models
+    torch.manual_seed(0)
+    ar = NeverEnds(valle.get_config("tiny", dropout=0.0)).eval()
+    prompt = torch.randint(0, 1024, (8, 30), generator=torch.Generator().manual_seed(0))
+    texts = ["Hi.", "A longer one here.", "Go."]
+    whole = valle.generate(ar, nar, texts, prompt, "Hey.", seed=5, candidates=2, max_batch=None)
+    for k, text in enumerate(t for t in texts for _ in range(2)):
+        budget = valle.MAX_FRAMES_PER_TOKEN * len(valle.text_to_ids(text)) // 2 * 2
+        assert whole[k].shape == (8, budget)
+    for cap in (1, 4):
+        capped = valle.generate(ar, nar, texts, prompt, "Hey.", seed=5, candidates=2, max_batch=cap)
+        assert all(torch.equal(a, b) for a, b in zip(whole, capped))
+
+
+def test_bf16_inference_keeps_norms_residual_and_logits_in_fp32():
+    """valle.bf16_linears under autocast (sample.py --bf16): bf16 matrix products, the rest fp32;
+    closer to fp32 than casting every weight to bf16 (what --bf16 did before)."""
+    import golden
+    ar, _ = golden.load_weights()
+    text, valid, codes, _ = golden.made_up_batch()
+    groups = valle.group_codes(codes[0, 0], 2)[None, :-1]
+    x_args = (text[:1], valid[:1], groups, torch.ones(groups.shape[:2], dtype=torch.bool))
+
+    def logits(model, autocast):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x, v = model.embed(*x_args)
+            return model.logits(model(x, v))
+
+    fp32 = logits(ar, False)
+    mixed_model = valle.bf16_linears(copy.deepcopy(ar))
+    assert mixed_model.transformer.blocks[0].qkv.weight.dtype == torch.bfloat16
+    assert mixed_model.transformer.blocks[0].ln1.weight.dtype == torch.float32
+    assert mixed_model.code_emb.weight.dtype == torch.float32
+    mixed = logits(mixed_model, True)
+    cast = logits(copy.deepcopy(ar).to(torch.bfloat16), False)
+    assert mixed.dtype == torch.float32 and cast.dtype == torch.float32  # the head is fp32
+    error, cast_error = (mixed - fp32).abs().mean(), (cast - fp32).abs().mean()
+    assert 0 < error < cast_error, (error, cast_error)
+    agree = (mixed.argmax(-1) == fp32.argmax(-1)).float().mean()
+    assert agree == 1.0  # the golden model's choices win by margins that bf16 keeps
