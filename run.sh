@@ -5,10 +5,20 @@
 #   bash run.sh learn  README "Does it learn?": train on a generated espeak-ng corpus (about 2 h)
 #   bash run.sh bilingual  README "Other languages": English and German in the same voices, then
 #                          an English voice speaks German
+#   bash run.sh gpu-check  README "On a GPU": tests/test_cuda.py, figures in gpu_check.txt; installs
+#                          nothing (a GPU machine may be bare and offline: PyTorch and numpy suffice)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VALLE_VENV:-.venv}"
 PY="$VENV/bin/python"
+if [ "${1:-}" = gpu-check ]; then
+  [ -x "$PY" ] || PY=python3  # this project's venv where there is one, else the machine's Python
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "error: $PY has no PyTorch: install PyTorch with CUDA, or point VALLE_VENV at a venv" >&2
+    exit 2
+  fi
+  exec "$PY" tests/test_cuda.py --out "${2:-gpu_check.txt}"
+fi
 stamp="$VENV/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "== installing requirements into $VENV (once; torch is a large download)"

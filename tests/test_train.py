@@ -231,3 +231,100 @@ def test_validation_is_capped_and_fixed(prepared, tmp_path):
     vals = re.findall(r"val\s+\d+ \| (ar [\d.]+ nar [\d.]+)", out.stdout)
     assert len(vals) == 2 and vals[0] == vals[1]  # same held-out set and splits, weights ~unchanged
     assert re.search(r"\| [\d.]+ s\n", out.stdout)  # the time each evaluation took
+
+
+# --- across processes: the device of collectives, a failing process, resuming the same run ----
+
+def test_evaluation_reduces_on_the_models_device(prepared, monkeypatch):
+    """NCCL reduces CUDA tensors only: evaluate's sums must be made on the models' device (here
+    meta, standing in for a GPU), and reduced whenever a process group exists, one process
+    included."""
+    import contextlib
+    seen = []
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(tensor, *args, **kwargs):  # a spy on the collective
+        seen.append(tensor.device.type)
+        raise Reduced  # meta tensors hold no values to go on with
+
+    monkeypatch.setattr(train_script.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train_script.dist, "all_reduce", all_reduce)
+    data = train_script.Dataset(prepared)
+    cfg = valle.get_config("tiny", dropout=0.0)
+    raw = train_script.Both(valle.ARModel(cfg), valle.NARModel(cfg)).to("meta")
+    examples = np.full((2, 2), train_script.NO_PARTNER)
+    examples[:, 0] = [0, 1]
+    try:
+        train_script.evaluate(raw, data, [(0, examples)], contextlib.nullcontext())
+    except Reduced:
+        pass
+    assert seen == ["meta"]
+
+
+def test_resume_refuses_another_run(prepared, tmp_path):
+    args = ["--max-steps", "4", "--eval-every", "2", "--log-every", "1"]
+    first = train(prepared, tmp_path, *args, "--stop-at", "2")
+    assert first.returncode == 0, first.stderr
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["processes"] == 1
+    other = train(prepared, tmp_path, *args[:-4], "--eval-every", "2", "--log-every", "1",
+                  "--batch-frames", "800", "--seed", "1", "--resume")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
+    assert "--seed 1 (the run has 0); --batch-frames 800 (the run has 400)" in other.stderr
+    assert "--init-from" in other.stderr
+    torch.save({**ckpt, "processes": 2}, tmp_path / "last.pt")  # as if two GPUs had trained it
+    fewer = train(prepared, tmp_path, *args, "--resume")
+    assert fewer.returncode == 2 and "1 process(es) (the run has 2)" in fewer.stderr
+    torch.save(ckpt, tmp_path / "last.pt")
+    # what may change does: the logging, the stop, and --max-steps with its schedule said
+    longer = train(prepared, tmp_path, "--max-steps", "5", "--eval-every", "5", "--log-every", "3",
+                   "--resume")
+    assert longer.returncode == 0, longer.stderr
+    assert "--max-steps 5 (the run had 4): the learning rate now decays to 0 at step 5" in longer.stdout
+    assert valle.load_checkpoint(str(tmp_path / "last.pt"))[3]["step"] == 5
+
+
+FAIL_AT_STEP_2 = """
+import os, sys, torch, train
+forward, calls = train.Both.forward, [0]
+def failing(self, *args):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        raise RuntimeError("made up failure at step 2")
+    return forward(self, *args)
+train.Both.forward = failing
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_failing_process_stops_the_others(prepared, tmp_path):
+    """Two gloo processes started by hand (no torchrun to stop the others): process 1 raises at
+    step 2; both are gone within 30 s, and process 0 says why on one line."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", FAIL_AT_STEP_2, "--data", prepared, "--out", str(tmp_path),
+             *FAST[:-2], "--threads", "1", "--max-steps", "50", "--eval-every", "50"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    start = time.time()
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    took = time.time() - start
+    assert all(p.returncode != 0 for p in procs)
+    assert "RuntimeError: made up failure at step 2" in outs[1][1]
+    last = outs[0][1].strip().splitlines()[-1]
+    assert last == ("error: stopping, because process 1: RuntimeError: made up failure at step 2 "
+                    "(the traceback is above)"), outs[0][1][-2000:]
+    assert took < 30 + 20, took  # 20 s: two Pythons importing torch on a busy 2-core machine
