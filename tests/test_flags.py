@@ -31,6 +31,7 @@ CASES = [
     ("sample.py", SAMPLE, ["--top-p", "nan"], "--top-p must be in [0, 1]"),
     ("sample.py", SAMPLE, ["--top-k", "-1"], "--top-k must be 0 (off) or more"),
     ("sample.py", SAMPLE, ["--candidates", "0"], "--candidates must be at least 1"),
+    ("sample.py", SAMPLE, ["--max-batch", "0"], "--max-batch must be at least 1"),
     ("train.py", TRAIN, ["--grad-accum", "0"], "--grad-accum must be at least 1"),
     ("train.py", TRAIN, ["--batch-frames", "-5"], "--batch-frames must be at least 1"),
     ("train.py", TRAIN, ["--lr", "nan"], "--lr must be positive"),

@@ -65,6 +65,12 @@ def test_batch_of_sentences_and_candidates(setup):
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in setup.iterdir() if p.name.startswith("b_"))
     assert names == ["b_1_c1.wav", "b_1_c2.wav", "b_2_c1.wav", "b_2_c2.wav"]
+    # the four rows one at a time (--max-batch 1): the same audio, on the CPU in fp32
+    one = sample(setup, "--text-file", str(setup / "lines.txt"), "--candidates", "2",
+                 "--max-batch", "1", out="one.wav")
+    assert one.returncode == 0, one.stderr
+    for name in names:
+        assert (setup / name).read_bytes() == (setup / name.replace("b_", "one_")).read_bytes()
 
 
 def test_long_text_becomes_one_file_and_a_seed_reproduces_it(setup):
