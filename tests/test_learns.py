@@ -47,10 +47,13 @@ def batch(utterances):
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny AR (G=2) and NAR trained for 250 steps on fresh synthetic batches of 48 (about two
-    minutes on 2 cores), and 64 held-out utterances."""
+    """A tiny AR (G=2) and NAR trained for 250 steps on fresh synthetic batches of 48 (about a
+    minute on 2 cores), and 64 held-out utterances. No dropout: at 250 steps the AR is just
+    learning when the onsets come, and whether it has learned it by then varied with the random
+    stream that dropout draws from (greedy edits, own text against another's: 0.60 / 0.79 and
+    0.77 / 0.82 for two seeds with dropout; 0.16 / 0.77 with none, seed 0)."""
     torch.manual_seed(0)
-    cfg = valle.get_config("tiny", group_size=2)
+    cfg = valle.get_config("tiny", group_size=2, dropout=0.0)
     ar, nar = valle.ARModel(cfg), valle.NARModel(cfg)
     opts = [torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0) for m in (ar, nar)]
     generator = torch.Generator().manual_seed(1)
@@ -82,8 +85,8 @@ def test_the_ar_reads_its_text(trained):
     torch.manual_seed(0)
     loss, acc = ar.loss(text, text_lens, codes, code_lens)
     wrong_loss, wrong_acc = ar.loss(*wrong_text(text, text_lens), codes, code_lens)
-    # Measured: 0.65 accuracy; 1.17 nats with the right text, 1.95 with the wrong one. The
-    # onsets, a fifth of the codes, carry the whole gap: about 3 nats each.
+    # Measured: 0.67 accuracy (0.53 with the wrong text); 0.81 nats with the right text, 2.59
+    # with the wrong one. The onsets, a fifth of the codes, carry the whole gap.
     assert acc > 0.6, f"held-out codebook-0 accuracy {acc:.3f}"
     assert wrong_loss - loss > 0.4, f"right text {loss:.3f} vs wrong text {wrong_loss:.3f} nats"
     assert wrong_acc < acc - 0.03
@@ -117,8 +120,7 @@ def classes(c0):
 def test_greedy_codes_follow_the_text(trained):
     """Free-running, greedy, no voice prompt (the task has one voice): the classes spelled by
     the generated codebook 0 are closer to the held-out text's than to another text's (measured
-    on the 64 held-out utterances: 0.63 against 0.79 edits per class; the model is still
-    learning at 250 steps)."""
+    on the 64 held-out utterances: 0.16 against 0.77 edits per class)."""
     from rapidfuzz.distance import Levenshtein
     ar, _, (text, text_lens, _, _) = trained
     n = len(text)  # all 64 held-out utterances
