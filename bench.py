@@ -15,6 +15,7 @@ Random weights (speed does not depend on them). <eos> is masked so that every ru
 same number of steps. Warm-up before timing, the median of --repeats runs, CUDA synchronised.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -107,16 +108,18 @@ def bf16():
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
-def timed(fn, repeats=args.repeats, warmup=1):
-    """Median wall time of fn() in seconds, after warm-up."""
+def timed(fn, repeats=args.repeats, warmup=1, autocast=True):
+    """Median wall time of fn() in seconds, after warm-up; under --bf16's autocast unless
+    autocast=False (fp32 models, training's own autocast)."""
+    precision = bf16() if autocast else contextlib.nullcontext()
     for _ in range(warmup):
-        with bf16():
+        with precision:
             fn()
     times = []
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
-        with bf16():
+        with precision:
             fn()
         sync()
         times.append(time.perf_counter() - t)
@@ -423,7 +426,6 @@ def int8_accuracy(checkpoint, data_path):
     """How closely int8 follows fp32 on a trained model: top-1 agreement per position, teacher
     forced (free-running codes diverge for good after the first difference), and the
     validation loss of both, on the held-out split that train.py uses (its default seed)."""
-    import contextlib
     import copy
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import train
@@ -560,7 +562,8 @@ if not cuda:  # what oneDNN buys over torch's default CPU kernel, on a shorter r
     run = lambda k: valle.generate_ar(ar, text, text_valid, prompt[0], k)  # noqa: E731
     for fast in (False, True):
         torch.backends.mkldnn.enabled = fast  # PyTorch's own oneDNN switch, which valle.linear reads
-        per_step[fast] = (timed(lambda: run(n)) - timed(lambda: run(1))) / (n - 1)
+        per_step[fast] = (timed(lambda: run(n), autocast=False)
+                          - timed(lambda: run(1), autocast=False)) / (n - 1)
     row("AR G=2 step, torch's default kernel vs oneDNN", f"{per_step[False] / per_step[True]:.2f}x",
         f"{1000 * per_step[False]:.1f} vs {1000 * per_step[True]:.1f} ms/step "
         f"({n} steps, torch.backends.mkldnn.enabled False vs True)")
@@ -626,7 +629,7 @@ def train_step():
     opt.zero_grad(set_to_none=True)
 
 
-t = timed(train_step, repeats=max(1, args.repeats - 1))
+t = timed(train_step, repeats=max(1, args.repeats - 1), autocast=False)
 peak = (torch.cuda.max_memory_allocated() if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 row(f"training AR + NAR, batch {B} x {T} frames", f"{B * T / t:.0f} frames/s",

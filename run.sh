@@ -5,17 +5,28 @@
 #   bash run.sh learn  README "Does it learn?": train on a generated espeak-ng corpus (about 2 h)
 #   bash run.sh bilingual  README "Other languages": English and German in the same voices, then
 #                          an English voice speaks German
-#   bash run.sh gpu-check  README "On a GPU": tests/test_cuda.py, figures in gpu_check.txt; installs
-#                          nothing (a GPU machine may be bare and offline: PyTorch and numpy suffice)
+#   bash run.sh gpu-check  README "On a GPU": tests/test_cuda.py, figures in gpu_check.txt; needs
+#                          PyTorch with CUDA and numpy, installs nothing else (a GPU machine may be
+#                          bare and offline: numpy comes from wheels/ if it is missing there)
+#   bash run.sh gpu-wheels numpy's wheel into wheels/, on a machine with network, for a bare one
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VALLE_VENV:-.venv}"
 PY="$VENV/bin/python"
-if [ "${1:-}" = gpu-check ]; then
+if [ "${1:-}" = gpu-wheels ] || [ "${1:-}" = gpu-check ]; then
   [ -x "$PY" ] || PY=python3  # this project's venv where there is one, else the machine's Python
+fi
+if [ "${1:-}" = gpu-wheels ]; then  # on a machine with network: numpy's wheel, for a bare GPU machine
+  exec "$PY" -m pip download -q --only-binary=:all: --no-deps -d wheels "$(grep '^numpy==' requirements.txt)"
+fi
+if [ "${1:-}" = gpu-check ]; then
   if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "error: $PY has no PyTorch: install PyTorch with CUDA, or point VALLE_VENV at a venv" >&2
     exit 2
+  fi
+  if ! "$PY" -c "import numpy" 2>/dev/null && ls wheels/numpy-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --find-links wheels --target .gpu-site numpy  # not into $PY
+    export PYTHONPATH=".gpu-site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   exec "$PY" tests/test_cuda.py --out "${2:-gpu_check.txt}"
 fi

@@ -25,6 +25,7 @@ word error rate (scorers.py); --select likelihood needs no extra model. --keep-a
 others beside it (out_c1.wav, ...) and their scores to out_scores.tsv.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -274,10 +275,9 @@ def run(args):
         for i in range(n_texts):
             group = range(i * N, (i + 1) * N)
             reference = (args.prompt_text + " " if args.mode == "continuation" else "") + texts[i]
-            with autocast:
-                scores = score([outputs[k] for k in group], [waves[k] for k in group], needs, ar,
-                               prompt_codes, prompt_wav, args.prompt_text, reference, asr,
-                               encoder, (args.language, args.prompt_language))
+            scores = score([outputs[k] for k in group], [waves[k] for k in group], needs, ar,
+                           prompt_codes, prompt_wav, args.prompt_text, reference, asr, encoder,
+                           (args.language, args.prompt_language), autocast)
             frames = [sum(c.shape[1] for c in outputs[k][1]) for k in group]  # new speech only
             least = scorers.MIN_FRAMES_PER_PHONE * len(valle.text_to_ids(texts[i], args.language))
             plausible = [f >= least for f in frames]
@@ -331,16 +331,18 @@ def decode(codec, chunks, prompt_codes, mode):
 
 
 def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, reference,
-          asr=None, encoder=None, languages=("en", "en")):
+          asr=None, encoder=None, languages=("en", "en"), autocast=contextlib.nullcontext()):
     """The candidates of one sentence, each its chunks (texts, codes, ended, prompted by) as
     valle.generate_long gives them, and their waveforms -> {score name: one value per
-    candidate}. A candidate without speech scores the worst there is."""
+    candidate}. A candidate without speech scores the worst there is. The model's likelihood
+    runs under `autocast` (--bf16), the verifiers as they are."""
     scores = {name: [] for name in needs}
     voice = encoder.embed(prompt_wav, valle.SAMPLE_RATE) if encoder else None
     for chunks, wav in zip(candidates, waves):
         if "likelihood" in needs:
-            scores["likelihood"].append(likelihood(ar, *chunks, prompt_codes, prompt_text, *languages)
-                                        if wav is not None else float("-inf"))
+            with autocast:
+                scores["likelihood"].append(likelihood(ar, *chunks, prompt_codes, prompt_text,
+                                                       *languages) if wav is not None else float("-inf"))
         if "wer" in needs:
             scores["wer"].append(scorers.wer(asr, wav, valle.SAMPLE_RATE, reference)
                                  if wav is not None else float("inf"))

@@ -38,16 +38,23 @@ from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT, PHONE_OFFSE
 NO_PARTNER = -1  # an example that is one utterance, not two joined
 
 
-STOPPED = "valle2/stopped"  # a key in the process group's store: why a process stopped early
+# A key in the process group's store: why a process stopped early. One per torchrun restart,
+# whose store outlives an attempt.
+STOPPED = f"valle2/stopped/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+WATCH_SECONDS = 1.0  # how often every process looks for it (watch_peers)
+stopping = threading.Event()  # this process is on its way out: its own watcher stays quiet
 
 
 def die(msg):
     """One line on stderr, status 2. Under torch.distributed the others are told first (see
     watch_peers): else they would wait for this process in a collective until its timeout."""
+    stopping.set()
     print(f"error: {msg}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         try:
             dist.distributed_c10d._get_default_store().set(STOPPED, f"process {dist.get_rank()}: {msg}")
+            if dist.get_rank() == 0:  # started by hand, process 0 holds the store: stay until
+                time.sleep(WATCH_SECONDS + 0.5)  # every other process has read the reason
         except Exception:  # the store is gone with process 0: the others notice that instead
             pass
         stop_now()
@@ -57,30 +64,38 @@ def die(msg):
 def stop_now():
     """Leave at once, aborting the process group: a collective still in flight (NCCL's kernels
     wait for the peers) must not hold the exit, nor Python's clean-up run into it."""
+    threading.Timer(5.0, os._exit, (2,)).start()  # should the abort itself hang
     try:
         dist.distributed_c10d._abort_process_group()
     except Exception:
         pass
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # the log so far: os._exit skips Python's clean-up, flushes included
+        except Exception:
+            pass
     os._exit(2)
 
 
-def watch_peers(finished, every=1.0):
+def watch_peers(finished):
     """A thread of every process under torch.distributed: when another process has died (its
     reason in the store), or process 0 with the store itself, say so on one line and stop.
     Without it a failure on one machine leaves the others waiting in the gradient all-reduce
     for the collective timeout (10 minutes), then ending in a wall of errors. `finished` is set
     once every process is past training (main), when exits are expected."""
     store = dist.distributed_c10d._get_default_store()
-    while not finished.wait(every):
+    while not finished.wait(WATCH_SECONDS):
         try:
             if not store.check([STOPPED]):
                 continue
             why = store.get(STOPPED).decode()
         except Exception:  # process 0, which holds the store, is gone
             why = "process 0 stopped"
-        if not finished.is_set():
+        if not (finished.is_set() or stopping.is_set()):
+            stopping.set()
             print(f"error: stopping, because {why}", file=sys.stderr, flush=True)
+            if dist.get_rank() == 0:  # holding the store (started by hand): let the others read
+                time.sleep(WATCH_SECONDS + 0.5)
             stop_now()
 
 
@@ -381,13 +396,15 @@ SAME_RUN = ("seed", "batch_frames", "concat_prob", "val_fraction", "val_max", "g
             "warmup", "weight_decay", "clip", "models")
 
 
-def differences(ckpt, args, world):
+def differences(ckpt, args, world, utterances):
     """What this command changes of the run in ckpt that it would resume -> list of phrases."""
     before = ckpt.get("args") or {}
     out = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {before[k]})"
            for k in SAME_RUN if k in before and before[k] != getattr(args, k)]
     if ckpt.get("processes", world) != world:  # checkpoints before this check have no count
         out.append(f"{world} process(es) (the run has {ckpt['processes']})")
+    if ckpt.get("utterances", utterances) != utterances:
+        out.append(f"a dataset of {utterances} utterances (the run's has {ckpt['utterances']})")
     return out
 
 
@@ -497,8 +514,9 @@ def main(argv=None):
             die(f"{source} holds no {' or '.join(missing)} model; choose --models accordingly")
         ar = ar if "ar" in wanted else None
         nar = nar if "nar" in wanted else None
-        if args.resume and differences(ckpt, args, world):
-            die(f"{source} is another run: {'; '.join(differences(ckpt, args, world))}. Resume "
+        changed = differences(ckpt, args, world, len(data)) if args.resume else []
+        if changed:
+            die(f"{source} is another run: {'; '.join(changed)}. Resume "
                 f"with its values, or start a new run from its weights with --init-from {source} "
                 "--out NEW_FOLDER")
     else:
@@ -559,7 +577,7 @@ def main(argv=None):
                 "which keeps the weights and starts the optimizer anew")
         step, epoch, pos, best_val = ckpt["step"], ckpt["epoch"], ckpt["pos"], ckpt["best_val"]
         log(f"resumed {last_path} at step {step}")
-        if ckpt["args"]["max_steps"] != args.max_steps:
+        if ckpt.get("args", {}).get("max_steps", args.max_steps) != args.max_steps:
             log(f"--max-steps {args.max_steps} (the run had {ckpt['args']['max_steps']}): the "
                 f"learning rate now decays to 0 at step {args.max_steps}")
 
@@ -569,7 +587,7 @@ def main(argv=None):
             ar=ar.state_dict() if ar is not None else None,
             nar=nar.state_dict() if nar is not None else None,
             optimizer=optimizer.state_dict(), step=step, epoch=epoch, pos=pos, best_val=best_val,
-            val=val, args=vars(args), processes=world)
+            val=val, args=vars(args), processes=world, utterances=len(data))
 
     loader = torch.utils.data.DataLoader(
         TrainBatches(data, plan), batch_size=None, sampler=batch_keys(plan, epoch, pos),
@@ -592,56 +610,57 @@ def main(argv=None):
     # The loop: an optimizer step (train_step), logging and, every eval_every steps,
     # evaluation and checkpoints.
     end = min(args.max_steps, args.stop_at or args.max_steps)
-    while step < end:
-        generator = seed_for(args, rank, step)
-        lr = lr_at(args, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            stats, norms = train_step(model, raw, optimizer, feed, generator, autocast, args, ddp)
-        except torch.OutOfMemoryError:
-            die(f"out of memory with --batch-frames {args.batch_frames}: lower it "
-                "(and raise --grad-accum to keep the effective batch)")
-        except RuntimeError:
-            if ddp:  # a collective failed, most likely because another process stopped: give
-                time.sleep(5)  # watch_peers the time to say why, in one line, and stop us
-            raise
-        step += 1
-        if step % args.log_every == 0 or step == 1:
-            # The one read of the step's figures: averaged over the processes
-            figures = torch.stack([v.float() for v in [*stats.values(), *norms.values()]])
-            if ddp:
-                dist.all_reduce(figures)
-            figures = (figures / world).tolist()
-            stats = dict(zip(stats, figures))
-            norms = dict(zip(norms, figures[len(stats):]))
-            dt = time.time() - t0
-            n = args.log_every if step > 1 else 1
-            losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if not k.endswith("acc"))
-            grads = " ".join(f"{k} {v:.2f}" for k, v in norms.items())
-            log(f"step {step:5d} | {losses} | grad norm {grads} | lr {lr:.2e} | "
-                f"{frames / dt:7.0f} frames/s | {1000 * dt / n:6.0f} ms/step | "
-                f"data wait {1000 * waited / n:5.1f} ms/step", flush=True)
-            run_waited, run_steps = run_waited + waited, run_steps + n
-            t0, frames, waited = time.time(), 0, 0.0
-        if step % args.eval_every == 0 or step == end:
-            t = time.time()
-            val = evaluate(raw, data, val_batches, autocast)
-            acc = " ".join(f"{k[3:]}:{v:.3f}" for k, v in val.items() if k.startswith("acc"))
-            log(f"val  {step:5d} | " + " ".join(f"{k} {val[k]:.3f}" for k in ("ar", "nar") if k in val)
-                + f" | top-1 accuracy per codebook {acc} | {time.time() - t:.1f} s", flush=True)
-            if is_main:
-                total = val.get("ar", 0) + val.get("nar", 0)
-                if total < best_val:
-                    best_val = total
-                    save(best_path, val)
-                save(last_path, val)
-            t0 = time.time()
-    if ddp:
-        dist.barrier()  # every process is past training: exits from here on are expected
-        finished.set()
-        dist.barrier()
-        dist.destroy_process_group()
+    try:  # every collective of the run: the gradients', the log's, evaluation's, the barriers
+        while step < end:
+            generator = seed_for(args, rank, step)
+            lr = lr_at(args, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                stats, norms = train_step(model, raw, optimizer, feed, generator, autocast, args, ddp)
+            except torch.OutOfMemoryError:
+                die(f"out of memory with --batch-frames {args.batch_frames}: lower it "
+                    "(and raise --grad-accum to keep the effective batch)")
+            step += 1
+            if step % args.log_every == 0 or step == 1:
+                # The one read of the step's figures: averaged over the processes
+                figures = torch.stack([v.float() for v in [*stats.values(), *norms.values()]])
+                if ddp:
+                    dist.all_reduce(figures)
+                figures = (figures / world).tolist()
+                stats = dict(zip(stats, figures))
+                norms = dict(zip(norms, figures[len(stats):]))
+                dt = time.time() - t0
+                n = args.log_every if step > 1 else 1
+                losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if not k.endswith("acc"))
+                grads = " ".join(f"{k} {v:.2f}" for k, v in norms.items())
+                log(f"step {step:5d} | {losses} | grad norm {grads} | lr {lr:.2e} | "
+                    f"{frames / dt:7.0f} frames/s | {1000 * dt / n:6.0f} ms/step | "
+                    f"data wait {1000 * waited / n:5.1f} ms/step", flush=True)
+                run_waited, run_steps = run_waited + waited, run_steps + n
+                t0, frames, waited = time.time(), 0, 0.0
+            if step % args.eval_every == 0 or step == end:
+                t = time.time()
+                val = evaluate(raw, data, val_batches, autocast)
+                acc = " ".join(f"{k[3:]}:{v:.3f}" for k, v in val.items() if k.startswith("acc"))
+                log(f"val  {step:5d} | " + " ".join(f"{k} {val[k]:.3f}" for k in ("ar", "nar") if k in val)
+                    + f" | top-1 accuracy per codebook {acc} | {time.time() - t:.1f} s", flush=True)
+                if is_main:
+                    total = val.get("ar", 0) + val.get("nar", 0)
+                    if total < best_val:
+                        best_val = total
+                        save(best_path, val)
+                    save(last_path, val)
+                t0 = time.time()
+        if ddp:
+            dist.barrier()  # every process is past training: exits from here on are expected
+            finished.set()
+            dist.barrier()
+            dist.destroy_process_group()
+    except RuntimeError:
+        if ddp:  # a collective failed, most likely because another process stopped: give
+            time.sleep(5)  # watch_peers the time to say why, in one line, and stop this one
+        raise
     if run_steps:
         log(f"data wait: {1000 * run_waited / run_steps:.2f} ms per step on average "
             f"over {run_steps} logged steps")

@@ -843,12 +843,11 @@ def group_codes(c0, G):
 
 
 def group_batch(c0, lens, G):
-    """group_codes for a padded batch: (B, T) codes and their (B,) lengths -> (B, N + 1, G)
+    """group_codes for a padded batch: (B, T) codes and their (B,) lengths -> (B, T // G + 1, G)
     targets, each row its own groups and its <eos> group, then IGNORE. One gather, no Python
-    loop; the shape comes from lengths on the CPU (valid_lengths says why)."""
-    lens_cpu = lens.cpu()
-    N = max(lens_cpu.tolist()) // G  # the most groups in a row
-    lens = lens_cpu.to(c0.device, non_blocking=True)
+    loop, and a shape from T, never from a length's value (which on a GPU would wait for it)."""
+    N = c0.shape[1] // G  # room for the longest row's groups (collate pads to its length)
+    lens = lens.to(c0.device, non_blocking=True)
     n = (lens // G)[:, None]  # (B, 1) each row's groups
     slot = torch.arange((N + 1) * G, device=c0.device)  # the targets' code slots
     first = (lens % G)[:, None]  # leading codes clipped, as group_codes clips them
@@ -901,7 +900,7 @@ class ARModel(nn.Module):
         B, L = text.shape
         ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
         valid = torch.cat([text_valid, ones], dim=1)  # (B, L + 1): text and its e_eos
-        specials = self.code_emb(torch.tensor([EOS, BOS], device=text.device))  # (2, d)
+        specials = self.code_emb.weight[EOS: BOS + 1]  # (2, d): e_eos, e_bos (BOS = EOS + 1)
         x = torch.cat([embed_text(self.text_emb, self.language_emb, text),
                        specials[0].expand(B, 1, -1)], dim=1)
         x = x + self.text_pos(positions(valid))
@@ -1605,7 +1604,10 @@ def save_checkpoint(path, **state):
         f.flush()
         os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # Windows opens no folders: its rename is as durable as it gets
+        return
     try:
         os.fsync(folder)  # and the rename itself
     finally:

@@ -197,8 +197,10 @@ def test_long_text_through_the_batch_cap(monkeypatch=None):
                                       candidates=2, max_batch=cap)
             return [c for candidate in out for c in candidate[1]], calls
         (whole, whole_calls), (capped, capped_calls) = run(None), run(3)
+    # on a GPU a batch's shape picks the kernels: a near-tie may go another way, and a chunk
+    # that then ends elsewhere is split differently, so the codes are compared, not asserted
     same = sum(torch.equal(a, b) for a, b in zip(whole, capped))
-    assert max(capped_calls) <= 3 < max(whole_calls) and len(whole) == len(capped)
+    assert max(capped_calls) <= 3 < max(whole_calls)
     record(4, f"long text, {len(whole)} chunks (2 candidates): batches of at most 3 vs one",
            f"AR batches {capped_calls} vs {whole_calls}; {same} of {len(whole)} chunks' codes equal")
 

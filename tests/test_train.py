@@ -328,3 +328,15 @@ def test_a_failing_process_stops_the_others(prepared, tmp_path):
     assert last == ("error: stopping, because process 1: RuntimeError: made up failure at step 2 "
                     "(the traceback is above)"), outs[0][1][-2000:]
     assert took < 30 + 20, took  # 20 s: two Pythons importing torch on a busy 2-core machine
+
+
+def test_the_training_forward_is_one_graph_for_torch_compile():
+    """--compile: no graph break in the losses (no Python loop over the batch, no value read
+    back from the device, no shape from a length's value)."""
+    cfg = valle.get_config("tiny", dropout=0.0)
+    both = train_script.Both(valle.ARModel(cfg), valle.NARModel(cfg))
+    text, codes = torch.randint(3, 50, (2, 10)), torch.randint(0, 1024, (2, 8, 40))
+    j, frac = valle.NARModel.draw(2, torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(both)(text, torch.tensor([10, 7]), codes,
+                                             torch.tensor([40, 31]), j, frac)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

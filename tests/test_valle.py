@@ -766,8 +766,9 @@ def test_group_batch_is_group_codes_row_by_row(G):
 
 
 class DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the operations that make the host wait for a device (a value read back, or a
-    boolean mask's count: nonzero, or indexing with a mask), on tensors of the given device."""
+    """Counts the operations that make the host wait for a device (a value read back, a boolean
+    mask's count: nonzero, or indexing with a mask; a copy onto it that is not non_blocking),
+    on tensors of the given device."""
     WAITS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
 
     def __init__(self, device):
@@ -781,6 +782,9 @@ class DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
         if func == torch.ops.aten.index.Tensor and on_device and any(  # x[mask] counts it inside
                 i is not None and i.dtype == torch.bool for i in args[1]):
             self.reads.append("boolean mask")
+        if (func == torch.ops.aten._to_copy.default and (kwargs or {}).get("device") == self.device
+                and not (kwargs or {}).get("non_blocking")):  # a copy in that waits for the device
+            self.reads.append("blocking copy")
         return func(*args, **(kwargs or {}))
 
 
@@ -809,6 +813,9 @@ def test_a_training_step_never_waits_for_the_device():
         lens = torch.tensor([5, 3])
         torch.zeros(2, 9)[0, : lens[0]], torch.zeros(4)[torch.tensor([True, False, True, True])]
     assert reads.reads == ["aten._local_scalar_dense.default", "boolean mask"]
+    with DeviceReads("meta") as reads:
+        lens.to("meta"), lens.to("meta", non_blocking=True)
+    assert reads.reads == ["blocking copy"]
 
 
 def test_sampling_refuses_values_that_would_decode_wrongly():
