@@ -15,7 +15,7 @@ appends its figures to one file as it finishes, so a run cut short keeps what it
 3. AR decoding compiled (CUDA graphs) against eager: greedy fp32 codes equal, bf16 agreement;
 4. long text through the batch cap (--max-batch), against one batch;
 5. the peak memory of one paper-preset training step at 6,000 frames in bf16, against the
-   README's estimate (13-21 GiB);
+   README's estimate (11-16 GiB);
 6. the bench.py --device cuda --bf16 rows.
 """
 import argparse
@@ -43,7 +43,7 @@ except ImportError:  # the bare GPU machine: run as a script
     pytest = None
 
 OUT = os.environ.get("VALLE_GPU_CHECK_OUT", os.path.join(ROOT, "gpu_check.txt"))
-README_ESTIMATE_GIB = (13, 21)  # README, "Memory": one paper-preset step at 6,000 frames, bf16
+README_ESTIMATE_GIB = (11, 16)  # README, "Memory": one paper-preset step at 6,000 frames, bf16
 
 
 def record(check, what, value):
