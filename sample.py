@@ -113,12 +113,14 @@ def parse_args(argv=None):
             valle.check_language(code)
         except ValueError as e:
             raise ValueError(f"{flag}: {e}") from None
+    try:  # valle.Sampling checks its own values; its errors name the flags here
+        args.sampling = valle.Sampling(temperature=args.temperature, top_k=args.top_k,
+                                       top_p=args.top_p, ras_window=args.ras_window,
+                                       ras_threshold=args.ras_threshold, ras=not args.no_ras)
+    except ValueError as e:
+        name = str(e).split()[0]
+        raise ValueError(f"--{name.replace('_', '-')}{str(e)[len(name):]}") from None
     checks = [
-        ("--temperature", args.temperature, args.temperature > 0, "must be positive"),
-        ("--top-p", args.top_p, 0 <= args.top_p <= 1, "must be in [0, 1]"),
-        ("--top-k", args.top_k, args.top_k >= 0, "must be 0 (off) or more"),
-        ("--ras-window", args.ras_window, args.ras_window >= 1, "must be at least 1"),
-        ("--ras-threshold", args.ras_threshold, 0 < args.ras_threshold <= 1, "must be in (0, 1]"),
         ("--candidates", args.candidates, args.candidates >= 1, "must be at least 1"),
         ("--max-batch", args.max_batch, args.max_batch >= 1, "must be at least 1"),
         ("--max-seconds", args.max_seconds, args.max_seconds is None or args.max_seconds > 0,
@@ -229,9 +231,7 @@ def run(args):
               "pretrained EnCodec was not available): the output is noise with the right timing, "
               "not speech.", file=sys.stderr)
     prompt_codes = codec.encode(prompt_wav).to(device)  # (8, Tp)
-    sampling = valle.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              ras_window=args.ras_window, ras_threshold=args.ras_threshold,
-                              ras=not args.no_ras)
+    sampling = args.sampling
 
     last_print = [0.0]
 

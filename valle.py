@@ -837,21 +837,21 @@ def group_codes(c0, G):
 
     Leading codes are clipped so that T is a multiple of G (§3.1: starts are usually
     silence). Ending on a whole <eos> group is the convention that inference follows too."""
-    c0 = c0[c0.shape[0] % G:]
-    eos = torch.full((G,), EOS, dtype=c0.dtype, device=c0.device)
-    return torch.cat([c0, eos]).view(-1, G)  # (T/G + 1, G)
+    return group_batch(c0[None], torch.tensor([len(c0)]), G)[0]
 
 
 def group_batch(c0, lens, G):
     """group_codes for a padded batch: (B, T) codes and their (B,) lengths -> (B, T // G + 1, G)
-    targets, each row its own groups and its <eos> group, then IGNORE. One gather, no Python
-    loop, and a shape from T, never from a length's value (which on a GPU would wait for it)."""
+    targets, each row its own groups and its <eos> group, then IGNORE (training's targets).
+    One gather, no Python loop, and a shape from T, never from a length's value (which on a
+    GPU would wait for it)."""
     N = c0.shape[1] // G  # room for the longest row's groups (collate pads to its length)
     lens = lens.to(c0.device, non_blocking=True)
     n = (lens // G)[:, None]  # (B, 1) each row's groups
     slot = torch.arange((N + 1) * G, device=c0.device)  # the targets' code slots
-    first = (lens % G)[:, None]  # leading codes clipped, as group_codes clips them
-    codes = c0.gather(1, (first + slot).clamp(max=c0.shape[1] - 1))
+    first = (lens % G)[:, None]  # the leading codes clipped
+    padded = F.pad(c0, (0, 1))  # a column more: a batch without codes still has one to gather
+    codes = padded.gather(1, (first + slot).clamp(max=c0.shape[1]))
     group = slot // G
     targets = torch.where(group < n, codes, torch.where(group == n, EOS, IGNORE))
     return targets.view(len(c0), N + 1, G)

@@ -754,13 +754,13 @@ def test_golden_training_losses_are_unchanged():
 # --- right on GPUs: no waiting for the device, devices, budgets, precision -------------------
 
 @pytest.mark.parametrize("G", [1, 2, 4])
-def test_group_batch_is_group_codes_row_by_row(G):
+def test_group_batch_groups_each_row_on_its_own(G):
     c0 = torch.randint(0, 1024, (3, 13))
     lens = torch.tensor([13, 6, 9])
     batch = valle.group_batch(c0, lens, G)
     assert batch.shape == (3, 13 // G + 1, G)
-    for row, n in zip(range(3), lens.tolist()):
-        own = valle.group_codes(c0[row, :n], G)
+    for row, n in zip(range(3), lens.tolist()):  # clip n % G leading codes, close with <eos>
+        own = torch.cat([c0[row, n % G: n], torch.full((G,), EOS)]).view(-1, G)
         assert torch.equal(batch[row, : len(own)], own)
         assert (batch[row, len(own):] == valle.IGNORE).all()
 
