@@ -47,6 +47,7 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import scorers
@@ -233,9 +234,18 @@ def codebook0(codes):
 
 
 def code_edits(codes, reference):
-    """Levenshtein distance between two codebook-0 sequences: codes inserted, deleted, replaced."""
-    levenshtein = scorers.need("rapidfuzz.distance", "rapidfuzz").Levenshtein
-    return levenshtein.distance(codebook0(codes), codebook0(reference))
+    """Levenshtein distance between two codebook-0 sequences: codes inserted, deleted, replaced.
+    Plain numpy, so that --tokens-only runs on the core install: one row of the edit table at a
+    time, its insertions along the row as a running minimum."""
+    a, b = codebook0(codes), np.array(codebook0(reference))
+    along = np.arange(len(b) + 1)
+    row = along  # edits from nothing of `a` to each prefix of b
+    for i, code in enumerate(a, 1):
+        # without an insertion in this row: a deletion (from above) or a match or replacement
+        # (diagonal); then row[j] = min over k <= j of no_insert[k] + (j - k) insertions
+        no_insert = np.concatenate([[i], np.minimum(row[1:] + 1, row[:-1] + (b != code))])
+        row = np.minimum.accumulate(no_insert - along) + along
+    return int(row[-1])
 
 
 def code_edit_distance(codes, reference):
@@ -373,12 +383,13 @@ def score_recordings(utts, asr, encoder, prompt_frames):
     return {mode: (sum(s) / len(s), wer) for mode, s in per_mode.items()}, hyps, per_mode
 
 
-def summarize(rows):
-    """Per-utterance rows of one mode -> its figures."""
+def summarize(rows, tokens_only=False):
+    """Per-utterance rows of one mode -> its figures (tokens_only: no WER, nothing was heard)."""
     n = len(rows)
     return dict(
         sim=sum(r["sim"] for r in rows) / n,
-        wer=scorers.word_error_rate([r["text"] for r in rows], [r["hypothesis"] for r in rows]),
+        wer=None if tokens_only else scorers.word_error_rate([r["text"] for r in rows],
+                                                             [r["hypothesis"] for r in rows]),
         duration=sum(r["output_seconds"] / r["seconds"] for r in rows) / n,
         c0_edit=code_error_rate((r["codes"], r["reference"]) for r in rows),
         baseline=code_error_rate((r["baseline"], r["reference"]) for r in rows),
@@ -559,6 +570,9 @@ def run(args):
         raise ValueError("the ASR and WER read English only: evaluate other languages with "
                          "--tokens-only (the token-space figures)")
     check_out(args.out)
+    # The scorers load before any work: a missing extra stops the run here, writing nothing.
+    asr, encoder = (None, None) if args.tokens_only else (scorers.ASR(args.asr),
+                                                          scorers.SpeakerEncoder(args.speaker_encoder))
     _, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
     if ar is None or nar is None:
         raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
@@ -571,8 +585,6 @@ def run(args):
               "is noise, so the model's WER and SIM (marked *) measure noise; read the token-space "
               "columns.", file=sys.stderr)
     codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
-    asr, encoder = (None, None) if args.tokens_only else (scorers.ASR(args.asr),
-                                                          scorers.SpeakerEncoder(args.speaker_encoder))
     min_seconds = args.prompt_seconds + MIN_CONTINUATION_SECONDS if "continuation" in args.modes else 0.0
     utts, notes = load_utterances(items, codec, min_seconds, ar.cfg)
     for note in notes:
@@ -587,7 +599,7 @@ def run(args):
     for mode in args.modes:
         mode_rows = evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling,
                                   prompt_frames, args, bf16)
-        results[mode] = summarize(mode_rows)
+        results[mode] = summarize(mode_rows, args.tokens_only)
         rows += mode_rows
     if args.out and args.tokens_only:
         os.makedirs(args.out, exist_ok=True)

@@ -101,6 +101,7 @@ class ASR:
         name, _, size = backend.partition(":")
         if name not in ASR_BACKENDS or (size and name != "whisper"):
             raise ValueError(f"unknown ASR backend {backend!r}: pocketsphinx or whisper[:model]")
+        need("jiwer", "jiwer")  # what scores every transcript here: missing, it stops a run now
         if name == "pocketsphinx":
             ps = need("pocketsphinx", "pocketsphinx")
             self.decoder = ps.Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")  # en-us, inside

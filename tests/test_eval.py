@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -35,6 +36,15 @@ def test_code_edit_distance_counts_codebook0_edits_over_the_reference_length():
     assert ev.code_edit_distance(a, b) == 0.0
     b[0, 5] = (a[0, 5] + 1) % 1024
     assert ev.code_edit_distance(a, b) == pytest.approx(1 / 30)
+
+
+def test_code_edits_agree_with_rapidfuzz_on_random_sequences():
+    """eval.py's own edit distance (numpy, for the core install) against rapidfuzz's."""
+    from rapidfuzz.distance import Levenshtein
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = (rng.integers(0, 4, rng.integers(0, 25)).tolist() for _ in range(2))
+        assert ev.code_edits(a, b) == Levenshtein.distance(a, b), (a, b)
 
 
 def test_code_error_rate_is_corpus_level_like_wer():
@@ -152,6 +162,27 @@ def test_bad_input_gets_one_line_and_status_2_and_writes_nothing(argv, match, sh
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
     assert sorted(p for p in short_tree.rglob("*")) == before
+
+
+def test_a_missing_extra_stops_the_run_before_any_work(tmp_path, monkeypatch, capsys):
+    """Without jiwer (what scores the WER) a full evaluation stops while it loads its scorers:
+    one line naming the package, nothing generated, nothing written."""
+    import valle
+    random_checkpoint(tmp_path / "model.pt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work began before the run's needs were checked")
+    monkeypatch.setattr(valle, "generate", refuse)
+    monkeypatch.setattr(valle.Codec, "encode", refuse)
+    monkeypatch.setitem(sys.modules, "jiwer", None)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--checkpoint", str(tmp_path / "model.pt"), "--layout", "folder", "--src",
+                 os.path.join(ROOT, "data", "demo"), "--per-speaker", "2", "--limit", "2",
+                 "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the optional package jiwer" in err[0], err
+    assert not (tmp_path / "o").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +333,8 @@ def test_tokens_only_scores_the_text_gaps_without_decoding_or_scorers(tmp_path, 
     monkeypatch.setattr(scorers, "ASR", refuse)
     monkeypatch.setattr(scorers, "SpeakerEncoder", refuse)
     monkeypatch.setattr(valle.Codec, "decode", refuse)
+    for extra in ("jiwer", "rapidfuzz", "rapidfuzz.distance"):  # the core install: no extras
+        monkeypatch.setitem(sys.modules, extra, None)
     ev.main(["--checkpoint", str(tmp_path / "model.pt"), "--layout", "folder", "--src",
              os.path.join(ROOT, "data", "demo"), "--per-speaker", "3", "--limit", "6",
              "--prompt-seconds", "1.5", "--max-new-seconds", "0.5", "--tokens-only",
