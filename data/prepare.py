@@ -68,6 +68,7 @@ from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT,  # noqa: E4
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CHUNK = 256  # utterances per saved part
+NAMED_SKIPS = 5  # skipped utterances named on the console; meta.json lists them all
 GPU_BATCH_SIZE = 16  # default utterances per EnCodec call on a GPU; 1 on the CPU (--batch-size)
 # Paths that may differ between the machines of a sharded run: --merge does not compare them.
 MACHINE_PATHS = ("src", "encodec_checkpoint")
@@ -172,7 +173,9 @@ def load_one(path, text, language, min_s, max_s):
         return "nothing to pronounce"
     try:
         wav = valle.load_audio(path)
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
+        return "missing audio file"
+    except ValueError:  # there, but not audio soundfile reads: corrupt, truncated, another format
         return "unreadable audio"
     seconds = len(wav) / valle.SAMPLE_RATE
     if seconds < min_s:
@@ -431,6 +434,11 @@ def write_dataset(out, settings, paths):
     print(f"{out}: {len(ids)} utterances, {len(speakers)} speakers, "
           f"{meta['hours'] * 60:.1f} min, {meta['frames']} frames, codec {meta['codec']}; "
           f"skipped {len(skipped)}: {meta['skipped'] or 'none'}")
+    for utt, reason in skipped[:NAMED_SKIPS]:
+        print(f"  skipped {utt}: {reason}")
+    if len(skipped) > NAMED_SKIPS:
+        print(f"  ... and {len(skipped) - NAMED_SKIPS} more: every one is in {out}/meta.json "
+              "(skipped_ids)")
     if len(meta["utterances_by_language"]) > 1 or "en" not in meta["utterances_by_language"]:
         print(f"languages: {meta['utterances_by_language']}")
     if unknown:

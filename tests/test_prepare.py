@@ -45,7 +45,7 @@ def dataset_files(out):
     return {**files, "meta.json": prepared_meta(out), "listing": sorted(os.listdir(out))}
 
 
-def test_ljspeech_layout_with_bad_files(tmp_path):
+def test_ljspeech_layout_with_bad_files(tmp_path, capsys):
     src = tmp_path / "LJSpeech-1.1"
     (src / "wavs").mkdir(parents=True)
     rows = ["LJ001|Raw text one.|Normalized text one.", "LJ002|Two.|Second sentence here.",
@@ -65,7 +65,15 @@ def test_ljspeech_layout_with_bad_files(tmp_path):
     meta = prepared_meta(out)
     assert meta["ids"] == ["LJ001", "LJ002", "LJ003"]
     assert meta["skipped"] == {"shorter than 0.5 s": 1, "longer than 2.0 s": 1,
-                               "unreadable audio": 2, "silent": 1}
+                               "unreadable audio": 1, "missing audio file": 1, "silent": 1}
+    # the console names the first five (a corrupt file and a missing one apart), meta.json all
+    named = [l.strip() for l in capsys.readouterr().out.splitlines() if l.startswith("  ")]
+    assert named == ["skipped LJ004: shorter than 0.5 s", "skipped LJ005: longer than 2.0 s",
+                     "skipped LJ006: unreadable audio", "skipped LJ007: silent",
+                     "skipped LJ008: missing audio file"]
+    assert [tuple(x) for x in meta["skipped_ids"]] == [
+        ("LJ004", "shorter than 0.5 s"), ("LJ005", "longer than 2.0 s"),
+        ("LJ006", "unreadable audio"), ("LJ007", "silent"), ("LJ008", "missing audio file")]
     # the stored values are the codec's codes and the normalized text's phones
     index = np.load(os.path.join(out, "index.npy"))
     codes = np.fromfile(os.path.join(out, "codes.bin"), dtype=np.int16).reshape(-1, 8)
@@ -121,7 +129,7 @@ def test_manifest_layout(tmp_path):
                   "--codec", "untrained"])
     meta = prepared_meta(out)
     assert meta["utterances"] == 2 and meta["speakers"] == ["alice", "bob"]
-    assert meta["skipped"] == {"unreadable audio": 1}
+    assert meta["skipped"] == {"missing audio file": 1}
 
 
 def test_folder_layout_resumes_and_never_overwrites(tmp_path, monkeypatch, capsys):
