@@ -36,6 +36,7 @@ from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT, PHONE_OFFSE
                    SPEAKER)
 
 NO_PARTNER = -1  # an example that is one utterance, not two joined
+WARMUP = 200  # default warm-up steps (fewer for short runs: warmup_steps)
 
 
 # A key in the process group's store: why a process stopped early. One per torchrun restart,
@@ -116,7 +117,8 @@ def parse_args(argv=None):
     g.add_argument("--group-size", type=int, choices=[1, 2, 4, 8],
                    help="G, frames per AR step (default 2)")
     g.add_argument("--dropout", type=float, help="override the preset's dropout")
-    g.add_argument("--models", default="ar,nar", choices=["ar,nar", "ar", "nar"], help="which to train")
+    g.add_argument("--models", default="ar,nar", metavar="ar,nar|ar|nar",
+                   help="which to train (default both)")
     g.add_argument("--init-from", help="checkpoint to fine-tune from (weights only, new optimizer)")
     g.add_argument("--resume", action="store_true", help="continue <out>/last.pt exactly")
     g = p.add_argument_group("optimisation")
@@ -126,7 +128,9 @@ def parse_args(argv=None):
                    help="acoustic frames per batch, padding included (VALL-E: 6k per GPU)")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (VALL-E: 5e-4)")
-    g.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (VALL-E: 32k)")
+    g.add_argument("--warmup", type=int,
+                   help=f"linear warm-up steps (default {WARMUP}, or a tenth of --max-steps when "
+                        "that is fewer, so that a short fine-tune reaches --lr; VALL-E: 32k)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
     g.add_argument("--clip", type=float, default=1.0,
                    help="gradient norm clipping, for each model on its own")
@@ -150,7 +154,7 @@ def parse_args(argv=None):
         (args.batch_frames, args.batch_frames >= 1, "--batch-frames must be at least 1"),
         (args.grad_accum, args.grad_accum >= 1, "--grad-accum must be at least 1"),
         (args.lr, args.lr > 0, "--lr must be positive"),
-        (args.warmup, args.warmup >= 0, "--warmup must be 0 or more"),
+        (args.warmup, args.warmup is None or args.warmup >= 0, "--warmup must be 0 or more"),
         (args.weight_decay, args.weight_decay >= 0, "--weight-decay must be 0 or more"),
         (args.clip, args.clip > 0, "--clip must be positive"),
         (args.concat_prob, 0 <= args.concat_prob <= 1, "--concat-prob must be in [0, 1]"),
@@ -161,6 +165,10 @@ def parse_args(argv=None):
     for value, ok, msg in checks:
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
             die(f"{msg}, not {value}")
+    models = args.models.replace(" ", "").split(",")
+    if not models or set(models) - {"ar", "nar"} or len(set(models)) < len(models):
+        die(f"--models takes ar,nar, ar or nar, not {args.models!r}")
+    args.models = ",".join(m for m in ("ar", "nar") if m in models)  # one spelling: "nar,ar" too
     return args
 
 
@@ -408,6 +416,16 @@ def differences(ckpt, args, world, utterances):
     return out
 
 
+def warmup_steps(args, ckpt=None):
+    """--warmup, else the run's own when resuming, else WARMUP or a tenth of --max-steps,
+    whichever is fewer: 200 warm-up steps would leave a 20-step fine-tune at a tenth of --lr."""
+    if args.warmup is not None:
+        return args.warmup
+    if ckpt is not None and args.resume and "warmup" in (ckpt.get("args") or {}):
+        return ckpt["args"]["warmup"]
+    return min(WARMUP, args.max_steps // 10)
+
+
 def lr_at(args, step):
     """Linear warm-up to the peak, then linear decay to 0 at --max-steps (VALL-E §5)."""
     if step < args.warmup:
@@ -514,12 +532,20 @@ def main(argv=None):
             die(f"{source} holds no {' or '.join(missing)} model; choose --models accordingly")
         ar = ar if "ar" in wanted else None
         nar = nar if "nar" in wanted else None
+        args.warmup = warmup_steps(args, ckpt)
         changed = differences(ckpt, args, world, len(data)) if args.resume else []
         if changed:
             die(f"{source} is another run: {'; '.join(changed)}. Resume "
                 f"with its values, or start a new run from its weights with --init-from {source} "
                 "--out NEW_FOLDER")
+        if args.init_from:  # what a fine-tune starts from
+            val = ckpt.get("val") or {}
+            log(f"--init-from {source}: {args.models.replace(',', ' and ')} weights of step "
+                f"{ckpt.get('step', '?')} (validation "
+                f"{', '.join(f'{k} {val[k]:.3f}' for k in ('ar', 'nar') if k in val) or 'none'}), "
+                f"codec {ckpt.get('codec')}; a new optimizer")
     else:
+        args.warmup = warmup_steps(args)
         if os.path.exists(last_path):
             die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
         overrides = {"group_size": args.group_size or 2}
@@ -580,6 +606,13 @@ def main(argv=None):
         if ckpt.get("args", {}).get("max_steps", args.max_steps) != args.max_steps:
             log(f"--max-steps {args.max_steps} (the run had {ckpt['args']['max_steps']}): the "
                 f"learning rate now decays to 0 at step {args.max_steps}")
+
+    peak = lr_at(args, min(max(args.warmup - 1, 0), args.max_steps - 1))  # the warm-up's last step
+    log(f"learning rate: linear warm-up over {args.warmup} steps to {peak:.2e}, linear decay to 0 "
+        f"at step {args.max_steps}")
+    if args.warmup > args.max_steps:
+        log(f"warning: --warmup {args.warmup} is longer than --max-steps {args.max_steps}: the "
+            f"learning rate peaks at {peak:.2e}, below --lr {args.lr:g}; lower --warmup")
 
     def save(path, val):
         valle.save_checkpoint(

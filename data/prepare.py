@@ -232,6 +232,11 @@ def make_codec(name, checkpoint, device):
     return codec
 
 
+def times(speed):
+    """A multiple of real time, two significant digits below 10x: 0.042x, 1.4x, 37x."""
+    return f"{speed:.2g}x" if speed < 10 else f"{speed:.0f}x"
+
+
 class Progress:
     """A tqdm bar of utterances that also shows the audio encoded and the throughput."""
 
@@ -244,7 +249,7 @@ class Progress:
         self.seconds += seconds
         speed = self.seconds / (time.perf_counter() - self.start)  # audio seconds per second
         self.bar.set_postfix_str(f"{self.seconds / 3600:.3f} h audio, {speed / 3600:.4f} h/s "
-                                 f"= {speed:.0f}x real time", refresh=False)
+                                 f"= {times(speed)} real time", refresh=False)
         self.bar.update(utterances)  # redraws at most once per mininterval
 
 

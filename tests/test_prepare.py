@@ -284,3 +284,8 @@ def test_merge_without_parts(tmp_path, capsys):
     assert "does not exist" in refused(["--merge", "--out", str(tmp_path / "nope")], capsys)
     assert "no parts folders" in refused(["--merge", "--out", str(tmp_path)], capsys)
     assert "--layout and --src are required" in refused(["--out", str(tmp_path)], capsys)
+
+
+def test_progress_shows_real_time_multiples_to_two_digits():
+    assert [prepare.times(s) for s in (0.0042, 0.42, 1.4, 9.96, 37.4)] == \
+        ["0.0042x", "0.42x", "1.4x", "10x", "37x"]

@@ -58,12 +58,28 @@ def test_resume_continues_exactly(prepared, tmp_path):
 def test_fine_tune_from_a_checkpoint(prepared, tmp_path):
     base = train(prepared, tmp_path / "base", "--max-steps", "40", "--eval-every", "40", "--log-every", "1")
     assert base.returncode == 0, base.stderr
-    tuned = train(prepared, tmp_path / "ft", "--init-from", str(tmp_path / "base" / "last.pt"),
-                  "--max-steps", "3", "--eval-every", "3", "--log-every", "1")
+    # a 20-step fine-tune without --warmup: the warm-up shrinks to a tenth of the run (2 steps),
+    # so it trains at --lr, not at most a tenth of it (200 warm-up steps); the log says what loaded
+    no_warmup = [a for a in FAST if a not in ("--warmup", "5", "--lr", "1e-3")]
+    tuned = run_script("train.py", "--data", prepared, "--out", str(tmp_path / "ft"), *no_warmup,
+                       "--init-from", str(tmp_path / "base" / "last.pt"), "--lr", "2e-4",
+                       "--max-steps", "20", "--eval-every", "20", "--log-every", "1")
     assert tuned.returncode == 0, tuned.stderr
     start = float(re.search(r"ar ([\d.]+)", losses(tuned.stdout)[1])[1])
     scratch = float(re.search(r"ar ([\d.]+)", losses(base.stdout)[1])[1])
     assert start < scratch - 1.0  # it starts from the trained weights, not from scratch
+    lrs = [float(x) for x in re.findall(r"\| lr ([\d.e+-]+) \|", tuned.stdout)]
+    assert len(lrs) == 20 and lrs[:2] == [1e-4, 2e-4] and max(lrs) == 2e-4
+    assert "learning rate: linear warm-up over 2 steps to 2.00e-04, linear decay to 0 at step 20" in tuned.stdout
+    assert (f"--init-from {tmp_path / 'base' / 'last.pt'}: ar and nar weights of step 40 "
+            "(validation ar ") in tuned.stdout and "codec untrained-seed0; a new optimizer" in tuned.stdout
+    assert "warning" not in tuned.stdout
+    # a warm-up asked for that is longer than the run is warned about
+    long_warmup = train(prepared, tmp_path / "ft3", "--init-from", str(tmp_path / "base" / "last.pt"),
+                        "--max-steps", "2", "--warmup", "20", "--eval-every", "2")
+    assert long_warmup.returncode == 0, long_warmup.stderr
+    assert ("warning: --warmup 20 is longer than --max-steps 2: the learning rate peaks at "
+            "1.00e-04, below --lr 0.001; lower --warmup") in long_warmup.stdout
     # a different group size cannot continue these weights
     bad = train(prepared, tmp_path / "ft2", "--init-from", str(tmp_path / "base" / "last.pt"),
                 "--group-size", "4", "--max-steps", "1")
@@ -71,6 +87,10 @@ def test_fine_tune_from_a_checkpoint(prepared, tmp_path):
 
 
 def test_ar_only_then_nar_only(prepared, tmp_path):
+    help_text = run_script("train.py", "--help").stdout
+    assert "--models ar,nar|ar|nar" in help_text and "{ar,nar,ar,nar}" not in help_text
+    bad = train(prepared, tmp_path / "bad", "--models", "ar,ar")
+    assert bad.returncode == 2 and "--models takes ar,nar, ar or nar, not 'ar,ar'" in bad.stderr
     out = train(prepared, tmp_path, "--models", "ar", "--max-steps", "2", "--eval-every", "2")
     assert out.returncode == 0, out.stderr
     assert "ar " in out.stdout and "nar " not in out.stdout
