@@ -262,7 +262,8 @@ def run(args):
                                           chunk_seconds=args.chunk_seconds, candidates=N,
                                           language=args.language,
                                           prompt_language=args.prompt_language,
-                                          max_batch=args.max_batch)
+                                          max_batch=args.max_batch,
+                                          log=lambda line: print(line, file=sys.stderr, flush=True))
     waves = [decode(codec, output[1], prompt_codes, args.mode) for output in outputs]
     wall = time.time() - start
 
@@ -286,21 +287,23 @@ def run(args):
                 line = "  ".join(f"{name} {scores[name][c]:.4f}" for name in needs)
                 line += "" if plausible[c] else f"  too short ({frames[c]} frames)"
                 print(f"sentence {i + 1} candidate {c + 1}: {line}" + ("  <- kept" if c == kept else ""))
-                path, wav = kept_paths[i] if c == kept else all_paths[i * N + c], waves[i * N + c]
+                path = kept_paths[i] if c == kept else all_paths[i * N + c]
                 if c == kept or args.keep_all:
-                    files.append((path, wav))
+                    files.append((path, i * N + c))
                 rows.append([str(i + 1), str(c + 1), str(int(c == kept))] +
                             [f"{scores[name][c]:.6f}" for name in needs] +
                             [os.path.basename(path) if (c == kept or args.keep_all) and wav is not None else ""])
         print(f"scored {len(outputs)} candidates ({', '.join(needs)}) in {time.time() - scoring:.2f} s")
     else:
-        files = list(zip(all_paths, waves))
+        files = list(zip(all_paths, range(len(outputs))))
 
     audio_seconds, written = 0.0, 0
-    for path, wav in files:
+    for path, k in files:
+        wav = waves[k]
         if wav is None:
             print(f"warning: the model produced no speech for {path}; not written", file=sys.stderr)
             continue
+        warn_if_short(path, *outputs[k][:3], args.language)
         valle.write_wav(path, wav)
         audio_seconds += len(wav) / valle.SAMPLE_RATE
         written += 1
@@ -317,6 +320,21 @@ def run(args):
         print(f"wrote {path}")
     print(f"{audio_seconds:.2f} s of audio in {wall:.2f} s on {device}: real-time factor "
           f"{wall / max(audio_seconds, 1e-9):.3f} (wall / audio; below 1 is faster than real time)")
+
+
+def warn_if_short(path, texts, codes, ended, language):
+    """A warning for each chunk of an output whose speech is far shorter than its text: under
+    scorers.MIN_FRAMES_PER_PHONE frames per phone (read speech takes about 5.4) when the model
+    drew <eos>, which a weak model does early, dropping words. A chunk cut off at --max-seconds
+    was cut on request."""
+    for k, (text, c, e) in enumerate(zip(texts, codes, ended)):
+        phones = len(valle.text_to_ids(text, language))
+        if e and c.shape[1] < scorers.MIN_FRAMES_PER_PHONE * phones:
+            where = f", chunk {k + 1} of {len(texts)}" if len(texts) > 1 else ""
+            print(f"warning: {path}{where} ({valle.first_words(text)}): {c.shape[1] / valle.FRAME_RATE:.2f} s "
+                  f"of speech for {phones} phones ({c.shape[1] / phones:.1f} frames a phone, where "
+                  "read speech takes about 5.4): the model ended early and words are likely "
+                  "missing", file=sys.stderr)
 
 
 def decode(codec, chunks, prompt_codes, mode):

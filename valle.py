@@ -1468,7 +1468,7 @@ def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chun
 def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=Sampling(),
                   seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
                   language="en", chunk_seconds=None, candidates=1, prompt_language="en",
-                  max_batch=MAX_BATCH):
+                  max_batch=MAX_BATCH, log=None):
     """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
     (8, T_k) codes, whether each drew <eos>, which chunk prompted each: an index, or None for
     the voice prompt).
@@ -1485,7 +1485,8 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
     as it came: the caller asked for the cut. Candidate c draws from seed + c * SEED_STRIDE, as
     in `generate`; the candidates' chunks that share a prompt run in one batch (fixed: all of
     them; rolling: the first chunks, and any the voice prompts). Decode the chunks and
-    join them with join_speech. progress(label, step, total) names each AR run's chunks.
+    join them with join_speech. progress(label, step, total) names each AR run's chunks;
+    log(line), if given, hears the plan: each chunk's first words, and each split.
     language, prompt_language, max_batch: as in `generate` (a chunk's own speech prompts in
     `language`)."""
     if mode not in ("fixed", "rolling"):
@@ -1501,6 +1502,11 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
     texts = chunk_text(text, phones, language, word_limit=most_phones)
     if not texts:
         raise ValueError(f"nothing to pronounce in {text[:50]!r}: give words of {language!r}")
+    log = log or (lambda line: None)
+    if len(texts) > 1:
+        log(f"{len(texts)} chunks of at most {phones} phones, {mode} mode:")
+        for k, t in enumerate(texts):
+            log(f"  chunk {k + 1}: {first_words(t)} ({len(phonemize(t, language))} phones)")
     # per candidate, its chunks in order: [text, codes, ended with <eos>, prompted by], where
     # "prompted by" is the index of the chunk whose speech was the prompt (None: the voice prompt)
     runs = [[[t, None, False, None] for t in texts] for _ in range(candidates)]
@@ -1536,9 +1542,19 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
         for (c, k), code, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
             chunks = runs[c]
             halves = None if e or max_seconds else _split_again(chunks[k][0], language)
+            if halves:
+                whose = f"candidate {c + 1}, " if candidates > 1 else ""
+                log(f"{whose}{first_words(chunks[k][0])} ran {code.shape[1] / FRAME_RATE:.1f} s "
+                    f"without <eos>: spoken again as {len(halves)} chunks")
             chunks[k: k + 1] = [[h, None, False, None] for h in halves] if halves else \
                 [[chunks[k][0], code, e, j]]
     return [tuple(map(list, zip(*chunks))) for chunks in runs]  # (texts, codes, ended, prompted by)
+
+
+def first_words(text, n=6):
+    """What a chunk says, for the console: its first n words."""
+    words = text.split()
+    return repr(" ".join(words[:n]) + (" ..." if len(words) > n else ""))
 
 
 def _split_again(text, language):

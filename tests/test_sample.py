@@ -156,6 +156,52 @@ def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys
     assert e.value.code == 2 and "produced no speech for any sentence" in capsys.readouterr().err
 
 
+def test_long_text_shows_its_chunks_and_warns_of_each_one_that_ends_early(setup, monkeypatch, capsys):
+    """A stand-in model that draws <eos> after 3 frames, whatever the text: the plan names each
+    chunk's first words, and every chunk far shorter than its text gets a warning naming it; a
+    chunk cut at --max-seconds (no <eos>) was cut on request and gets none."""
+    import sample as sample_script
+    calls = []
+
+    def ends_at_once(ar, nar, texts, *a, **kw):
+        calls.append(list(texts))
+        return [torch.randint(0, 1024, (8, 3)) for _ in texts], [True] * len(texts)
+    monkeypatch.setattr(valle, "generate", ends_at_once)
+    story = ("The lamp was lit at dusk, and it burned all night for a hundred years. "
+             "Then one winter the old keeper retired to a small house by the sea. "
+             "The town kept the light burning every night after that.")
+    (setup / "story.txt").write_text(story)
+    argv = ["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
+            "--prompt-text", PROMPT_TEXT, "--chunk-seconds", "8"]
+    sample_script.main(argv + ["--long-text-file", str(setup / "story.txt"),
+                               "--out", str(setup / "early.wav")])
+    err = capsys.readouterr().err
+    assert calls == [[
+        "The lamp was lit at dusk, and it burned all night for a hundred years.",
+        "Then one winter the old keeper retired to a small house by the sea.",
+        "The town kept the light burning every night after that."]]
+    assert "3 chunks of at most 75 phones, fixed mode:" in err
+    assert "  chunk 1: 'The lamp was lit at dusk, ...' (" in err
+    assert "  chunk 3: 'The town kept the light burning ...' (" in err
+    warnings = [l for l in err.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 3, err
+    phones = len(valle.text_to_ids(calls[0][1]))
+    assert warnings[1] == (f"warning: {setup / 'early.wav'}, chunk 2 of 3 ('Then one winter the old "
+                           f"keeper ...'): 0.04 s of speech for {phones} phones ({3 / phones:.1f} "
+                           "frames a phone, where read speech takes about 5.4): the model ended "
+                           "early and words are likely missing")
+    assert (setup / "early.wav").exists()  # written all the same: the warning says what to doubt
+    # one sentence (--text) is checked the same way; a cut (no <eos>) is not warned about
+    sample_script.main(argv + ["--text", "Hello there, my friend.", "--out", str(setup / "one.wav")])
+    assert "warning: " + str(setup / "one.wav") + " ('Hello there, my friend.'): 0.04 s" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(valle, "generate", lambda ar, nar, texts, *a, **kw: (
+        [torch.randint(0, 1024, (8, 3)) for _ in texts], [False] * len(texts)))
+    sample_script.main(argv + ["--text", "Hello there, my friend.", "--max-seconds", "0.04",
+                               "--out", str(setup / "cut.wav")])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_bf16_flag_writes_audio(setup):
     out = sample(setup, "--seed", "1", out="bf16.wav", flags=["--bf16"])
     assert out.returncode == 0, out.stderr
