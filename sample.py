@@ -290,9 +290,10 @@ def run(args):
                 path = kept_paths[i] if c == kept else all_paths[i * N + c]
                 if c == kept or args.keep_all:
                     files.append((path, i * N + c))
+                written = (c == kept or args.keep_all) and waves[i * N + c] is not None
                 rows.append([str(i + 1), str(c + 1), str(int(c == kept))] +
                             [f"{scores[name][c]:.6f}" for name in needs] +
-                            [os.path.basename(path) if (c == kept or args.keep_all) and wav is not None else ""])
+                            [os.path.basename(path) if written else ""])
         print(f"scored {len(outputs)} candidates ({', '.join(needs)}) in {time.time() - scoring:.2f} s")
     else:
         files = list(zip(all_paths, range(len(outputs))))
