@@ -6,7 +6,7 @@ Speed and memory of VALL-E 2 on this machine: prints a table, asserts nothing.
     python bench.py --preset tiny --quick               # a smoke run in seconds
     python bench.py --preset paper --compile            # + the compiled decode step on a CPU
     python bench.py --data-path                         # training data path at LibriTTS size
-    python bench.py --memory                            # paper preset training memory vs frames
+    python bench.py --memory                            # training memory vs frames; --batch-frames advice
     python bench.py --long                              # a minute of speech in chunks, G=2 and G=8
     python bench.py --int8                              # fp32 vs int8 weights, batch 1
     python bench.py --int8-accuracy runs/demo/best.pt data/prepared/demo  # int8 vs fp32 agreement
@@ -48,7 +48,8 @@ p.add_argument("--compile", action="store_true",
 p.add_argument("--data-path", action="store_true",
                help="only the training data path on synthetic 350k- and 3.5k-utterance datasets")
 p.add_argument("--memory", action="store_true",
-               help="only the paper preset's training memory at several batch shapes (minutes)")
+               help="only training memory at several batch shapes, each preset, and the "
+                    "--batch-frames that fit a CPU, a 24 GB and an 80 GB GPU (minutes)")
 p.add_argument("--long", action="store_true",
                help="only long-form speech: 60 s in 15 s chunks, fixed mode, G=2 and G=8 (minutes)")
 p.add_argument("--int8", action="store_true",
@@ -56,7 +57,7 @@ p.add_argument("--int8", action="store_true",
 p.add_argument("--int8-accuracy", nargs=2, metavar=("CHECKPOINT", "DATA"),
                help="int8 vs fp32 on a trained checkpoint: teacher-forced top-1 agreement and "
                     "validation loss on train.py's held-out split of a prepared dataset")
-p.add_argument("--memory-point", type=int, nargs=2, metavar=("B", "T"), help=argparse.SUPPRESS)
+p.add_argument("--memory-point", nargs=3, metavar=("PRESET", "B", "T"), help=argparse.SUPPRESS)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 try:
@@ -257,14 +258,13 @@ def data_path_rows():
             "target within 10%")
 
 
-# --- training memory of the paper preset (--memory) -------------------------------------------
+# --- training memory and the --batch-frames that fit (--memory) ---------------------------------
 
 
-def memory_point(B, T):
-    """Peak RSS of two training steps of the paper preset (AR + NAR, AdamW) on B x T frames,
-    with ~14 phones of text per second of speech. Runs in its own process: peak RSS is per
-    process."""
-    cfg = valle.get_config("paper")
+def memory_point(preset, B, T):
+    """Peak RSS of two training steps of a preset (AR + NAR, AdamW) on B x T frames, with ~14
+    phones of text per second of speech. Runs in its own process: peak RSS is per process."""
+    cfg = valle.get_config(preset)
     torch.manual_seed(0)
     ar, nar = valle.ARModel(cfg), valle.NARModel(cfg)
     opt = torch.optim.AdamW(list(ar.parameters()) + list(nar.parameters()), lr=1e-4)
@@ -282,43 +282,73 @@ def memory_point(B, T):
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, n_params, L)
 
 
+# Batch shapes measured per preset: (B, T) in frames
+MEMORY_POINTS = {"paper": [(1, 250), (2, 250), (4, 250), (1, 500), (2, 500), (1, 1000)],
+                 "tiny": [(1, 500), (4, 500), (1, 1500), (4, 1500), (8, 750), (2, 2000)]}
+LONGEST_FRAMES = 20 * valle.FRAME_RATE  # data/prepare.py's --max-seconds (20): the worst case
+# What --batch-frames is advised for: (where, bytes it may use, on a GPU). A GPU keeps about
+# 1 GiB for its CUDA context and the allocator's slack; a CPU machine's memory is shared with
+# the system and the data loader, so the advice for it keeps a quarter free.
+MEMORY_BUDGETS = [("a CPU with 24 GiB", 0.75 * 24 * 2**30, False),
+                  ("a 24 GB GPU", 24e9 - 2**30, True), ("an 80 GB GPU", 80e9 - 2**30, True)]
+
+
 def memory_rows():
-    cfg = valle.get_config("paper")
-    points = [(1, 250), (2, 250), (4, 250), (1, 500), (2, 500), (1, 1000)]
-    if args.quick:
-        points = points[:3]
-    X, y = [], []
-    for B, T in points:
-        out = subprocess.run([sys.executable, "bench.py", "--memory-point", str(B), str(T),
-                              "--threads", str(args.threads)], capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(out.stderr)
-        peak, n_params, L = (int(v) for v in out.stdout.split())
-        # Sequence lengths: AR text + e_eos + <bos> + T/G groups + <eos> group; NAR text + e_eos
-        # + prompt + target + e_eos + e_j. CPU attention with an explicit mask (and dropout)
-        # takes the math path, which keeps (S x S) weights per head and layer for backward.
-        s_ar, s_nar = L + 3 + T // cfg.group_size, L + 3 + T
-        X.append([1.0, B * T, B * (s_ar ** 2 + s_nar ** 2)])  # text grows with T: in the per-frame part
-        y.append(peak)
-        row(f"training memory, paper preset, {B} x {T} frames", f"{peak / 2**30:.2f} GiB",
-            "peak process RSS, fp32, two AdamW steps")
-    fixed, per_frame, per_s2 = np.linalg.lstsq(np.array(X), np.array(y, dtype=float), rcond=None)[0]
-    fit = np.array(X) @ [fixed, per_frame, per_s2]
-    row("fit: fixed part", f"{fixed / 2**30:.2f} GiB",
-        f"theory: 16 bytes x {n_params / 1e6:.0f}M parameters (weights, gradients, AdamW) = "
-        f"{16 * n_params / 2**30:.2f} GiB, plus the Python/torch runtime; largest fit error "
-        f"{np.abs(fit - y).max() / 2**20:.0f} MiB")
-    row("fit: per frame (linear in B x T)", f"{per_frame / 2**20:.2f} MiB",
-        f"per S^2 (attention weights, CPU math path): {per_s2:.0f} bytes "
-        f"= {per_s2 / (cfg.n_layer * cfg.n_head):.1f} bytes per head and layer")
-    # The GPU estimate: fp32 master weights, gradients and AdamW (16 B/param) + autocast's bf16
-    # weight copies (2 B/param) + the per-frame activations at 6000 frames. A memory-efficient
-    # attention kernel keeps no S x S weights, so the S^2 term is dropped. Activations are
-    # mostly bf16 under autocast (half of fp32) but some stay fp32: the fp32 slope is the bound.
-    gpu_fixed = 18 * n_params
-    hi, lo = gpu_fixed + 6000 * per_frame, gpu_fixed + 6000 * per_frame / 2
-    row("estimate: paper preset, 6000 frames, bf16 autocast on a GPU", f"{lo / 2**30:.0f}-{hi / 2**30:.0f} GiB",
-        "extrapolated from the CPU fit, not measured: 18 B/param + 6000 x per-frame (bf16 half to fp32 whole)")
+    """Measured peaks per preset, a fit, and from it the advice: the largest --batch-frames,
+    rounded down to a thousand, that each budget holds."""
+    advice = {}
+    for preset, points in MEMORY_POINTS.items():
+        cfg = valle.get_config(preset)
+        points = points[:3] if args.quick else points
+        X, y = [], []
+        for B, T in points:
+            out = subprocess.run([sys.executable, "bench.py", "--memory-point", preset, str(B),
+                                  str(T), "--threads", str(args.threads)], capture_output=True,
+                                 text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr)
+            peak, n_params, L = (int(v) for v in out.stdout.split())
+            X.append([1.0, B * T, B * sum(s ** 2 for s in lengths(cfg, L, T))])  # text grows with T
+            y.append(peak)
+            row(f"training memory, {preset} preset, {B} x {T} frames", f"{peak / 2**30:.2f} GiB",
+                "peak process RSS, fp32, two AdamW steps")
+        fixed, per_frame, per_s2 = np.linalg.lstsq(np.array(X), np.array(y, dtype=float), rcond=None)[0]
+        fit = np.array(X) @ [fixed, per_frame, per_s2]
+        row(f"fit, {preset}: fixed part", f"{fixed / 2**30:.2f} GiB",
+            f"theory: 16 bytes x {n_params / 1e6:.1f}M parameters (weights, gradients, AdamW) = "
+            f"{16 * n_params / 2**30:.2f} GiB, plus the Python/torch runtime; largest fit error "
+            f"{np.abs(fit - y).max() / 2**20:.0f} MiB")
+        row(f"fit, {preset}: per frame (linear in B x T)", f"{per_frame / 2**20:.3f} MiB",
+            f"per S^2 (attention weights, CPU math path): {per_s2:.0f} bytes "
+            f"= {per_s2 / (cfg.n_layer * cfg.n_head):.1f} bytes per head and layer")
+        # A CPU step: the fit, with every utterance as long as prepare.py keeps (the S^2 term
+        # per frame is largest there). A GPU step in bf16 autocast: fp32 master weights,
+        # gradients and AdamW (16 B/param) + autocast's bf16 weight copies (2 B/param) + the
+        # per-frame activations at the fp32 slope (the bound: most are bf16, half of it); a
+        # memory-efficient attention kernel keeps no S x S weights, so no S^2 term.
+        T = min(LONGEST_FRAMES, cfg.max_frames)
+        cpu_frame = per_frame + per_s2 * sum(s ** 2 for s in lengths(cfg, T * PHONES_PER_SECOND
+                                                                      // valle.FRAME_RATE, T)) / T
+        for where, budget, gpu in MEMORY_BUDGETS:
+            base, slope = (18 * n_params, per_frame) if gpu else (fixed, cpu_frame)
+            frames = int((budget - base) // slope // 1000 * 1000)
+            advice.setdefault(preset, []).append(f"{where} {max(frames, 0):,}")
+        if preset == "paper":
+            lo, hi = 18 * n_params + 6000 * per_frame / 2, 18 * n_params + 6000 * per_frame
+            row("estimate: paper preset, 6000 frames, bf16 autocast on a GPU",
+                f"{lo / 2**30:.0f}-{hi / 2**30:.0f} GiB", "extrapolated from the CPU fit, not "
+                "measured: 18 B/param + 6000 x per-frame (bf16 half to fp32 whole)")
+    for preset, line in advice.items():
+        row(f"advice: largest --batch-frames, {preset} preset", "", "; ".join(line) +
+            " (GPUs: estimated from the CPU fit, unmeasured)")
+
+
+def lengths(cfg, L, T):
+    """The AR's and the NAR's sequence lengths for L phones and T frames: AR text + e_eos +
+    <bos> + T/G groups + <eos> group; NAR text + e_eos + prompt + target + e_eos + e_j. The
+    CPU's attention with an explicit mask (and dropout) takes the math path, which keeps
+    (S x S) weights per head and layer for the backward pass."""
+    return L + 3 + T // cfg.group_size, L + 3 + T
 
 
 # --- long-form speech (--long) ------------------------------------------------------------------
@@ -369,7 +399,7 @@ def long_form_rows():
 
 
 if args.memory_point:
-    memory_point(*args.memory_point)
+    memory_point(args.memory_point[0], *map(int, args.memory_point[1:]))
     raise SystemExit
 def int8_rows():
     """fp32 vs int8 weights at batch 1 (G=2), one run: the AR step and its linear layers against
