@@ -295,7 +295,7 @@ MEMORY_BUDGETS = [("a CPU with 24 GiB", 0.75 * 24 * 2**30, False),
 
 def memory_rows():
     """Measured peaks per preset, a fit, and from it the advice: the largest --batch-frames,
-    rounded down to a thousand, that each budget holds."""
+    rounded down to two significant digits, that each budget holds."""
     advice = {}
     for preset, points in MEMORY_POINTS.items():
         cfg = valle.get_config(preset)
@@ -331,8 +331,9 @@ def memory_rows():
                                                                       // valle.FRAME_RATE, T)) / T
         for where, budget, gpu in MEMORY_BUDGETS:
             base, slope = (18 * n_params, per_frame) if gpu else (fixed, cpu_frame)
-            frames = int((budget - base) // slope // 1000 * 1000)
-            advice.setdefault(preset, []).append(f"{where} {max(frames, 0):,}")
+            frames = max(int((budget - base) // slope), 0)
+            step = 10 ** max(len(str(frames)) - 2, 0)  # two significant digits, rounded down
+            advice.setdefault(preset, []).append(f"{where} {frames // step * step:,}")
         if preset == "paper":
             lo, hi = 18 * n_params + 6000 * per_frame / 2, 18 * n_params + 6000 * per_frame
             row("estimate: paper preset, 6000 frames, bf16 autocast on a GPU",

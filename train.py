@@ -125,7 +125,10 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=2000, help="optimizer steps in the whole run")
     g.add_argument("--stop-at", type=int, help="save and stop at this step (resume later)")
     g.add_argument("--batch-frames", type=int, default=6000,
-                   help="acoustic frames per batch, padding included (VALL-E: 6k per GPU)")
+                   help="acoustic frames per batch, padding included (VALL-E: 6k per GPU). What "
+                        "fits (bench.py --memory): paper preset about 1,600 on a CPU with 24 GiB, "
+                        "10k on a 24 GB GPU, 46k on an 80 GB GPU (GPUs estimated); the tiny preset "
+                        "fits anything: 3,000 keeps a 2-core CPU step under a second")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (VALL-E: 5e-4)")
     g.add_argument("--warmup", type=int,
