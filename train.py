@@ -128,7 +128,7 @@ def parse_args(argv=None):
                    help="acoustic frames per batch, padding included (VALL-E: 6k per GPU). What "
                         "fits (bench.py --memory): paper preset about 1,600 on a CPU with 24 GiB, "
                         "10k on a 24 GB GPU, 46k on an 80 GB GPU (GPUs estimated); the tiny preset "
-                        "fits anything: 3,000 keeps a 2-core CPU step under a second")
+                        "fits anything: choose for speed (the demo, 3,000: about 1.4 s a step on 2 cores)")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (VALL-E: 5e-4)")
     g.add_argument("--warmup", type=int,
