@@ -333,7 +333,7 @@ def warn_if_short(path, texts, codes, ended, language):
         if e and c.shape[1] < scorers.MIN_FRAMES_PER_PHONE * phones:
             where = f", chunk {k + 1} of {len(texts)}" if len(texts) > 1 else ""
             print(f"warning: {path}{where} ({valle.first_words(text)}): {c.shape[1] / valle.FRAME_RATE:.2f} s "
-                  f"of speech for {phones} phones ({c.shape[1] / phones:.1f} frames a phone, where "
+                  f"of speech for {phones} phones ({c.shape[1] / phones:.2f} frames a phone, where "
                   "read speech takes about 5.4): the model ended early and words are likely "
                   "missing", file=sys.stderr)
 

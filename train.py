@@ -128,7 +128,7 @@ def parse_args(argv=None):
                    help="acoustic frames per batch, padding included (VALL-E: 6k per GPU). What "
                         "fits (bench.py --memory): paper preset about 1,600 on a CPU with 24 GiB, "
                         "10k on a 24 GB GPU, 46k on an 80 GB GPU (GPUs estimated); the tiny preset "
-                        "fits anything: choose for speed (the demo, 3,000: about 1.4 s a step on 2 cores)")
+                        "fits anything: choose for speed (the demo's 3,000: 0.7-1.4 s a step on 2 cores)")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (VALL-E: 5e-4)")
     g.add_argument("--warmup", type=int,
@@ -519,6 +519,8 @@ def main(argv=None):
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     source = last_path if args.resume else args.init_from
     ckpt = None
+    if not args.resume and os.path.exists(last_path):  # a new run, --init-from too, never overwrites
+        die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
     if source:
         try:
             cfg, ar, nar, ckpt = valle.load_checkpoint(source, device)
@@ -549,8 +551,6 @@ def main(argv=None):
                 f"codec {ckpt.get('codec')}; a new optimizer")
     else:
         args.warmup = warmup_steps(args)
-        if os.path.exists(last_path):
-            die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
         overrides = {"group_size": args.group_size or 2}
         if args.dropout is not None:
             overrides["dropout"] = args.dropout

@@ -187,7 +187,7 @@ def test_long_text_shows_its_chunks_and_warns_of_each_one_that_ends_early(setup,
     assert len(warnings) == 3, err
     phones = len(valle.text_to_ids(calls[0][1]))
     assert warnings[1] == (f"warning: {setup / 'early.wav'}, chunk 2 of 3 ('Then one winter the old "
-                           f"keeper ...'): 0.04 s of speech for {phones} phones ({3 / phones:.1f} "
+                           f"keeper ...'): 0.04 s of speech for {phones} phones ({3 / phones:.2f} "
                            "frames a phone, where read speech takes about 5.4): the model ended "
                            "early and words are likely missing")
     assert (setup / "early.wav").exists()  # written all the same: the warning says what to doubt

@@ -74,6 +74,12 @@ def test_fine_tune_from_a_checkpoint(prepared, tmp_path):
     assert (f"--init-from {tmp_path / 'base' / 'last.pt'}: ar and nar weights of step 40 "
             "(validation ar ") in tuned.stdout and "codec untrained-seed0; a new optimizer" in tuned.stdout
     assert "warning" not in tuned.stdout
+    # a fine-tune into a folder that holds a run would overwrite its checkpoints: refused
+    before = (tmp_path / "ft" / "best.pt").read_bytes()
+    again = train(prepared, tmp_path / "ft", "--init-from", str(tmp_path / "base" / "last.pt"),
+                  "--max-steps", "2", "--eval-every", "2")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (tmp_path / "ft" / "best.pt").read_bytes() == before
     # a warm-up asked for that is longer than the run is warned about
     long_warmup = train(prepared, tmp_path / "ft3", "--init-from", str(tmp_path / "base" / "last.pt"),
                         "--max-steps", "2", "--warmup", "20", "--eval-every", "2")
