@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 import valle
-from valle import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
+from extras import cli, codecs, long_text, speedups
+from extras.cli import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--preset", default="paper", choices=valle.PRESETS, help="model size")
@@ -53,7 +54,7 @@ p.add_argument("--memory", action="store_true",
 p.add_argument("--long", action="store_true",
                help="only long-form speech: 60 s in 15 s chunks, fixed mode, G=2 and G=8 (minutes)")
 p.add_argument("--int8", action="store_true",
-               help="only fp32 vs int8 weights (valle.quantize_int8), batch 1, in one run")
+               help="only fp32 vs int8 weights (speedups.quantize_int8), batch 1, in one run")
 p.add_argument("--int8-accuracy", nargs=2, metavar=("CHECKPOINT", "DATA"),
                help="int8 vs fp32 on a trained checkpoint: teacher-forced top-1 agreement and "
                     "validation loss on train.py's held-out split of a prepared dataset")
@@ -61,7 +62,7 @@ p.add_argument("--memory-point", nargs=3, metavar=("PRESET", "B", "T"), help=arg
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 try:
-    device = valle.pick_device(args.device)
+    device = cli.pick_device(args.device)
 except ValueError as e:
     p.error(str(e))
 cuda = device.type == "cuda"
@@ -153,7 +154,7 @@ def read_bandwidths():
     kernels = {DEFAULT: lambda: x @ W.T}
     if not cuda:
         Wn, xn = W.numpy(), x.numpy()
-        kernels["oneDNN (valle.linear)"] = lambda: valle.linear(x, W)
+        kernels["oneDNN (speedups.linear)"] = lambda: speedups.linear(x, W)
         kernels["numpy (OpenBLAS)"] = lambda: xn @ Wn.T
     with torch.inference_mode():
         return {k: W.numel() * 4 / timed(f, repeats=10, warmup=3) for k, f in kernels.items()}
@@ -361,19 +362,19 @@ def long_form_rows():
     preset with random weights and <eos> banned, so that each chunk runs to its 15 s cap.
     G=8 runs the AR at a quarter of G=2's steps: the frame-rate lever beside chunking."""
     seconds, n_chunks = 15.0, 4
-    codec = valle.Codec.untrained(0)
+    codec = codecs.untrained(0)
     prompt_wav = torch.randn(int(args.prompt_seconds * valle.SAMPLE_RATE)) * 0.1
     for G in (2, 8):
         torch.manual_seed(0)
         cfg = valle.get_config("paper", group_size=G, dropout=0.0)
         ar, nar = NoEOS(cfg).to(device).eval(), valle.NARModel(cfg).to(device).eval()
         prompt = codec.encode(prompt_wav).to(device)
-        frames, phones, _ = valle.chunk_frames(cfg, prompt.shape[1],
+        frames, phones, _ = long_text.chunk_frames(cfg, prompt.shape[1],
                                                len(valle.text_to_ids(PROMPT_TEXT)), "fixed",
                                                max_seconds=seconds, chunk_seconds=seconds)
         with open(STORY, encoding="utf-8") as f:
             story = f.read()
-        text = " ".join(valle.chunk_text(story, phones)[:n_chunks])  # re-chunks the same way
+        text = " ".join(long_text.chunk_text(story, phones)[:n_chunks])  # re-chunks the same way
         ar_time, generate_ar = [0.0], valle.generate_ar
 
         def timed_ar(*a, **k):  # the AR's share of the run
@@ -385,10 +386,10 @@ def long_form_rows():
         valle.generate_ar = timed_ar
         try:
             t = time.perf_counter()
-            [(_, codes, _, _)] = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
+            [(_, codes, _, _)] = long_text.generate_long(ar, nar, text, prompt, PROMPT_TEXT, "fixed",
                                                max_seconds=seconds, chunk_seconds=seconds)
             sync()
-            wav = valle.join_speech([codec.decode(c.cpu()) for c in codes])
+            wav = long_text.join_speech([codec.decode(c.cpu()) for c in codes])
             total = time.perf_counter() - t
         finally:
             valle.generate_ar = generate_ar
@@ -413,14 +414,14 @@ def int8_rows():
     cfg = valle.get_config(args.preset, group_size=2, dropout=0.0)
     models = {"fp32": (NoEOS(cfg).eval(), valle.NARModel(cfg).eval())}
     ar8, nar8 = copy.deepcopy(models["fp32"][0]), copy.deepcopy(models["fp32"][1])
-    n = valle.quantize_int8(ar8) + valle.quantize_int8(nar8)
+    n = speedups.quantize_int8(ar8) + speedups.quantize_int8(nar8)
     models["int8"] = (ar8, nar8)
     print(f"# bench --int8: preset {args.preset}, {args.threads} threads, {frames / valle.FRAME_RATE:.1f} s "
           f"of speech, {n} linear layers in int8")
     text, text_valid, prompt = make_inputs(cfg)
     steps = frames // 2
     c0 = [torch.randint(0, valle.CODEBOOK_SIZE, (frames,))]
-    codec = valle.Codec.untrained(0)
+    codec = codecs.untrained(0)
     codes = torch.randint(0, valle.CODEBOOK_SIZE, (valle.N_CODEBOOKS, frames))
     codec_s = timed(lambda: codec.decode(codes))
     out = {}
@@ -460,7 +461,7 @@ def int8_accuracy(checkpoint, data_path):
     import copy
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import train
-    cfg, ar, nar, _ = valle.load_checkpoint(checkpoint)
+    cfg, ar, nar, _ = cli.load_checkpoint(checkpoint)
     data = train.Dataset(data_path)
     targs = train.parse_args(["--data", data_path, "--out", tempfile.mkdtemp()])
     order = list(np.random.default_rng(targs.seed).permutation(len(data)))
@@ -474,7 +475,7 @@ def int8_accuracy(checkpoint, data_path):
     for name in ("fp32", "int8"):
         a, n = copy.deepcopy(ar), copy.deepcopy(nar)
         if name == "int8":
-            valle.quantize_int8(a), valle.quantize_int8(n)
+            speedups.quantize_int8(a), speedups.quantize_int8(n)
         seen = {"ar": [], "nar": []}
         logits = a.logits
         a.logits = lambda h: seen["ar"].append(logits(h)) or seen["ar"][-1]
@@ -592,7 +593,7 @@ if not cuda:  # what oneDNN buys over torch's default CPU kernel, on a shorter r
     per_step = {}
     run = lambda k: valle.generate_ar(ar, text, text_valid, prompt[0], k)  # noqa: E731
     for fast in (False, True):
-        torch.backends.mkldnn.enabled = fast  # PyTorch's own oneDNN switch, which valle.linear reads
+        torch.backends.mkldnn.enabled = fast  # PyTorch's own oneDNN switch, which speedups.linear reads
         per_step[fast] = (timed(lambda: run(n), autocast=False)
                           - timed(lambda: run(1), autocast=False)) / (n - 1)
     row("AR G=2 step, torch's default kernel vs oneDNN", f"{per_step[False] / per_step[True]:.2f}x",
@@ -614,7 +615,7 @@ nar_s = timed(lambda: valle.generate_nar(nar, text, text_valid, prompt, c0))
 row("NAR: 7 greedy passes", f"{nar_s:.2f} s", f"{1000 * nar_s / 7:.0f} ms/pass over "
     f"{text.shape[1] + 1 + prompt.shape[1] + frames + 2} positions")
 try:
-    codec = valle.Codec.untrained(0)  # the same network as the pretrained one: the same speed
+    codec = codecs.untrained(0)  # the same network as the pretrained one: the same speed
     codes = torch.randint(0, valle.CODEBOOK_SIZE, (valle.N_CODEBOOKS, frames))
     codec_s = timed(lambda: codec.decode(codes))
     row("EnCodec decode (CPU)", f"{codec_s:.2f} s", f"{frames} frames")

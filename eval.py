@@ -43,15 +43,15 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import scorers
 import valle
+from extras import audio, cli, codecs, scorers
+import extras.languages  # noqa: F401  (registers the text frontends of the other languages)
 
 MODES = ("continuation", "cross")
 LIBRISPEECH_SECONDS = (4.0, 10.0)  # the paper's test set: test-clean utterances of 4-10 s
@@ -196,7 +196,7 @@ def load_utterances(items, codec, min_seconds, cfg):
     (who would be their own cross-utterance prompt)."""
     utts, notes, too_long = [], [], 0
     for utt, path, text, speaker, language in items:
-        wav = valle.trim_silence(valle.load_audio(path))  # as sample.py trims a prompt
+        wav = audio.trim_silence(audio.load_audio(path))  # as sample.py trims a prompt
         if len(wav) / valle.SAMPLE_RATE <= min_seconds:
             continue
         u = Utterance(utt, text, speaker, wav, codec.encode(wav), language)
@@ -270,23 +270,6 @@ def token_references(mode, u, other, prompt_frames):
     return u.codes[:, skip:], other.codes[:, skip:]
 
 
-@torch.inference_mode()
-def nar_likelihood(nar, text, prompt_codes, prompt_text, codes, language="en", prompt_language="en"):
-    """The NAR's mean log-probability of codebooks 1-7 of `codes` (8, T), each given the real
-    codebooks below it (teacher-forced), prompted as `valle.generate` prompts it."""
-    device = next(nar.parameters()).device
-    text, text_valid = valle.prompted_text(nar.cfg, [valle.text_to_ids(text, language)],
-                                           prompt_text, device, prompt_language)
-    prompt, target = prompt_codes[None].to(device), codes[None].to(device)
-    prompt_valid = torch.ones(prompt.shape[::2], dtype=torch.bool, device=device)
-    target_valid = torch.ones(target.shape[::2], dtype=torch.bool, device=device)
-    total = 0.0
-    for j in range(1, valle.N_CODEBOOKS):
-        logits = nar(text, text_valid, prompt, prompt_valid, target, target_valid, j)  # (1, T, 1024)
-        total += logits.float().log_softmax(-1).gather(-1, target[:, j, :, None]).mean().item()
-    return total / (valle.N_CODEBOOKS - 1)
-
-
 def text_gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference,
               languages=("en", "en", "en")):
     """How much the models read their text: the mean log-probability per code of the real codes
@@ -295,11 +278,11 @@ def text_gaps(ar, nar, text, other_text, prompt_codes, prompt_text, reference,
     that has learned the voice but not the words; large for one that reads what it says.
     languages: of the text, of the other text, of the prompt."""
     (own, other), prompt_language = languages[:2], languages[2]
-    ar_own, ar_other = (valle.likelihood(ar, [t], prompt_codes, prompt_text, [reference],
+    ar_own, ar_other = (scorers.likelihood(ar, [t], prompt_codes, prompt_text, [reference],
                                          language=lang, prompt_language=prompt_language)[0]
                         for t, lang in ((text, own), (other_text, other)))
-    nar_own = nar_likelihood(nar, text, prompt_codes, prompt_text, reference, own, prompt_language)
-    nar_other = nar_likelihood(nar, other_text, prompt_codes, prompt_text, reference, other,
+    nar_own = scorers.nar_likelihood(nar, text, prompt_codes, prompt_text, reference, own, prompt_language)
+    nar_other = scorers.nar_likelihood(nar, other_text, prompt_codes, prompt_text, reference, other,
                                prompt_language)
     return ar_own - ar_other, nar_own - nar_other
 
@@ -350,7 +333,7 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args, b
         if args.out and wav is not None:
             path = os.path.join(args.out, mode, u.id + ".wav")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            valle.write_wav(path, wav)
+            audio.write_wav(path, wav)
         reference, baseline = token_references(mode, u, utts[other[i]], P)
         with autocast:
             ar_gap, nar_gap = text_gaps(ar, nar, u.text, utts[other[i]].text,
@@ -435,7 +418,7 @@ def write_token_scores(path, rows):
     """--tokens-only: one line per (mode, utterance), token-space figures."""
     columns = ["mode", "utterance", "speaker", "prompt", "seconds", "output_seconds",
                "duration_ratio", "c0_edit", "baseline", "ar_gap", "nar_gap", "text"]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with cli.atomic(path) as f:
         f.write("\t".join(columns) + "\n")
         for r in rows:
             values = [r["mode"], r["utterance"], r["speaker"], r["prompt"], f"{r['seconds']:.3f}",
@@ -444,7 +427,6 @@ def write_token_scores(path, rows):
                       f"{code_edit_distance(r['baseline'], r['reference']):.4f}",
                       f"{r['ar_gap']:.4f}", f"{r['nar_gap']:.4f}", r["text"]]
             f.write("\t".join(str(v).replace("\t", " ") for v in values) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def write_scores(path, rows, recording_hyps, recording_sims):
@@ -452,7 +434,7 @@ def write_scores(path, rows, recording_hyps, recording_sims):
     columns = ["mode", "utterance", "speaker", "prompt", "seconds", "output_seconds",
                "duration_ratio", "sim", "recording_sim", "wer", "recording_wer", "c0_edit",
                "baseline", "text", "hypothesis", "recording_hypothesis"]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with cli.atomic(path) as f:
         f.write("\t".join(columns) + "\n")
         for r in rows:
             i = r["index"]
@@ -465,7 +447,6 @@ def write_scores(path, rows, recording_hyps, recording_sims):
                       f"{code_edit_distance(r['baseline'], r['reference']):.4f}",
                       r["text"], r["hypothesis"], recording_hyps[i]]
             f.write("\t".join(str(v).replace("\t", " ") for v in values) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 # -----------------------------------------------------------------------------
@@ -562,7 +543,7 @@ def check_out(out):
 
 def run(args):
     start = time.time()
-    device = valle.pick_device(args.device)
+    device = cli.pick_device(args.device)
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
     # Everything that can be wrong with the input, before any work is done.
     items = list_utterances(args)
@@ -573,18 +554,13 @@ def run(args):
     # The scorers load before any work: a missing extra stops the run here, writing nothing.
     asr, encoder = (None, None) if args.tokens_only else (scorers.ASR(args.asr),
                                                           scorers.SpeakerEncoder(args.speaker_encoder))
-    _, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
-    if ar is None or nar is None:
-        raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
-                         "train both (train.py --models ar,nar)")
-    if bf16:  # bf16 matrix products under autocast; norms, residual stream and logits in fp32
-        ar, nar = valle.bf16_linears(ar), valle.bf16_linears(nar)
+    ar, nar, ckpt = cli.load_for_inference(args.checkpoint, device, bf16)
     untrained = ckpt["codec"] != "pretrained"  # a test codec: valle.Codec.speaks
     if untrained and not args.tokens_only:
         print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}): its output "
               "is noise, so the model's WER and SIM (marked *) measure noise; read the token-space "
               "columns.", file=sys.stderr)
-    codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
+    codec = codecs.load(ckpt["codec"], args.encodec_checkpoint)
     min_seconds = args.prompt_seconds + MIN_CONTINUATION_SECONDS if "continuation" in args.modes else 0.0
     utts, notes = load_utterances(items, codec, min_seconds, ar.cfg)
     for note in notes:
@@ -651,14 +627,8 @@ def run(args):
           f"{speech:.1f} s of audio (AR, NAR and decoding)")
 
 
-def main(argv=None):
-    """Errors print one line and exit with status 2, writing nothing."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        run(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+# Errors print one line and exit with status 2, writing nothing.
+main = cli.entry(lambda argv: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

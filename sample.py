@@ -15,7 +15,7 @@ Prompting modes (VALL-E §5):
                 new sentence only
   continuation  the prompt is the start of the utterance; out.wav holds prompt + continuation
 Text of any length (--text, or --long-text-file story.txt) becomes one file: it is spoken in
-chunks of whole sentences (valle.generate_long; --long-mode fixed or rolling). Several
+chunks of whole sentences (long_text.generate_long; --long-mode fixed or rolling). Several
 sentences at once: --text-file lines.txt (one per line) runs them as one batch and writes
 out_1.wav, out_2.wav, ... Errors print one line and exit with status 2, writing nothing.
 
@@ -30,12 +30,12 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 
-import scorers
 import valle
+from extras import audio, cli, codecs, long_text, scorers
+import extras.languages  # noqa: F401  (registers the text frontends of the other languages)
 
 MIN_PROMPT_SECONDS = 1.0  # shorter prompts carry too little of the voice
 MAX_PROMPT_SECONDS = 10.0  # longer ones are cropped: the paper prompts with 3 s
@@ -188,10 +188,10 @@ def check_inputs(args, texts):
 def load_prompt(path):
     """The voice prompt -> (n,) waveform at 24 kHz: not silent, trimmed of leading and trailing
     silence, at least MIN_PROMPT_SECONDS long, cropped to MAX_PROMPT_SECONDS."""
-    wav = valle.load_audio(path)
-    if wav.abs().max() < valle.SILENCE_PEAK:
+    wav = audio.load_audio(path)
+    if wav.abs().max() < audio.SILENCE_PEAK:
         raise ValueError(f"the prompt {path} is silent: record some speech")
-    wav = valle.trim_silence(wav)  # leading and trailing silence
+    wav = audio.trim_silence(wav)  # leading and trailing silence
     seconds = len(wav) / valle.SAMPLE_RATE
     if seconds < MIN_PROMPT_SECONDS:
         raise ValueError(f"the prompt holds {seconds:.2f} s of sound: give at least "
@@ -204,7 +204,7 @@ def load_prompt(path):
 
 
 def run(args):
-    device = valle.pick_device(args.device)
+    device = cli.pick_device(args.device)
     if args.int8 and device.type != "cpu":
         raise ValueError(f"--int8 runs on the CPU only: on {device.type} use --bf16")
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
@@ -216,16 +216,12 @@ def run(args):
     needs = scorers.needed(args.select) if args.select else ()
     asr = scorers.ASR(args.asr) if "wer" in needs else None
     encoder = scorers.SpeakerEncoder(args.speaker_encoder) if "similarity" in needs else None
-    _, ar, nar, ckpt = valle.load_checkpoint(args.checkpoint, device)
-    if ar is None or nar is None:
-        raise ValueError(f"{args.checkpoint} lacks the {'AR' if ar is None else 'NAR'} model: "
-                         "train both (train.py --models ar,nar)")
-    if bf16:  # bf16 matrix products under autocast; norms, residual stream and logits in fp32
-        ar, nar = valle.bf16_linears(ar), valle.bf16_linears(nar)
+    ar, nar, ckpt = cli.load_for_inference(args.checkpoint, device, bf16, args.int8)
     if args.int8:
-        n = valle.quantize_int8(ar) + valle.quantize_int8(nar)
+        from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+        n = sum(isinstance(m, Int8Linear) for model in (ar, nar) for m in model.modules())
         print(f"int8 weights: {n} linear layers", file=sys.stderr)
-    codec = valle.Codec.load(ckpt["codec"], args.encodec_checkpoint)
+    codec = codecs.load(ckpt["codec"], args.encodec_checkpoint)
     if not codec.speaks:
         print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}; the "
               "pretrained EnCodec was not available): the output is noise with the right timing, "
@@ -256,7 +252,7 @@ def run(args):
         outputs = [([t], [c], [e], [None]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
     else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
         with autocast:
-            outputs = valle.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
+            outputs = long_text.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
                                           args.long_mode, sampling, args.seed, args.max_seconds,
                                           progress=progress, compile=args.compile,
                                           chunk_seconds=args.chunk_seconds, candidates=N,
@@ -305,7 +301,7 @@ def run(args):
             print(f"warning: the model produced no speech for {path}; not written", file=sys.stderr)
             continue
         warn_if_short(path, *outputs[k][:3], args.language)
-        valle.write_wav(path, wav)
+        audio.write_wav(path, wav)
         audio_seconds += len(wav) / valle.SAMPLE_RATE
         written += 1
         print(f"wrote {path}: {len(wav) / valle.SAMPLE_RATE:.2f} s")
@@ -314,10 +310,9 @@ def run(args):
                          "try another --seed, a higher --top-p, or a longer prompt")
     if args.keep_all:
         path = os.path.splitext(args.out)[0] + "_scores.tsv"
-        with open(path + ".tmp", "w") as f:
+        with cli.atomic(path) as f:
             f.write("\t".join(["sentence", "candidate", "kept", *needs, "file"]) + "\n")
             f.writelines("\t".join(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
         print(f"wrote {path}")
     print(f"{audio_seconds:.2f} s of audio in {wall:.2f} s on {device}: real-time factor "
           f"{wall / max(audio_seconds, 1e-9):.3f} (wall / audio; below 1 is faster than real time)")
@@ -332,7 +327,7 @@ def warn_if_short(path, texts, codes, ended, language):
         phones = len(valle.text_to_ids(text, language))
         if e and c.shape[1] < scorers.MIN_FRAMES_PER_PHONE * phones:
             where = f", chunk {k + 1} of {len(texts)}" if len(texts) > 1 else ""
-            print(f"warning: {path}{where} ({valle.first_words(text)}): {c.shape[1] / valle.FRAME_RATE:.2f} s "
+            print(f"warning: {path}{where} ({long_text.first_words(text)}): {c.shape[1] / valle.FRAME_RATE:.2f} s "
                   f"of speech for {phones} phones ({c.shape[1] / phones:.2f} frames a phone, where "
                   "read speech takes about 5.4): the model ended early and words are likely "
                   "missing", file=sys.stderr)
@@ -346,13 +341,13 @@ def decode(codec, chunks, prompt_codes, mode):
         chunks = [torch.cat([prompt_codes, chunks[0]], dim=1)] + chunks[1:]
     # a chunk that said <eos> at once has nothing to decode (EnCodec rejects 0 frames)
     decoded = [codec.decode(c.cpu()) for c in chunks if c.shape[1] > 0]
-    return valle.join_speech(decoded) if decoded else None
+    return long_text.join_speech(decoded) if decoded else None
 
 
 def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, reference,
           asr=None, encoder=None, languages=("en", "en"), autocast=contextlib.nullcontext()):
     """The candidates of one sentence, each its chunks (texts, codes, ended, prompted by) as
-    valle.generate_long gives them, and their waveforms -> {score name: one value per
+    long_text.generate_long gives them, and their waveforms -> {score name: one value per
     candidate}. A candidate without speech scores the worst there is. The model's likelihood
     runs under `autocast` (--bf16), the verifiers as they are."""
     scores = {name: [] for name in needs}
@@ -360,7 +355,7 @@ def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, r
     for chunks, wav in zip(candidates, waves):
         if "likelihood" in needs:
             with autocast:
-                scores["likelihood"].append(likelihood(ar, *chunks, prompt_codes, prompt_text,
+                scores["likelihood"].append(scorers.chunks_likelihood(ar, *chunks, prompt_codes, prompt_text,
                                                        *languages) if wav is not None else float("-inf"))
         if "wer" in needs:
             scores["wer"].append(scorers.wer(asr, wav, valle.SAMPLE_RATE, reference)
@@ -371,31 +366,8 @@ def score(candidates, waves, needs, ar, prompt_codes, prompt_wav, prompt_text, r
     return scores
 
 
-def likelihood(ar, texts, codes, ended, prompted_by, prompt_codes, prompt_text, language="en",
-               prompt_language="en"):
-    """One candidate's chunks -> its mean log-probability per code: each chunk scored against
-    the prompt it was drawn with (the voice, or in rolling mode the chunk before it), the
-    chunks weighted by their codes (and <eos>)."""
-    total = count = 0
-    for text, c, e, j in zip(texts, codes, ended, prompted_by):
-        prompt = (codes[j], texts[j], language) if j is not None else \
-            (prompt_codes, prompt_text, prompt_language)
-        n = c.shape[1] + e
-        if n:
-            total += n * valle.likelihood(ar, [text], *prompt[:2], [c], [e], language=language,
-                                          prompt_language=prompt[2])[0]
-            count += n
-    return total / count if count else float("-inf")
-
-
-def main(argv=None):
-    """Errors print one line and exit with status 2, writing nothing."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        run(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+# Errors print one line and exit with status 2, writing nothing.
+main = cli.entry(lambda argv: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import valle
-from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT, PHONE_OFFSET,  # index.npy
-                   SPEAKER)
+from extras import cli
+from extras.cli import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT, PHONE_OFFSET,  # index.npy
+                        SPEAKER)
 
 NO_PARTNER = -1  # an example that is one utterance, not two joined
 WARMUP = 200  # default warm-up steps (fewer for short runs: warmup_steps)
@@ -195,7 +196,7 @@ class Dataset:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"no prepared dataset at {path} ({type(e).__name__}: {e}); "
                              "run data/prepare.py first") from None
-        if not valle.known_phones(self.meta.get("phones")):
+        if not cli.known_phones(self.meta.get("phones")):
             raise ValueError(f"{path} was prepared with another phone table: prepare it again")
         if self.index.ndim != 2 or self.index.shape[1] not in (LANGUAGE, LANGUAGE + 1):
             raise ValueError(f"{path}/index.npy has an unknown layout: prepare it again")
@@ -485,7 +486,7 @@ def main(argv=None):
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     try:
-        device = valle.pick_device(args.device)
+        device = cli.pick_device(args.device)
     except ValueError as e:
         die(str(e))
     if ddp:
@@ -523,7 +524,7 @@ def main(argv=None):
         die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
     if source:
         try:
-            cfg, ar, nar, ckpt = valle.load_checkpoint(source, device)
+            cfg, ar, nar, ckpt = cli.load_checkpoint(source, device)
         except (FileNotFoundError, ValueError) as e:
             die(str(e) + ("" if not args.resume else "; drop --resume to start a new run"))
         if ckpt.get("codec") != data.meta["codec"]:

@@ -140,8 +140,6 @@ SOUNDS = set(ARPABET) | set(IPA) - set(IPA_MARKS)  # what speakable() looks for
 # padding, joining and batching are the same as for one language.
 LANGUAGES = ["en", "de", "es", "fr"]
 LANGUAGE_ID = {code: i for i, code in enumerate(LANGUAGES)}
-ESPEAK_VOICES = {"de": "de", "es": "es", "fr": "fr-fr"}  # English keeps g2p-en and ARPAbet
-ESPEAK_INSTALL = "sudo apt-get install espeak-ng (Debian, Ubuntu) or brew install espeak-ng (macOS)"
 
 # Homographs. g2p_en picks between two pronunciations of words like "record" by the part of
 # speech from NLTK's perceptron tagger, whose data is a separate download. We keep everything
@@ -196,11 +194,16 @@ def _g2p():
 
 
 def phonemize(text, language="en"):
-    """Text -> list of phones, punctuation and word boundaries: ARPAbet for English (g2p-en),
-    IPA symbols for the other languages (eSpeak NG, see phonemize_ipa)."""
+    """Text -> list of phones, punctuation and word boundaries, by the language's frontend."""
     check_language(language)
-    if language != "en":
-        return phonemize_ipa(text, language)
+    if language not in PHONEMIZERS:
+        raise ValueError(f"language {language!r} has no text frontend here: import "
+                         "extras.languages (eSpeak NG's IPA) first")
+    return PHONEMIZERS[language](text)
+
+
+def phonemize_english(text):
+    """English text -> ARPAbet phones (g2p-en), punctuation and word boundaries."""
     from nltk.tokenize import TweetTokenizer  # rule-based: needs no NLTK data
     g2p, normalize_numbers = _g2p()
     text = normalize_numbers(text.replace("\u2019", "'"))  # "$3.50" -> "three dollars, fifty cents"
@@ -226,106 +229,14 @@ def phonemize(text, language="en"):
     return phones[:-1]
 
 
+# Text frontends by language: English's is above; extras/languages.py adds the others.
+PHONEMIZERS = {"en": phonemize_english}
+
+
 def check_language(code):
     """Raises ValueError, listing the supported languages, unless `code` is one of them."""
     if code not in LANGUAGE_ID:
         raise ValueError(f"unknown language {code!r}: choose one of {', '.join(LANGUAGES)}")
-
-
-def _espeak(clauses, voice):
-    """Clauses -> eSpeak NG's IPA for each. One call reads them a line each and answers a line
-    per clause; should it answer otherwise (it splits a clause it finds too long), each clause
-    gets a call of its own."""
-    import subprocess
-
-    def run(text):
-        try:
-            out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice], input=text,
-                                 capture_output=True, text=True, timeout=60)
-        except FileNotFoundError:
-            raise FileNotFoundError("espeak-ng is missing (it phonemizes the languages other "
-                                    f"than English): {ESPEAK_INSTALL}") from None
-        except subprocess.TimeoutExpired:
-            raise ValueError(f"espeak-ng gave no answer in 60 s for {text[:60]!r}") from None
-        if out.returncode:
-            raise ValueError(f"espeak-ng failed: {out.stderr.strip()[:200]}")
-        return out.stdout.splitlines()
-    lines = run("\n".join(clauses))
-    return lines if len(lines) == len(clauses) else [" ".join(run(c)) for c in clauses]
-
-
-def segment_ipa(ipa):
-    """eSpeak NG's IPA for one clause -> symbols, with word boundaries between its words.
-
-    What eSpeak writes (NG 1.51 and 1.52): the stress marks ˈ ˌ just before the stressed
-    vowel; the length mark ː after its vowel; diphthongs and affricates as two letters, with a
-    tie bar in some words and versions and not in others; diacritics (nasal ˜, cedilla ç) as
-    combining marks after their letter; in French, "-" linking words (liaison, "le-z"); and
-    "(en)" where it read a word by another language's rules. So: tie bars, links and language
-    switches are dropped, then each word is cut left to right into two-letter units
-    (IPA_UNITS) where one starts, else single letters; a combining mark joins the symbol before
-    it; stress and length marks are symbols of their own. Symbols outside the table come back
-    as they are: text_to_ids reads them as <unk>."""
-    ipa = re.sub(r"\([a-z]{2,3}(-[a-z]+)?\)", " ", unicodedata.normalize("NFD", ipa))
-    ipa = ipa.replace("\u0361", "").replace("\u035c", "").replace("-", "")  # ties, links
-    symbols = []
-    for word in ipa.split():
-        cut, i = [], 0
-        while i < len(word):
-            if unicodedata.category(word[i]) == "Mn":  # a diacritic: part of the symbol before
-                if cut:
-                    cut[-1] += word[i]
-                i += 1
-                continue
-            n = 2 if unicodedata.normalize("NFC", word[i: i + 2]) in IPA_UNITS else 1
-            cut.append(word[i: i + n])
-            i += n
-        symbols += [unicodedata.normalize("NFC", s) for s in cut] + [WORD_BOUNDARY]
-    return symbols[:-1]
-
-
-# Clause marks -> the table's punctuation. The table is append-only and English's six marks
-# were there first: ";" and ":" pause like "," and read as one.
-CLAUSE_MARKS = {".": ".", "?": "?", "!": "!", ",": ",", ";": ",", ":": ","}
-
-
-def clauses(text, language):
-    """Text -> [(clause, the marks after it)]: cut after . , ; : ? ! where a space or the end
-    follows, so "3,5" and "z.B." stay whole, and not after an abbreviation's period ("Dr.
-    Müller": ABBREVIATIONS, shared with split_sentences)."""
-    pieces, start = [], 0
-    for mark in re.finditer(r"[.,;:?!]+(?=\s|$)", text):
-        words = text[start: mark.start()].split()
-        word = words[-1].lower().lstrip("\"'(\u201c\u201e\u00ab") if words else ""
-        if mark.group() == "." and word in ABBREVIATIONS.get(language, ()):
-            continue
-        pieces.append((text[start: mark.start()], mark.group()))
-        start = mark.end()
-    return pieces + [(text[start:], "")]
-
-
-def phonemize_ipa(text, language):
-    """Text in a language other than English -> IPA symbols, punctuation, word boundaries.
-
-    eSpeak reads punctuation but writes none: each clause ends its line instead. So the text
-    is cut into clauses here, eSpeak phonemizes them (numbers and abbreviations included, by the
-    language's rules), and the marks go back in between, as English's phones carry them. Other
-    marks ("-", "'", quotes) are left to eSpeak, which reads them as part of the words ("s'il"
-    is one word) and writes nothing for them."""
-    text = unicodedata.normalize("NFC", text).replace("¿", " ").replace("¡", " ")
-    pieces = clauses(text, language)
-    # a clause with a letter or digit always makes eSpeak write a line (it spells what it
-    # cannot read), so _espeak's count of lines per clause holds
-    spoken = [c for c, _ in pieces if re.search(r"[^\W_]", c)]
-    ipa = iter(_espeak(spoken, ESPEAK_VOICES[language]) if spoken else [])
-    phones = []
-    for clause, marks in pieces:
-        if re.search(r"[^\W_]", clause):
-            phones += segment_ipa(next(ipa)) + [WORD_BOUNDARY]
-        phones += [p for m in marks for p in (CLAUSE_MARKS[m], WORD_BOUNDARY)]
-    while phones and phones[-1] == WORD_BOUNDARY:
-        phones.pop()
-    return phones
 
 
 def join_phones(first, second):
@@ -361,105 +272,6 @@ def count_unknown(ids):
 # Codec: EnCodec 24 kHz at 6 kbps, audio <-> [8, T] codes (VALL-E 2 §3.2)
 
 ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"  # the official file's name (~90 MB)
-SILENCE_PEAK = 1e-3  # audio whose peak stays below this (-60 dB full scale) holds no speech
-
-
-def load_audio(path):
-    """Read any soundfile-supported file -> mono float32 tensor (n,) at 24 kHz."""
-    import soundfile as sf
-    import torchaudio.functional as AF
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such audio file: {path}")
-    try:
-        wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as audio ({e}); use WAV, FLAC or OGG") from None
-    wav = torch.from_numpy(wav).mean(dim=1)  # downmix to mono
-    return AF.resample(wav, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else wav
-
-
-def trim_silence(wav, threshold_db=-40.0, margin_s=0.05, start=True, end=True):
-    """Cut leading (start) and trailing (end) audio quieter than threshold_db below the peak,
-    in 20 ms frames, keeping margin_s of it. A silent waveform becomes empty.
-
-    A voice prompt that ends in silence invites <eos>: in training, an utterance's final
-    silence is followed by <eos>, so the AR would stop right after such a prompt."""
-    frame = SAMPLE_RATE // 50
-    if len(wav) < frame:
-        return wav
-    rms = wav[: len(wav) // frame * frame].view(-1, frame).pow(2).mean(1).sqrt()  # (frames,)
-    loud = (rms > rms.max() * 10 ** (threshold_db / 20)).nonzero()
-    if len(loud) == 0:
-        return wav[:0]
-    margin = int(margin_s * SAMPLE_RATE)
-    first = max(0, int(loud[0]) * frame - margin) if start else 0
-    return wav[first: min(len(wav), (int(loud[-1]) + 1) * frame + margin) if end else len(wav)]
-
-
-class LogMel(nn.Module):
-    """(B, 1, n) waveform -> (B, 128, ceil(n / 320)) log-mel frames: the spectral test codec's
-    encoder, EnCodec's frame rate and shape. Frame t is the spectrum of the 1280 samples
-    (53 ms, two periods of an 80 Hz voice) that end at sample 320 (t + 1): causal, like
-    EnCodec, so padding an item on the right changes only its last frame (Codec.encode_batch)."""
-    window_size, n_mels = 1280, 128
-
-    def __init__(self):
-        super().__init__()
-        import torchaudio.functional as AF
-        self.register_buffer("window", torch.hann_window(self.window_size))
-        self.register_buffer("mel", AF.melscale_fbanks(self.window_size // 2 + 1, 50.0, 8000.0,
-                                                       self.n_mels, SAMPLE_RATE))  # (641, 128)
-
-    def forward(self, x):
-        hop = SAMPLE_RATE // FRAME_RATE
-        n = x.shape[-1]
-        T = -(-n // hop)
-        x = F.pad(x[:, 0], (self.window_size - hop, T * hop - n))  # (B, (T + 3) * hop)
-        frames = x.unfold(1, self.window_size, hop) * self.window  # (B, T, 1280)
-        power = torch.fft.rfft(frames, dim=-1).abs() ** 2  # (B, T, 641)
-        return torch.log10(power @ self.mel + 1e-6).transpose(1, 2)  # (B, 128, T)
-
-
-def speech_probe(seed, seconds=20):
-    """A speech-like probe for the spectral codec's codebooks: 0.25 s segments of vowels (a
-    pulse train at 80-300 Hz through three resonators at random formants), fricatives (noise
-    above 2-7 kHz) and near-silence, at random levels."""
-    import torchaudio.functional as AF
-    g = torch.Generator().manual_seed(seed)
-
-    def uniform(low, high):
-        return low + (high - low) * float(torch.rand(1, generator=g))
-
-    n, segments = SAMPLE_RATE // 4, []
-    for _ in range(seconds * 4):
-        kind = uniform(0, 1)
-        if kind < 0.6:  # voiced
-            y = torch.zeros(n)
-            y[torch.arange(0, n, SAMPLE_RATE / uniform(80, 300)).long()] = 1.0
-            for low, high in ((250, 900), (700, 2600), (1800, 3600)):  # F1, F2, F3
-                r, theta = math.exp(-math.pi * 100 / SAMPLE_RATE), 2 * math.pi * uniform(low, high) / SAMPLE_RATE
-                a = torch.tensor([1.0, -2 * r * math.cos(theta), r * r])
-                y = AF.lfilter(y, a, torch.tensor([1.0, 0.0, 0.0]), clamp=False)
-        elif kind < 0.85:  # fricative
-            y = AF.highpass_biquad(torch.randn(n, generator=g), SAMPLE_RATE, uniform(2000, 7000))
-        else:  # near-silence
-            y = 1e-4 * torch.randn(n, generator=g)
-        segments.append(y / (y.abs().max() + 1e-9) * uniform(0.05, 0.55))
-    return torch.cat(segments)
-
-
-def fill_codebooks(model, frames, generator=None):
-    """Fill an EnCodec model's codebooks from encoder frames (T, 128): each codebook takes
-    jittered frames at random, level by level on the residuals the levels before leave (a
-    k-means init without iterations). generator=None draws from torch's global one."""
-    residual = frames
-    for layer in model.quantizer.vq.layers:
-        book = layer._codebook
-        pick = torch.randint(0, len(residual), (book.embed.shape[0],), generator=generator)
-        jitter = torch.randn(book.embed.shape, generator=generator)
-        book.embed.copy_(residual[pick] + 0.1 * residual.std(0) * jitter)  # (1024, 128)
-        book.inited.fill_(1)
-        residual = residual - book.dequantize(book.quantize(residual))
 
 
 def fp32(device):
@@ -471,11 +283,15 @@ def fp32(device):
 class Codec:
     """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
 
-    `kind` names the weights ("pretrained" or "untrained-seed<N>"); datasets and checkpoints
-    record it so that codes from one codec are never decoded by another."""
+    The interface another codec fills (extras/codecs.py has others): sample_rate, frame_rate,
+    encode, encode_batch, decode; `kind` names the weights ("pretrained" here), and datasets and
+    checkpoints record it so that codes from one codec are never decoded by another; `speaks`:
+    whether decoded codes are speech."""
 
-    def __init__(self, model, kind):
-        self.model, self.kind = model.eval(), kind
+    sample_rate, frame_rate = SAMPLE_RATE, FRAME_RATE
+
+    def __init__(self, model, kind, speaks=True):
+        self.model, self.kind, self.speaks = model.eval(), kind, speaks
         self.model.set_target_bandwidth(6.0)  # 8 codebooks
 
     @classmethod
@@ -490,68 +306,6 @@ class Codec:
                 model = EncodecModel.encodec_model_24khz(pretrained=False)
                 model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         return cls(model, "pretrained")
-
-    @classmethod
-    def load(cls, kind, checkpoint=None):
-        """The codec that a dataset or checkpoint names by its `kind`; errors say what to do."""
-        for test in ("untrained", "spectral"):
-            if kind.startswith(f"{test}-seed"):
-                return getattr(cls, test)(int(kind.removeprefix(f"{test}-seed")))
-        try:
-            return cls.pretrained(checkpoint)
-        except Exception as e:  # no network, a missing file, a file that is not EnCodec's
-            why = (str(e).strip().splitlines() or [""])[0]  # torch's errors run over many lines
-            raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}: {why}); offline, "
-                             f"pass --encodec-checkpoint /path/to/{ENCODEC_CHECKPOINT}") from None
-
-    @classmethod
-    def untrained(cls, seed=0):
-        """A random EnCodec whose codes still follow the audio, for tests and offline demos.
-
-        An untrained EncodecModel has all-zero codebooks, so it would encode every frame to code
-        0. We fill each codebook with jittered encoder frames of a speech-like probe, level by
-        level on the residuals: a k-means init without iterations. Its decoder stays random:
-        it turns codes into noise, not speech."""
-        from encodec import EncodecModel
-        with torch.random.fork_rng(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.manual_seed(seed)
-            model = EncodecModel.encodec_model_24khz(pretrained=False)
-            t = torch.arange(6 * SAMPLE_RATE) / SAMPLE_RATE  # 6 s probe
-            pitch = 80 + 300 * (1 + torch.sin(2 * math.pi * 0.7 * t))  # Hz
-            phase = 2 * math.pi * torch.cumsum(pitch, 0) / SAMPLE_RATE
-            voiced = sum(torch.sin(k * phase) / k for k in range(1, 12))
-            voiced = voiced * (torch.sin(2 * math.pi * 1.3 * t) > -0.3)  # with pauses
-            noise = torch.randn_like(t) * (torch.sin(2 * math.pi * 2.1 * t) > 0.6)  # fricatives
-            probe = 0.3 * voiced + 0.2 * noise
-            with torch.no_grad():
-                frames = model.encoder(probe.view(1, 1, -1)).squeeze(0).T  # (450, 128)
-                fill_codebooks(model, frames)  # the global generator, seeded above
-        return cls(model, f"untrained-seed{seed}")
-
-    @classmethod
-    def spectral(cls, seed=0):
-        """A test codec whose codes follow what is said: the untrained EnCodec with its random
-        encoder swapped for a fixed log-mel analysis (LogMel), codebooks filled as `untrained`
-        fills them, from the log-mel frames of a source-filter probe (speech_probe).
-
-        Why: the random encoder's frames are a function of the waveform's phase, so the codes
-        change every frame even through a sustained vowel, and the same sentence in two voices
-        shares almost no codes (README, "Does it learn?"): no model can read its text into
-        them. A spectrum has no phase. The decoder is EnCodec's random one: noise, as with
-        `untrained`."""
-        codec = cls.untrained(seed)
-        model = codec.model
-        model.encoder = LogMel()
-        with torch.no_grad():
-            frames = model.encoder(speech_probe(seed).view(1, 1, -1)).squeeze(0).T  # (T, 128)
-            fill_codebooks(model, frames, torch.Generator().manual_seed(seed))
-        return cls(model, f"spectral-seed{seed}")
-
-    @property
-    def speaks(self):
-        """Whether decoded codes are speech (the pretrained weights) or noise (the test codecs)."""
-        return self.kind == "pretrained"
 
     @property
     def device(self):
@@ -591,34 +345,7 @@ class Codec:
 
 
 # -----------------------------------------------------------------------------
-# CPU inference: big matrix products through oneDNN (a speed detour; figures in the README)
-
-# A decode step streams every weight from memory once. On the CPU, PyTorch's default fp32 kernel
-# reads them with one core, oneDNN with all: same maths, faster steps. PyTorch's own switch
-# turns it off: torch.backends.mkldnn.enabled = False (bench.py compares the two).
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ONEDNN_MIN_WEIGHT = 2**18  # elements (1 MB in fp32): below this, oneDNN's per-call cost wins
-
-
-def linear(x, weight, bias=None):
-    """F.linear, through oneDNN for big fp32 weights on the CPU when no gradient is needed.
-
-    Not inside torch.compile, which chooses its own kernels, nor under autocast, which casts
-    only F.linear's inputs to bf16."""
-    if (not torch.compiler.is_compiling() and ONEDNN and torch.backends.mkldnn.enabled
-            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and weight.numel() >= ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-class OneDNNLinear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoints) whose inference on the CPU goes through
-    `linear` above."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
+# Inference precision
 
 
 def bf16_linears(model):
@@ -630,31 +357,6 @@ def bf16_linears(model):
         if isinstance(module, nn.Linear):
             module.to(torch.bfloat16)
     return model
-
-
-def quantize_int8(model):
-    """Inference on the CPU with int8 weights: every linear layer of the transformer blocks (and
-    the AR's group layers) becomes PyTorch's dynamically quantized Linear, in place (weights int8
-    per output channel; activations quantized on the fly; the same fp32 in and out). Returns how
-    many layers it converted.
-
-    A decode step reads every weight once, so a quarter of the bytes makes the AR's steps faster;
-    the NAR's big matrix products are compute-bound and gain little on a CPU without int8 dot
-    instructions (figures in the README). Conversion is explicit: torch.ao's quantize_dynamic
-    matches module types exactly and would skip OneDNNLinear. The tied code-prediction heads stay
-    fp32: they are the code embedding table itself, which the inputs also read."""
-    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-    n = 0
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
-                plain.load_state_dict(child.state_dict())
-                plain.qconfig = per_channel_dynamic_qconfig  # a scale per output channel
-                setattr(parent, name, Int8Linear.from_float(plain))
-                n += 1
-    return n
 
 
 # -----------------------------------------------------------------------------
@@ -739,11 +441,11 @@ class Block(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer  # the layer's slot in a KV cache
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = OneDNNLinear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = OneDNNLinear(cfg.d_model, cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(OneDNNLinear(cfg.d_model, cfg.d_ff), nn.GELU(),
-                                 OneDNNLinear(cfg.d_ff, cfg.d_model))
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
+                                 nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask, cache=None):
@@ -795,12 +497,15 @@ def valid_lengths(lengths, size, device=None):
     return torch.arange(size, device=device) < lengths.to(device, non_blocking=True)[:, None]
 
 
-def head(h, weight):
-    """The tied prediction head: hidden (..., d) -> logits, in fp32 even under autocast. The
-    logits feed the loss, the sampler and the likelihood scorer, where bf16 (8 bits of
-    mantissa) would round near-ties together."""
-    with fp32(h.device):
-        return linear(h.float(), weight.float())
+class TiedHead(nn.Module):
+    """A code prediction layer tied to a code embedding table (§3.1): hidden (..., d) and the
+    table's rows -> logits, in fp32 even under autocast. The logits feed the loss, the sampler
+    and the likelihood scorer, where bf16 (8 bits of mantissa) would round near-ties together.
+    A module without weights of its own, so that a module swap reaches it (extras/speedups.py)."""
+
+    def forward(self, h, weight):
+        with fp32(h.device):
+            return F.linear(h.float(), weight.float())
 
 
 def accuracy(logits, labels, keep):
@@ -889,10 +594,11 @@ class ARModel(nn.Module):
         self.audio_pos = nn.Embedding(cfg.max_frames // G + 2, d)  # <bos>, groups, <eos> group
         # Eq. 8: W_g maps a group's G concatenated code embeddings to one hidden vector;
         # the group prediction layer maps one hidden vector back to G of them. G=1 needs neither.
-        self.group_in = OneDNNLinear(G * d, d) if G > 1 else nn.Identity()
-        self.group_out = OneDNNLinear(d, G * d) if G > 1 else nn.Identity()
+        self.group_in = nn.Linear(G * d, d) if G > 1 else nn.Identity()
+        self.group_out = nn.Linear(d, G * d) if G > 1 else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg, causal=True)
+        self.head = TiedHead()  # the code prediction layer, tied to code_emb
         self.apply(_init_weights)
 
     def embed_prefix(self, text, text_valid):
@@ -926,7 +632,7 @@ class ARModel(nn.Module):
         from one hidden state: inside a group the model is non-autoregressive (Eq. 11)."""
         B, S, d = h.shape
         h = self.group_out(h).view(B, S, self.cfg.group_size, d)  # (B, S, G, d)
-        return head(h, self.code_emb.weight[: EOS + 1])  # <bos> is never predicted
+        return self.head(h, self.code_emb.weight[: EOS + 1])  # <bos> is never predicted
 
     def forward(self, x, valid, cache=None):
         """Embedded sequence (B, S, d) -> hidden states (B, S, d); see KVCache for `cache`."""
@@ -978,6 +684,7 @@ class NARModel(nn.Module):
         self.codebook_id = nn.Embedding(N_CODEBOOKS, d)  # e_j: which codebook to predict
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg, causal=False)
+        self.head = TiedHead()  # tied to code_embs[j]
         self.apply(_init_weights)
 
     def forward(self, text, text_valid, prompt, prompt_valid, target, target_valid, j):
@@ -1011,7 +718,7 @@ class NARModel(nn.Module):
         valid = torch.cat([text_valid, ones, audio_valid, ones, ones], dim=1)
         h = self.transformer(self.drop(x), valid)
         h = h[:, L + 1: L + 1 + audio.shape[1]]  # the audio frames (B, S, d)
-        return head(h, self.code_embs[j].weight)  # (B, S, 1024), tied
+        return self.head(h, self.code_embs[j].weight)  # (B, S, 1024), tied
 
     @staticmethod
     def draw(batch_size, generator=None, j=None):
@@ -1324,291 +1031,8 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     return (codes, ended) if return_ended else codes
 
 
-@torch.inference_mode()
-def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None, language="en",
-               prompt_language="en"):
-    """The AR model's own score of candidates: the mean log-probability of each one's codebook-0
-    codes (and of its <eos>, where it drew one), from one teacher-forced pass. Higher is better;
-    VALL-E X keeps the candidate with the best such length-normalised score.
-
-    texts[i] and codes[i] ((8, T) or (T,)) are one candidate, prompted as `generate` prompts it.
-    The distribution is the raw one, temperature 1 and no top-k/top-p: a code that RAS's
-    fallback drew may lie outside the nucleus. ended[i]: whether candidate i drew <eos> (default
-    all True). language, prompt_language: as in `generate`. Returns a list of floats; a
-    candidate without codes or <eos> scores -inf."""
-    cfg, device, G = ar.cfg, next(ar.parameters()).device, ar.cfg.group_size
-    ended = [True] * len(codes) if ended is None else ended
-    text, text_valid = prompted_text(cfg, [text_to_ids(t, language) for t in texts], prompt_text,
-                                     device, prompt_language)
-    prompt_groups = group_codes(prompt_codes[0].to(device), G)[:-1]  # (Np, G), as generate_ar
-    Np = prompt_groups.shape[0]
-    # Targets: the new codes, then <eos> if drawn, in whole groups (the rest of a group after
-    # its first <eos> was drawn but never read: IGNORE); inputs: the prompt, then every target
-    # group but the last. A shorter row's padding needs no mask: attention is causal, and what
-    # comes after a row's last target changes none of its logits.
-    targets = []
-    for c, e in zip(codes, ended):
-        c = (c[0] if c.dim() == 2 else c).to(device)
-        seq = torch.cat([c, torch.tensor([EOS] * e, dtype=c.dtype, device=device)])
-        pad = torch.full((-len(seq) % G,), IGNORE, dtype=c.dtype, device=device)
-        targets.append(torch.cat([seq, pad]).view(-1, G))  # (N_i, G)
-    targets = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE)
-    B, N = targets.shape[:2]  # (B, N, G)
-    groups = torch.cat([prompt_groups.expand(B, Np, G), targets[:, :-1].clamp(min=0)], dim=1)
-    groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=device)  # (B, Np + N - 1)
-    x, valid = ar.embed(text, text_valid, groups, groups_valid)
-    # <bos> sits at L + 1 and predicts group 0; the input group m predicts group m + 1. So the
-    # hidden state at L + 1 + Np (the last prompt group, or <bos>) predicts target group 0.
-    first = text.shape[1] + 1 + Np
-    logits = ar.logits(ar(x, valid)[:, first:])  # (B, N, G, 1025)
-    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    keep = targets != IGNORE  # (B, N, G)
-    n = keep.sum(dim=(1, 2))  # (B,) codes scored, <eos> included
-    total = (logp * keep).sum(dim=(1, 2))  # (B,)
-    return [t / k if k else float("-inf") for t, k in zip(total.tolist(), n.tolist())]
-
-
 # -----------------------------------------------------------------------------
-# Long-form speech: text of any length, in chunks of whole sentences that fit the tables
-
-# Where sentences end, by language. A period after one of these
-# abbreviations ends no sentence; nor after those of the second table when a number follows
-# ("No. 5", "5 Dec. 2020"), nor after a single letter other than "I" (an initial: "J. R. R.").
-ABBREVIATIONS = {
-    "en": {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "inc",
-           "ltd", "corp", "dept", "capt", "approx", "a.m", "p.m", "u.s", "u.k"},
-    "de": {"dr", "prof", "hr", "fr", "z.b", "d.h", "u.a", "bzw", "usw", "ca", "evtl", "str"},
-    "es": {"sr", "sra", "srta", "dr", "dra", "ud", "uds", "etc", "p.ej", "av"},
-    "fr": {"m", "mme", "mlle", "dr", "pr", "etc", "p.ex", "av", "bd"},
-}
-NUMBER_ABBREVIATIONS = {
-    "en": {"no", "nos", "vol", "fig", "p", "pp", "ch", "jan", "feb", "mar", "apr", "jun", "jul",
-           "aug", "sep", "sept", "oct", "nov", "dec"},
-    "de": {"nr", "s", "bd", "jan", "feb", "apr", "aug", "sept", "okt", "nov", "dez"},
-    "es": {"núm", "pág", "vol", "cap"},
-    "fr": {"no", "p", "vol", "chap"},
-}
-SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*\s+")  # . ! ? and closing quotes, a space
-FRAMES_PER_PHONE = 8  # chunk sizing: read English takes about 5.4 frames per phone: margin
-CROSSFADE_SECONDS = 0.05  # where two chunks' waveforms overlap
-
-
-def split_sentences(text, language="en"):
-    """Text -> sentences: each paragraph (blank lines part them) split after . ! ? (with any
-    closing quotes) and a space. Decimal numbers ("3.5") have no space after the point."""
-    sentences = []
-    for paragraph in re.split(r"\n\s*\n", text):
-        start = 0
-        for end in SENTENCE_END.finditer(paragraph):
-            words = paragraph[start:end.start()].split()
-            word = words[-1].lower().lstrip("\"'(\u201c\u2018") if words else ""
-            one_period = end.group()[0] == "." and end.group()[1:2] != "."  # not "?", "!", "..."
-            after = paragraph[end.end(): end.end() + 1]
-            initial = len(word) == 1 and word.isalpha() and word != "i"
-            abbreviation = (word in ABBREVIATIONS.get(language, ()) or initial
-                            or word in NUMBER_ABBREVIATIONS.get(language, ()) and after.isdigit())
-            if one_period and abbreviation:
-                continue  # "Dr. Smith", "e.g. This", "J. R. R. Tolkien", "No. 5"
-            if after.islower():
-                continue  # a lowercase word goes on: "etc. and so on"
-            sentences.append(paragraph[start:end.end()].strip())
-            start = end.end()
-        sentences.append(paragraph[start:].strip())
-    return [s for s in sentences if s]
-
-
-def chunk_text(text, max_phones, language="en", word_limit=None):
-    """Text -> chunks of whole sentences, each at most max_phones phones. A sentence longer
-    than that is split at commas (and ; :), then between words: no spoken word is dropped
-    (pieces with nothing to pronounce are). A word longer than a chunk is a chunk of its own
-    up to word_limit phones; beyond that it is a ValueError."""
-    phones_of = lru_cache(maxsize=None)(lambda s: phonemize(s, language))  # each piece once
-
-    def n_phones(s):
-        return len(phones_of(s))
-
-    def pieces(s, level=0):  # level 0: a sentence, 1: a part between commas, 2: a word
-        limit = max(max_phones, word_limit or 0) if level == 2 else max_phones
-        if n_phones(s) <= limit:
-            return [s]
-        if level == 2:
-            raise ValueError(f"{s!r} alone is longer than a chunk of {max_phones} phones")
-        parts = re.split(r"(?<=[,;:])\s+", s) if level == 0 else s.split()
-        return pack([p for part in parts for p in pieces(part, level + 1)])
-
-    def pack(items):  # greedy, in order: each chunk takes pieces while it fits
-        chunks = []
-        for item in items:
-            if chunks and n_phones(chunks[-1] + " " + item) <= max_phones:
-                chunks[-1] += " " + item
-            else:
-                chunks.append(item)
-        return chunks
-    return pack([p for sentence in split_sentences(text, language) for p in pieces(sentence)
-                 if speakable(phones_of(p))])
-
-
-def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chunk_seconds=None):
-    """-> (frames, phones, most_phones): the cap on a chunk's speech, the phones a chunk is
-    planned to hold, and the most it may hold so that prompt + chunk fit both position
-    tables. In rolling mode a chunk is the next one's prompt, so two chunks must fit: each
-    gets half of each table. chunk_seconds plans shorter chunks (the lengths a model was
-    trained on); max_seconds lowers the cap (a cut the caller asks for) but not the plan."""
-    frames = cfg.max_frames - prompt_frames
-    phones = cfg.max_text_tokens - 1 - prompt_phones  # 1: the word boundary between them
-    if mode == "rolling":
-        frames = min(frames, cfg.max_frames // 2)
-        phones = min(phones, (cfg.max_text_tokens - 1) // 2)
-    most_phones = min(phones, frames // FRAMES_PER_PHONE)
-    planned = min(frames, int(chunk_seconds * FRAME_RATE)) if chunk_seconds else frames
-    cap = min(frames, int(max_seconds * FRAME_RATE)) if max_seconds else frames
-    return cap, min(most_phones, planned // FRAMES_PER_PHONE), most_phones
-
-
-def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=Sampling(),
-                  seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
-                  language="en", chunk_seconds=None, candidates=1, prompt_language="en",
-                  max_batch=MAX_BATCH, log=None):
-    """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
-    (8, T_k) codes, whether each drew <eos>, which chunk prompted each: an index, or None for
-    the voice prompt).
-
-    The text is cut into chunks of whole sentences that fit the position tables with margin
-    (chunk_text, chunk_frames) and spoken chunk after chunk:
-      fixed:   every chunk is prompted with the voice prompt; all run as one batch (fast);
-      rolling: chunk k is prompted with chunk k-1's own speech and text, which carries prosody
-               and loudness across the seams; one chunk at a time. The voice prompt serves the
-               first chunk, and any chunk whose predecessor is no fit prompt: shorter than a
-               second (or empty), or cut off (its audio would not match its text).
-    A chunk that reaches its cap without <eos> was cut off: it is split again and spoken
-    anew (a single word is kept as it came). With max_seconds, a chunk that reaches it is kept
-    as it came: the caller asked for the cut. Candidate c draws from seed + c * SEED_STRIDE, as
-    in `generate`; the candidates' chunks that share a prompt run in one batch (fixed: all of
-    them; rolling: the first chunks, and any the voice prompts). Decode the chunks and
-    join them with join_speech. progress(label, step, total) names each AR run's chunks;
-    log(line), if given, hears the plan: each chunk's first words, and each split.
-    language, prompt_language, max_batch: as in `generate` (a chunk's own speech prompts in
-    `language`)."""
-    if mode not in ("fixed", "rolling"):
-        raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
-    frames, phones, most_phones = chunk_frames(ar.cfg, prompt_codes.shape[1],
-                                               len(text_to_ids(prompt_text, prompt_language)),
-                                               mode, max_seconds,
-                                               chunk_seconds)
-    if most_phones < 1:
-        raise ValueError("the prompt leaves no room for speech in the model's tables: shorten it")
-    if phones < 1:
-        raise ValueError(f"chunks of {chunk_seconds} s hold no phone: plan longer ones")
-    texts = chunk_text(text, phones, language, word_limit=most_phones)
-    if not texts:
-        raise ValueError(f"nothing to pronounce in {text[:50]!r}: give words of {language!r}")
-    log = log or (lambda line: None)
-    if len(texts) > 1:
-        log(f"{len(texts)} chunks of at most {phones} phones, {mode} mode:")
-        for k, t in enumerate(texts):
-            log(f"  chunk {k + 1}: {first_words(t)} ({len(phonemize(t, language))} phones)")
-    # per candidate, its chunks in order: [text, codes, ended with <eos>, prompted by], where
-    # "prompted by" is the index of the chunk whose speech was the prompt (None: the voice prompt)
-    runs = [[[t, None, False, None] for t in texts] for _ in range(candidates)]
-
-    def prompted_by(chunks, k):  # rolling: the chunk before, if it makes a fit prompt
-        before = chunks[k - 1] if mode == "rolling" and k > 0 else None
-        fit = before and before[2] and FRAME_RATE <= before[1].shape[1] <= ar.cfg.max_frames - frames
-        return k - 1 if fit else None
-
-    while True:
-        todo = [(c, k) for c, chunks in enumerate(runs) for k, chunk in enumerate(chunks)
-                if chunk[1] is None]  # (candidate, chunk), in order
-        if not todo:
-            break
-        if mode == "rolling":  # each candidate's next chunk: those the voice prompts in one batch
-            nexts = sorted({c: (c, k) for c, k in reversed(todo)}.values())
-            todo = [(c, k) for c, k in nexts if prompted_by(runs[c], k) is None] or nexts[:1]
-        c0, k0 = todo[0]
-        j = prompted_by(runs[c0], k0)  # the same for the whole batch
-        prompt, prompt_ids_text = (runs[c0][j][1], runs[c0][j][0]) if j is not None else \
-            (prompt_codes, prompt_text)
-        who = f"candidate {c0 + 1}: " if candidates > 1 else ""
-        label = (f"{who}chunk {k0 + 1} of {len(runs[c0])}" if len(todo) == 1 else
-                 f"{len(todo)} chunks in one batch" if len(todo) <= (max_batch or len(todo)) else
-                 f"{len(todo)} chunks in batches of {max_batch}")
-        report = (lambda s, m: progress(label, s, m)) if progress else None
-        codes, ended = generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
-                                sampling, [seed + SEED_STRIDE * c for c, _ in todo],
-                                frames / FRAME_RATE, use_cache, report, compile, return_ended=True,
-                                language=language,
-                                prompt_language=language if j is not None else prompt_language,
-                                max_batch=max_batch)
-        for (c, k), code, e in reversed(list(zip(todo, codes, ended))):  # back to front: k stays valid
-            chunks = runs[c]
-            halves = None if e or max_seconds else _split_again(chunks[k][0], language)
-            if halves:
-                whose = f"candidate {c + 1}, " if candidates > 1 else ""
-                log(f"{whose}{first_words(chunks[k][0])} ran {code.shape[1] / FRAME_RATE:.1f} s "
-                    f"without <eos>: spoken again as {len(halves)} chunks")
-            chunks[k: k + 1] = [[h, None, False, None] for h in halves] if halves else \
-                [[chunks[k][0], code, e, j]]
-    return [tuple(map(list, zip(*chunks))) for chunks in runs]  # (texts, codes, ended, prompted by)
-
-
-def first_words(text, n=6):
-    """What a chunk says, for the console: its first n words."""
-    words = text.split()
-    return repr(" ".join(words[:n]) + (" ..." if len(words) > n else ""))
-
-
-def _split_again(text, language):
-    """A chunk that was cut off -> two or more smaller chunks, or None for a single word."""
-    try:
-        parts = chunk_text(text, max(1, len(phonemize(text, language)) // 2), language)
-    except ValueError:  # a word longer than half the chunk: halve the words instead
-        words = text.split()
-        parts = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])]
-    parts = [p for p in parts if speakable(phonemize(p, language))]
-    return parts if len(parts) > 1 else None
-
-
-def join_speech(waves, crossfade_seconds=CROSSFADE_SECONDS):
-    """Chunk waveforms -> one. At each seam, the silence that ends one chunk and starts the
-    next is trimmed (trim_silence keeps 50 ms of each: a short pause), and the two overlap by
-    a linear crossfade. The outer ends stay as they are; a silent chunk drops out."""
-    parts = []  # joined once at the end: an hour of chunks is not copied again at each seam
-    for k, w in enumerate(waves):
-        wav = trim_silence(w.float().cpu(), start=k > 0, end=k < len(waves) - 1)
-        if len(wav) == 0:
-            continue
-        if parts:
-            left = parts.pop()
-            n = min(int(crossfade_seconds * SAMPLE_RATE), len(left), len(wav))
-            fade = torch.linspace(0, 1, n + 2)[1:-1]  # (n,), strictly between 0 and 1
-            parts += [left[: len(left) - n], left[len(left) - n:] * (1 - fade) + wav[:n] * fade]
-            wav = wav[n:]
-        parts.append(wav)
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-# -----------------------------------------------------------------------------
-# What the scripts share: checkpoints, the prepared dataset's index, devices
-
-# Columns of a prepared dataset's index.npy, one row per utterance (data/prepare.py writes it,
-# train.py reads it): where its phones and frames start in phones.bin and codes.bin, how many,
-# its speaker, and its language (an index into LANGUAGES; a dataset prepared before languages
-# were added has no such column: train.py reads it as English).
-PHONE_OFFSET, PHONE_COUNT, FRAME_OFFSET, FRAME_COUNT, SPEAKER, LANGUAGE = range(6)
-
-
-def pick_device(name="auto"):
-    """'auto' -> CUDA when there is a GPU, else the CPU; any other name as torch.device."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device here")
-    return device
-
+# Checkpoints: the config, the phone table and each model's weights (train.py writes more)
 
 
 def save_checkpoint(path, **state):
@@ -1630,36 +1054,10 @@ def save_checkpoint(path, **state):
         os.close(folder)
 
 
-def write_wav(path, wav):
-    """A (n,) waveform at SAMPLE_RATE -> 16-bit WAV, atomically: never half-written."""
-    import soundfile as sf
-    tmp = f"{path}.tmp"
-    sf.write(tmp, wav.float().clamp(-1, 1).cpu().numpy(), SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    os.replace(tmp, path)
-
-
-def known_phones(phones):
-    """Whether a checkpoint's or dataset's phone table is ours or an older one: a prefix that
-    holds at least the English symbols (the first table there was, before the IPA ones)."""
-    return (isinstance(phones, list) and len(PHONES) - len(IPA) <= len(phones)
-            and phones == PHONES[: len(phones)])
-
-
-def upgrade_state(state, cfg):
-    """A model's weights saved before the phone table grew or languages were added -> today's:
-    the new phones' embedding rows and the language embedding start at zero (so the model
-    computes exactly what it did). Weights of today pass through unchanged."""
-    state = dict(state)
-    rows = state.get("text_emb.weight")
-    if rows is not None and len(rows) < len(PHONES):
-        state["text_emb.weight"] = F.pad(rows, (0, 0, 0, len(PHONES) - len(rows)))
-    if "language_emb" not in state and rows is not None:
-        state["language_emb"] = rows.new_zeros(len(LANGUAGES) - 1, cfg.d_model)
-    return state
-
-
-def load_checkpoint(path, device="cpu"):
-    """-> (config, ar or None, nar or None, checkpoint dict). Errors say what to do."""
+def load_checkpoint(path, device="cpu", upgrade=None):
+    """-> (config, ar or None, nar or None, checkpoint dict). Errors say what to do. upgrade:
+    a function of the checkpoint dict, applied before the models are built (the scripts bring
+    older checkpoints up to date with it: extras/cli.py)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py")
     try:
@@ -1667,14 +1065,15 @@ def load_checkpoint(path, device="cpu"):
         cfg = Config(**ckpt["config"])
     except Exception as e:
         raise ValueError(f"{path} is not a valle2 checkpoint ({type(e).__name__}: {e})") from None
-    if not known_phones(ckpt.get("phones")):
+    ckpt = upgrade(ckpt) if upgrade else ckpt
+    if ckpt.get("phones") != PHONES:  # the text embedding's rows are this table's symbols
         raise ValueError(f"{path} was trained with another phone table: retrain it")
     models = {"ar": None, "nar": None}
     for name, cls in (("ar", ARModel), ("nar", NARModel)):
         if ckpt.get(name) is not None:
             models[name] = cls(cfg).to(device).eval()
             try:
-                models[name].load_state_dict(upgrade_state(ckpt[name], cfg))
+                models[name].load_state_dict(ckpt[name])
             except RuntimeError as e:
                 raise ValueError(f"{path}: {name} weights do not fit its config ({e})") from None
     return cfg, models["ar"], models["nar"], ckpt

@@ -63,8 +63,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valle  # noqa: E402
-from valle import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT,  # noqa: E402
-                   PHONE_OFFSET, SPEAKER)  # index.npy columns
+from extras import audio, cli, codecs  # noqa: E402
+import extras.languages  # noqa: E402, F401  (registers the text frontends of the other languages)
+from extras.cli import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT,  # noqa: E402
+                        PHONE_OFFSET, SPEAKER)  # index.npy columns
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CHUNK = 256  # utterances per saved part
@@ -74,9 +76,7 @@ GPU_BATCH_SIZE = 16  # default utterances per EnCodec call on a GPU; 1 on the CP
 MACHINE_PATHS = ("src", "encodec_checkpoint")
 
 
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+die = cli.fail  # one line `error: ...`, exit status 2
 
 
 # -----------------------------------------------------------------------------
@@ -110,28 +110,28 @@ def libritts(src):
 
 def vctk(src):
     items, seen = [], set()
-    for audio in sorted(glob.glob(os.path.join(src, "wav48*", "*", "*"))):
-        if not audio.endswith(AUDIO_EXTENSIONS):
+    for path in sorted(glob.glob(os.path.join(src, "wav48*", "*", "*"))):
+        if not path.endswith(AUDIO_EXTENSIONS):
             continue
-        speaker = os.path.basename(os.path.dirname(audio))
-        utt = os.path.splitext(os.path.basename(audio))[0]
+        speaker = os.path.basename(os.path.dirname(path))
+        utt = os.path.splitext(os.path.basename(path))[0]
         utt = utt.replace("_mic1", "").replace("_mic2", "")  # VCTK 0.92 has two microphones
         if utt in seen:
             continue  # keep one microphone (mic1 sorts first)
         seen.add(utt)
         txt = os.path.join(src, "txt", speaker, utt + ".txt")
-        items.append((utt, audio, _read(txt) if os.path.exists(txt) else "", speaker))
+        items.append((utt, path, _read(txt) if os.path.exists(txt) else "", speaker))
     return items
 
 
 def folder(src):
     items = []
-    for audio in glob.glob(os.path.join(src, "**", "*"), recursive=True):
-        if audio.lower().endswith(AUDIO_EXTENSIONS):
-            txt = os.path.splitext(audio)[0] + ".txt"
+    for path in glob.glob(os.path.join(src, "**", "*"), recursive=True):
+        if path.lower().endswith(AUDIO_EXTENSIONS):
+            txt = os.path.splitext(path)[0] + ".txt"
             text = _read(txt) if os.path.exists(txt) else ""
-            utt = os.path.splitext(os.path.relpath(audio, src))[0].replace(os.sep, "/")
-            items.append((utt, audio, text, os.path.basename(os.path.dirname(audio))))
+            utt = os.path.splitext(os.path.relpath(path, src))[0].replace(os.sep, "/")
+            items.append((utt, path, text, os.path.basename(os.path.dirname(path))))
     return items
 
 
@@ -172,7 +172,7 @@ def load_one(path, text, language, min_s, max_s):
     except ValueError:
         return "nothing to pronounce"
     try:
-        wav = valle.load_audio(path)
+        wav = audio.load_audio(path)
     except FileNotFoundError:
         return "missing audio file"
     except ValueError:  # there, but not audio soundfile reads: corrupt, truncated, another format
@@ -182,7 +182,7 @@ def load_one(path, text, language, min_s, max_s):
         return f"shorter than {min_s} s"
     if seconds > max_s:
         return f"longer than {max_s} s"
-    if wav.abs().max() < valle.SILENCE_PEAK:
+    if wav.abs().max() < audio.SILENCE_PEAK:
         return "silent"
     return ids, wav.numpy()  # a tensor would cross processes as a file descriptor, each
 
@@ -218,16 +218,16 @@ def load_in_order(items, min_s, max_s, workers):
 def make_codec(name, checkpoint, device):
     """--codec on `device`; auto: the pretrained EnCodec, else the untrained test codec."""
     if name in ("untrained", "spectral"):  # the test codecs (valle.Codec)
-        codec = valle.Codec.load(f"{name}-seed0")
+        codec = codecs.load(f"{name}-seed0")
     else:
         try:
-            codec = valle.Codec.load("pretrained", checkpoint)
+            codec = codecs.load("pretrained", checkpoint)
         except ValueError as e:  # no network, or a bad file
             if name == "pretrained":
                 die(str(e))
             print(f"WARNING: {e}; using the untrained test codec: training works, but decoded "
                   "audio will be noise, not speech.")
-            codec = valle.Codec.untrained(seed=0)
+            codec = codecs.untrained(seed=0)
     codec.model.to(device)
     return codec
 
@@ -520,7 +520,7 @@ def parse_args(argv):
         die(f"--min-seconds ({args.min_seconds}) must be 0 or more and below --max-seconds "
             f"({args.max_seconds})")
     try:
-        args.device = valle.pick_device(args.device)
+        args.device = cli.pick_device(args.device)
     except ValueError as e:
         die(str(e))
     return args

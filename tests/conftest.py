@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valle  # noqa: E402
+from extras import codecs
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -39,7 +40,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 @pytest.fixture(scope="session")
 def codec():
-    return valle.Codec.untrained(seed=0)
+    return codecs.untrained(seed=0)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import valle  # noqa: E402
+from extras import cli, long_text
 
 try:
     import pytest
@@ -105,11 +106,11 @@ def write_dataset(path, n=40, frames=150, phones=40):
     import numpy as np
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(0)
-    index = np.zeros((n, 6), dtype=np.int64)  # valle.PHONE_OFFSET ... valle.LANGUAGE
-    index[:, valle.PHONE_COUNT], index[:, valle.FRAME_COUNT] = phones, frames
-    index[:, valle.PHONE_OFFSET] = np.arange(n) * phones
-    index[:, valle.FRAME_OFFSET] = np.arange(n) * frames
-    index[:, valle.SPEAKER] = np.arange(n) % 4
+    index = np.zeros((n, 6), dtype=np.int64)  # cli.PHONE_OFFSET ... cli.LANGUAGE
+    index[:, cli.PHONE_COUNT], index[:, cli.FRAME_COUNT] = phones, frames
+    index[:, cli.PHONE_OFFSET] = np.arange(n) * phones
+    index[:, cli.FRAME_OFFSET] = np.arange(n) * frames
+    index[:, cli.SPEAKER] = np.arange(n) % 4
     np.save(os.path.join(path, "index.npy"), index)
     rng.integers(10, 80, n * phones, dtype=np.uint8).tofile(os.path.join(path, "phones.bin"))
     rng.integers(0, 1024, n * frames * 8, dtype=np.int16).tofile(os.path.join(path, "codes.bin"))
@@ -193,7 +194,7 @@ def test_long_text_through_the_batch_cap(monkeypatch=None):
         def run(cap):  # -> the chunks' codes, and the rows of each AR batch
             calls = []
             valle.generate_ar = lambda m, text, *a, **k: calls.append(len(text)) or real_ar(m, text, *a, **k)
-            out = valle.generate_long(ar, nar, story, codes[0, :, :16], "A voice.", seed=1,
+            out = long_text.generate_long(ar, nar, story, codes[0, :, :16], "A voice.", seed=1,
                                       candidates=2, max_batch=cap)
             return [c for candidate in out for c in candidate[1]], calls
         (whole, whole_calls), (capped, capped_calls) = run(None), run(3)

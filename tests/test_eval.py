@@ -258,7 +258,7 @@ def test_demo_run_writes_outputs_and_pairs_each_utterance_with_the_previous_one(
 def test_what_each_mode_prompts_with_and_compares(tmp_path, monkeypatch):
     """In process, with stand-ins: an 'embedding' is the waveform's length and a 'similarity' the
     ratio of two lengths, so each SIM says which two waveforms it compared."""
-    import scorers
+    from extras import scorers
     import valle
     random_checkpoint(tmp_path / "model.pt")
     calls = []
@@ -314,7 +314,7 @@ def test_tokens_only_scores_the_text_gaps_without_decoding_or_scorers(tmp_path, 
     """--tokens-only: no ASR, speaker encoder or decoding; each row's text gaps compare the
     utterance's own text with the text of the sentence its baseline codes come from (the next
     one of its speaker), under the mode's prompt; the table prints their means."""
-    import scorers
+    from extras import scorers
     import valle
     random_checkpoint(tmp_path / "model.pt")
     calls, gaps = [], ev.text_gaps

@@ -51,7 +51,7 @@ CASES = [
     ("data/prepare.py", PREPARE, ["--shard", "x"], "--shard"),
     ("data/prepare.py", PREPARE, ["--min-seconds", "-1"], "--min-seconds"),
     ("data/prepare.py", PREPARE, ["--min-seconds", "5", "--max-seconds", "2"], "--min-seconds"),
-] + [(path, base, ["--device", "gpu0"], "--device 'gpu0' is not a device")  # valle.pick_device
+] + [(path, base, ["--device", "gpu0"], "--device 'gpu0' is not a device")  # cli.pick_device
      for path, base in (("sample.py", SAMPLE), ("train.py", TRAIN), ("data/prepare.py", PREPARE))]
 
 

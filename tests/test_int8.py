@@ -1,4 +1,4 @@
-"""int8 weights for CPU inference (valle.quantize_int8): what is converted, and how closely the
+"""int8 weights for CPU inference (speedups.quantize_int8): what is converted, and how closely the
 int8 model agrees with the fp32 one."""
 import copy
 
@@ -8,6 +8,7 @@ import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn as nn
 
 import valle
+from extras import speedups
 from conftest import random_checkpoint, run_script, write_prompt
 
 
@@ -15,7 +16,7 @@ from conftest import random_checkpoint, run_script, write_prompt
 def test_every_linear_layer_of_the_blocks_becomes_int8_and_the_heads_stay_fp32(G, ar_layers):
     cfg = valle.get_config("tiny", dropout=0.0, group_size=G)
     ar, nar = valle.ARModel(cfg).eval(), valle.NARModel(cfg).eval()
-    assert valle.quantize_int8(ar) == ar_layers and valle.quantize_int8(nar) == 12
+    assert speedups.quantize_int8(ar) == ar_layers and speedups.quantize_int8(nar) == 12
     for model in (ar, nar):
         assert not [m for m in model.modules() if isinstance(m, nn.Linear)]  # none left in fp32
         assert sum(isinstance(m, nnqd.Linear) for m in model.modules()) in (ar_layers, 12)
@@ -61,7 +62,7 @@ def teacher_forced_argmax(ar, nar, data):
 def test_int8_agrees_with_fp32_on_a_trained_model():
     ar, nar, data = trained_pair()
     ar8, nar8 = copy.deepcopy(ar), copy.deepcopy(nar)
-    valle.quantize_int8(ar8), valle.quantize_int8(nar8)
+    speedups.quantize_int8(ar8), speedups.quantize_int8(nar8)
     (a32, n32), (a8, n8) = teacher_forced_argmax(ar, nar, data), teacher_forced_argmax(ar8, nar8, data)
     ar_agree = (a32 == a8).float().mean().item()
     nar_agree = [(x == y).float().mean().item() for x, y in zip(n32, n8)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import valle
+from extras import cli, languages, long_text
 from conftest import run_script
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
@@ -24,8 +25,8 @@ def test_phone_table_only_grows_at_its_end():
     with open(os.path.join(BEFORE, "dataset", "meta.json")) as f:
         before = json.load(f)["phones"]  # the table before languages were added
     assert len(before) == 3 + 6 + 70 and valle.PHONES[: len(before)] == before
-    assert valle.known_phones(before) and valle.known_phones(valle.PHONES)
-    assert not valle.known_phones(before[:5] + before[6:]) and not valle.known_phones([])
+    assert cli.known_phones(before) and cli.known_phones(valle.PHONES)
+    assert not cli.known_phones(before[:5] + before[6:]) and not cli.known_phones([])
     # today's table, pinned: a change that reorders or removes a symbol must fail here
     # (appending is fine: then pin the longer table)
     assert len(valle.PHONES) == 206 <= valle.PHONE_SLOTS
@@ -49,7 +50,7 @@ def test_english_is_unchanged_and_carries_no_language_bits():
 # --- segmenting eSpeak NG's IPA (no espeak-ng needed) -----------------------------
 
 def test_segment_ipa_cuts_units_marks_and_diacritics():
-    seg = valle.segment_ipa
+    seg = languages.segment_ipa
     assert seg("tsvˈœlf pfˈeːɾdə") == ["ts", "v", "ˈ", "œ", "l", "f", "_",
                                        "pf", "ˈ", "e", "ː", "ɾ", "d", "ə"]
     assert seg("t\u0361svˈœlf") == seg("tsvˈœlf")  # tie bars, present or not, cut the same
@@ -63,7 +64,7 @@ def test_segment_ipa_cuts_units_marks_and_diacritics():
 
 
 def test_symbols_outside_the_table_read_as_unk_and_are_counted(monkeypatch):
-    monkeypatch.setattr(valle, "_espeak", lambda clauses, voice: ["ʘaʘ ǀa"] * len(clauses))
+    monkeypatch.setattr(languages, "_espeak", lambda clauses, voice: ["ʘaʘ ǀa"] * len(clauses))
     assert valle.phonemize("Klick.", "de") == ["ʘ", "a", "ʘ", "_", "ǀ", "a", "_", "."]
     ids = valle.text_to_ids("Klick.", "de")
     unk, a = DE + valle.UNK_ID, DE + valle.PHONE_ID["a"]
@@ -73,7 +74,7 @@ def test_symbols_outside_the_table_read_as_unk_and_are_counted(monkeypatch):
 
 def test_punctuation_goes_back_between_the_clauses(monkeypatch):
     seen = []
-    monkeypatch.setattr(valle, "_espeak", lambda clauses, voice: seen.extend(clauses) or
+    monkeypatch.setattr(languages, "_espeak", lambda clauses, voice: seen.extend(clauses) or
                         ["a"] * len(clauses))
     assert valle.phonemize("¿Uno, dos; tres? ¡Sí!", "es") == [
         "a", "_", ",", "_", "a", "_", ",", "_", "a", "_", "?", "_", "a", "_", "!"]
@@ -217,8 +218,10 @@ def test_english_only_training_leaves_the_language_embedding_at_zero(models):
 def test_a_checkpoint_from_before_gives_exactly_the_codes_it_gave():
     with open(os.path.join(BEFORE, "expected.json")) as f:
         expected = json.load(f)
-    cfg, ar, nar, ckpt = valle.load_checkpoint(os.path.join(BEFORE, "checkpoint.pt"))
-    assert len(ckpt["phones"]) == 79 and ar.text_emb.weight.shape[0] == len(valle.PHONES)
+    cfg, ar, nar, ckpt = cli.load_checkpoint(os.path.join(BEFORE, "checkpoint.pt"))
+    saved = torch.load(os.path.join(BEFORE, "checkpoint.pt"), weights_only=True)["phones"]
+    assert len(saved) == 79 and ckpt["phones"] == valle.PHONES  # brought up to date
+    assert ar.text_emb.weight.shape[0] == len(valle.PHONES)
     assert ar.language_emb.abs().max() == 0 and nar.language_emb.abs().max() == 0
     prompt = torch.load(os.path.join(BEFORE, "prompt.pt"), weights_only=True)["prompt"]
     threads = torch.get_num_threads()
@@ -237,16 +240,16 @@ def test_another_phone_table_is_still_refused(tmp_path):
     ckpt["phones"] = ckpt["phones"][:10] + ["X"] + ckpt["phones"][11:]
     torch.save(ckpt, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="another phone table"):
-        valle.load_checkpoint(str(tmp_path / "other.pt"))
+        cli.load_checkpoint(str(tmp_path / "other.pt"))
 
 
 def test_a_dataset_from_before_reads_as_english():
     import train
     data = train.Dataset(os.path.join(BEFORE, "dataset"))
-    assert data.index.shape == (3, 6) and (data.index[:, valle.LANGUAGE] == 0).all()
+    assert data.index.shape == (3, 6) and (data.index[:, cli.LANGUAGE] == 0).all()
     phones = np.fromfile(os.path.join(BEFORE, "dataset", "phones.bin"), dtype=np.uint8)
     tokens, codes = data.item(1)
-    po, pn = data.index[1, valle.PHONE_OFFSET], data.index[1, valle.PHONE_COUNT]
+    po, pn = data.index[1, cli.PHONE_OFFSET], data.index[1, cli.PHONE_COUNT]
     assert tokens.tolist() == phones[po: po + pn].tolist() and codes.shape[1] == 8
 
 
@@ -292,17 +295,17 @@ def test_prepare_records_each_utterances_language(bilingual):
     index = np.load(bilingual / "train" / "index.npy")
     lines = open(bilingual / "corpus" / "train.list").read().splitlines()
     by_id = {f"{n:06d}": line.split("|")[3] for n, line in enumerate(lines)}
-    assert [valle.LANGUAGES[k] for k in index[:, valle.LANGUAGE]] == \
+    assert [valle.LANGUAGES[k] for k in index[:, cli.LANGUAGE]] == \
         [by_id[i] for i in meta["ids"]]
     # train.py reads each utterance's tokens with its language, as text_to_ids makes them
     import train
     data = train.Dataset(str(bilingual / "train"))
     texts = {f"{n:06d}": line.split("|")[1] for n, line in enumerate(lines)}
     for k in (0, len(meta["ids"]) - 1):  # the manifest lists English first, German last
-        language = valle.LANGUAGES[index[k, valle.LANGUAGE]]
+        language = valle.LANGUAGES[index[k, cli.LANGUAGE]]
         tokens, _ = data.item(k)
         assert tokens.tolist() == valle.text_to_ids(texts[meta["ids"][k]], language)
-    assert {valle.LANGUAGES[index[k, valle.LANGUAGE]] for k in (0, len(index) - 1)} == {"en", "de"}
+    assert {valle.LANGUAGES[index[k, cli.LANGUAGE]] for k in (0, len(index) - 1)} == {"en", "de"}
 
 
 @needs_espeak
@@ -315,7 +318,7 @@ def test_a_tiny_model_learns_both_languages(bilingual):
     torch.manual_seed(0)  # train.py's --seed: the weights it started from
     ar0, nar0 = valle.ARModel(ar.cfg).eval(), valle.NARModel(ar.cfg).eval()
     for language in ("en", "de"):
-        ids = [i for i in range(len(data)) if data.index[i, valle.LANGUAGE] == valle.LANGUAGE_ID[language]]
+        ids = [i for i in range(len(data)) if data.index[i, cli.LANGUAGE] == valle.LANGUAGE_ID[language]]
         examples = np.array([[i, train.NO_PARTNER] for i in ids])
         text, text_lens, codes, code_lens = train.collate(data, examples)
         with torch.no_grad():
@@ -352,7 +355,7 @@ def test_sample_hands_both_languages_to_the_model(bilingual, tmp_path, monkeypat
         seen.update(kwargs)
         raise ValueError("spied")
     monkeypatch.setattr(valle, "generate", spy)
-    monkeypatch.setattr(valle, "generate_long", spy)
+    monkeypatch.setattr(long_text, "generate_long", spy)
     text = "Der Hund sieht den Ball."
     if flags:
         (tmp_path / "story.txt").write_text(text)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import valle
+from extras import audio, long_text
 from valle import EOS
 
 
@@ -16,7 +17,7 @@ def test_sentences_split_at_their_ends_only():
             'We need tools, e.g. Hammers. They sell fruit, bread, etc. They open at 9 a.m. Monday '
             'to Friday. See No. 5 and fig. 3. I said no. So do I. He wrote \u201cyes.\u201d Then '
             'he left.')
-    assert valle.split_sentences(text) == [
+    assert long_text.split_sentences(text) == [
         "Dr. Smith paid $3.50 at 5 p.m. on Jan. 5th.",  # abbreviations, a decimal, a time
         'He said, "Stop."',  # the closing quote stays with its sentence
         "Then he left!", "Did he?",
@@ -42,7 +43,7 @@ def test_chunks_hold_whole_sentences_and_never_drop_a_word():
                      "mill and the old church on the hill, until the light was gone")
     text = f"Short one. {long_sentence}. Another short one! And {'very ' * 30}long."
     budget = 40
-    chunks = valle.chunk_text(text, budget)
+    chunks = long_text.chunk_text(text, budget)
     assert words(chunks) == text.split()  # every word, in order
     assert all(len(valle.phonemize(c)) <= budget for c in chunks)
     assert any("Another short one!" in c for c in chunks)  # a sentence that fits stays whole
@@ -50,24 +51,24 @@ def test_chunks_hold_whole_sentences_and_never_drop_a_word():
     assert "and the road went on and on," in chunks  # a long sentence splits at its commas
     assert any(c.endswith("very") for c in chunks)  # ... and a comma-less one between words
     with pytest.raises(ValueError, match="longer than a chunk"):
-        valle.chunk_text("Incomprehensibilities.", 5)
+        long_text.chunk_text("Incomprehensibilities.", 5)
     # a word longer than a planned chunk is a chunk of its own, up to what the tables hold
-    assert valle.chunk_text("It cost 1,234,567 dollars.", 10, word_limit=80) == [
+    assert long_text.chunk_text("It cost 1,234,567 dollars.", 10, word_limit=80) == [
         "It cost", "1,234,567", "dollars."]
     # pieces with nothing to pronounce are not chunks (generate would refuse them)
-    assert valle.chunk_text("Hello there. ?! \u041f\u0440\u0438\u0432\u0435\u0442. Goodbye now.", 100) == [
+    assert long_text.chunk_text("Hello there. ?! \u041f\u0440\u0438\u0432\u0435\u0442. Goodbye now.", 100) == [
         "Hello there. Goodbye now."]
 
 
 def test_chunk_budget_fits_prompt_and_chunk_in_the_tables():
     cfg = valle.get_config("tiny")  # 2250 frames, 512 phones: the frames bind
-    assert valle.chunk_frames(cfg, 225, 20, "fixed") == (2025, 253, 253)  # 2025 // 8 phones
-    assert valle.chunk_frames(cfg, 225, 20, "rolling") == (1125, 140, 140)  # half: two fit
-    assert valle.chunk_frames(cfg, 225, 20, "fixed", max_seconds=4) == (300, 253, 253)  # cap only
-    assert valle.chunk_frames(cfg, 225, 20, "fixed", chunk_seconds=4) == (2025, 37, 253)  # plan only
+    assert long_text.chunk_frames(cfg, 225, 20, "fixed") == (2025, 253, 253)  # 2025 // 8 phones
+    assert long_text.chunk_frames(cfg, 225, 20, "rolling") == (1125, 140, 140)  # half: two fit
+    assert long_text.chunk_frames(cfg, 225, 20, "fixed", max_seconds=4) == (300, 253, 253)  # cap only
+    assert long_text.chunk_frames(cfg, 225, 20, "fixed", chunk_seconds=4) == (2025, 37, 253)  # plan only
     small = valle.get_config("tiny", max_text_tokens=60)  # the text table binds
-    assert valle.chunk_frames(small, 225, 20, "fixed") == (2025, 39, 39)  # 60 - 1 - 20
-    assert valle.chunk_frames(small, 225, 20, "rolling") == (1125, 29, 29)  # (60 - 1) // 2
+    assert long_text.chunk_frames(small, 225, 20, "fixed") == (2025, 39, 39)  # 60 - 1 - 20
+    assert long_text.chunk_frames(small, 225, 20, "rolling") == (1125, 29, 29)  # (60 - 1) // 2
 
 
 # --- the seams ------------------------------------------------------------------------
@@ -79,12 +80,12 @@ def test_join_trims_the_silence_at_each_seam_and_crossfades():
     silence = torch.zeros(sr // 2)
     chunks = [torch.cat([silence, tone(200), silence]), torch.cat([silence, tone(300), silence]),
               torch.zeros(sr), torch.cat([tone(400), silence])]  # the third is silent
-    trimmed = [valle.trim_silence(chunks[0], start=False), valle.trim_silence(chunks[1]),
-               valle.trim_silence(chunks[3], end=False)]
+    trimmed = [audio.trim_silence(chunks[0], start=False), audio.trim_silence(chunks[1]),
+               audio.trim_silence(chunks[3], end=False)]
     margin = int(0.05 * sr)
     assert [len(w) for w in trimmed] == [sr // 2 + sr + margin, 2 * margin + sr, sr + sr // 2]
-    out = valle.join_speech(chunks)
-    n = int(valle.CROSSFADE_SECONDS * sr)
+    out = long_text.join_speech(chunks)
+    n = int(long_text.CROSSFADE_SECONDS * sr)
     assert len(out) == sum(len(w) for w in trimmed) - 2 * n  # two seams: the silent chunk drops out
     # away from the seams, every sample is the chunk's own
     assert torch.equal(out[: len(trimmed[0]) - n], trimmed[0][:-n])
@@ -94,10 +95,10 @@ def test_join_trims_the_silence_at_each_seam_and_crossfades():
     seam = out[start: start + n]  # a crossfade: between the two sides, sample by sample
     lo, hi = torch.minimum(trimmed[0][-n:], trimmed[1][:n]), torch.maximum(trimmed[0][-n:], trimmed[1][:n])
     assert ((seam >= lo - 1e-6) & (seam <= hi + 1e-6)).all()
-    assert torch.equal(valle.join_speech([chunks[0]]), chunks[0])  # one chunk: untouched
-    fade = valle.join_speech([torch.full((sr,), 0.5), torch.full((sr,), -0.5)])[sr - n: sr]
+    assert torch.equal(long_text.join_speech([chunks[0]]), chunks[0])  # one chunk: untouched
+    fade = long_text.join_speech([torch.full((sr,), 0.5), torch.full((sr,), -0.5)])[sr - n: sr]
     assert fade[0] > 0.45 and fade[-1] < -0.45 and (fade.diff() < 0).all()  # from one to the other
-    assert len(valle.join_speech([torch.zeros(sr)])) == 0
+    assert len(long_text.join_speech([torch.zeros(sr)])) == 0
 
 
 # --- generate_long with a stand-in for generate ------------------------------------------
@@ -128,10 +129,10 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate(mute={"Third one is silent."})
     monkeypatch.setattr(valle, "generate", fake)
-    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
+    monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
     prompt = torch.randint(0, 1024, (8, 20))
     text = "First one here. Second one here. Third one is silent. Fourth one here."
-    [(texts, codes, _, prompted_by)] = valle.generate_long(ar, nar, text, prompt, "The prompt.",
+    [(texts, codes, _, prompted_by)] = long_text.generate_long(ar, nar, text, prompt, "The prompt.",
                                                            mode="rolling")
     assert texts == ["First one here.", "Second one here.", "Third one is silent.", "Fourth one here."]
     assert prompted_by == [None, 0, 1, None]
@@ -144,13 +145,13 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     # a chunk cut at the caller's cap is no prompt: its audio stops before its text does ...
     cut = FakeGenerate(cut={"Second one here."})
     monkeypatch.setattr(valle, "generate", cut)
-    valle.generate_long(ar, nar, "First one here. Second one here. Fourth one here.", prompt,
+    long_text.generate_long(ar, nar, "First one here. Second one here. Fourth one here.", prompt,
                         "The prompt.", mode="rolling", max_seconds=30)
     assert cut.calls[1][1] is not prompt and cut.calls[2][1] is prompt
     # ... nor is a chunk shorter than a second (one word: 40 frames)
     short = FakeGenerate()
     monkeypatch.setattr(valle, "generate", short)
-    valle.generate_long(ar, nar, "Hello. Second one here.", prompt, "The prompt.", mode="rolling")
+    long_text.generate_long(ar, nar, "Hello. Second one here.", prompt, "The prompt.", mode="rolling")
     assert len(short.calls) == 2 and short.calls[1][1] is prompt
 
 
@@ -158,9 +159,9 @@ def test_rolling_candidates_share_a_batch_where_the_voice_prompts_them(tiny, mon
     ar, nar = tiny
     fake = FakeGenerate()
     monkeypatch.setattr(valle, "generate", fake)
-    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
+    monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
     prompt = torch.randint(0, 1024, (8, 20))
-    runs = valle.generate_long(ar, nar, "First one here. Second one here.", prompt, "The prompt.",
+    runs = long_text.generate_long(ar, nar, "First one here. Second one here.", prompt, "The prompt.",
                                mode="rolling", seed=7, candidates=2)
     S = valle.SEED_STRIDE
     assert fake.calls[0][0] == ["First one here."] * 2 and fake.calls[0][1] is prompt  # one batch
@@ -174,9 +175,9 @@ def test_fixed_mode_runs_every_chunk_in_one_batch_with_the_voice_prompt(tiny, mo
     ar, nar = tiny
     fake = FakeGenerate()
     monkeypatch.setattr(valle, "generate", fake)
-    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 12, 12))
+    monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (100, 12, 12))
     prompt = torch.randint(0, 1024, (8, 20))
-    [(texts, codes, _, _)] = valle.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
+    [(texts, codes, _, _)] = long_text.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
     assert len(fake.calls) == 1 and fake.calls[0][0] == texts == ["One here.", "Two here.", "Three here."]
     assert fake.calls[0][1] is prompt
 
@@ -185,8 +186,8 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate(cut={"Two words here and there.", "Alone."})
     monkeypatch.setattr(valle, "generate", fake)
-    monkeypatch.setattr(valle, "chunk_frames", lambda *a, **k: (100, 22, 22))  # a sentence a chunk
-    [(texts, codes, _, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
+    monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (100, 22, 22))  # a sentence a chunk
+    [(texts, codes, _, _)] = long_text.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                        torch.zeros(8, 20, dtype=torch.long), "P.")
     assert words(texts) == "One. Two words here and there. Alone.".split()  # nothing lost
     assert "Two words here and there." not in texts and len(texts) > 2  # redone in pieces
@@ -194,11 +195,11 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     assert [c.shape[1] for c in codes] == [40 * len(t.split()) for t in texts]  # each its own
     cut = FakeGenerate(cut={"Go internationalization."})  # one word longer than half the chunk
     monkeypatch.setattr(valle, "generate", cut)
-    [(texts, _, _, _)] = valle.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
+    [(texts, _, _, _)] = long_text.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
     assert texts == ["Go", "internationalization."]
     with_cap = FakeGenerate(cut={"Two words here and there."})
     monkeypatch.setattr(valle, "generate", with_cap)
-    [(texts, _, _, _)] = valle.generate_long(ar, nar, "One. Two words here and there. Alone.",
+    [(texts, _, _, _)] = long_text.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                    torch.zeros(8, 20, dtype=torch.long), "P.", max_seconds=9)
     assert len(with_cap.calls) == 1 and len(texts) == 3  # the caller's cap: the cut is kept
 
@@ -232,7 +233,7 @@ def test_two_thousand_words_never_overflow_a_position_table(mode, n_words, monke
     sentence = "The quick brown fox jumps over the lazy dog, and then it runs away. "
     text = sentence * (n_words // len(sentence.split()))
     prompt = torch.randint(0, 1024, (8, 40))
-    [(texts, codes, _, _)] = valle.generate_long(ar, nar, text, prompt, "A prompt.", mode)
+    [(texts, codes, _, _)] = long_text.generate_long(ar, nar, text, prompt, "A prompt.", mode)
     assert words(texts) == text.split()
     assert len(calls) >= len(texts) > n_words / 20
     for prompt_frames, prompt_text, chunk, c in calls:  # against the tables themselves

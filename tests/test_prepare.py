@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 import valle
+from extras import audio, cli, codecs
 from conftest import ROOT, run_script, write_corpus
 
 spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", "prepare.py"))
@@ -79,8 +80,8 @@ def test_ljspeech_layout_with_bad_files(tmp_path, capsys):
     codes = np.fromfile(os.path.join(out, "codes.bin"), dtype=np.int16).reshape(-1, 8)
     phones = np.fromfile(os.path.join(out, "phones.bin"), dtype=np.uint8)
     po, pn, co, cn, spk, language = index[1]
-    assert (index[:, valle.LANGUAGE] == 0).all()  # --language en, the default
-    expected = valle.Codec.untrained(0).encode(valle.load_audio(str(src / "wavs" / "LJ002.wav")))
+    assert (index[:, cli.LANGUAGE] == 0).all()  # --language en, the default
+    expected = codecs.untrained(0).encode(audio.load_audio(str(src / "wavs" / "LJ002.wav")))
     assert torch.equal(torch.from_numpy(codes[co:co + cn].T.astype(np.int64)), expected)
     assert phones[po:po + pn].tolist() == valle.text_to_ids("Second sentence here.")
     assert meta["codec"] == "untrained-seed0" and meta["speakers"] == ["ljspeech"]
@@ -186,10 +187,10 @@ def test_batched_encoding_matches_one_at_a_time(tmp_path):
                   "--codec", "untrained", "--batch-size", "4"])
     index = np.load(os.path.join(out, "index.npy"))
     codes = np.fromfile(os.path.join(out, "codes.bin"), dtype=np.int16).reshape(-1, 8)
-    codec, differ, total = valle.Codec.untrained(0), 0, 0
+    codec, differ, total = codecs.untrained(0), 0, 0
     assert len(index) == len(paths)
     for path, (_, _, offset, frames, _, _) in zip(paths, index):
-        wav = valle.load_audio(path)
+        wav = audio.load_audio(path)
         alone = codec.encode(wav).T.numpy()  # (T, 8)
         assert frames == len(alone) == -(-len(wav) // 320)
         differ += int((codes[offset: offset + frames] != alone).sum())

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
-import scorers
 import valle
+from extras import long_text, scorers
 from conftest import ROOT, random_checkpoint, run_script, write_prompt
 
 PROMPT_TEXT = "The prompt."
@@ -45,12 +45,12 @@ def test_likelihood_is_the_mean_log_probability_of_each_code_and_the_eos(G):
     lengths, ended = [5, 8, 0, 9], [True, True, True, False]
     codes = [torch.randint(0, 1024, (8, n)) for n in lengths]
     texts = ["A short test here.", "Another.", "A short test here.", "Hi."]
-    got = valle.likelihood(ar, texts, prompt, PROMPT_TEXT, codes, ended)  # one padded batch
+    got = scorers.likelihood(ar, texts, prompt, PROMPT_TEXT, codes, ended)  # one padded batch
     want = [naive_likelihood(ar, t, prompt, c, e) for t, c, e in zip(texts, codes, ended)]
     assert got == pytest.approx(want, abs=1e-4)
-    assert valle.likelihood(ar, ["Hi."], prompt, PROMPT_TEXT, [codes[0][0]], [False]) == \
+    assert scorers.likelihood(ar, ["Hi."], prompt, PROMPT_TEXT, [codes[0][0]], [False]) == \
         pytest.approx([naive_likelihood(ar, "Hi.", prompt, codes[0], False)], abs=1e-4)
-    assert valle.likelihood(ar, ["Hi."], prompt, PROMPT_TEXT, [codes[2]], [False]) == [float("-inf")]
+    assert scorers.likelihood(ar, ["Hi."], prompt, PROMPT_TEXT, [codes[2]], [False]) == [float("-inf")]
 
 
 def test_likelihood_ranks_a_trained_models_own_greedy_output_above_a_shuffled_copy():
@@ -77,7 +77,7 @@ def test_likelihood_ranks_a_trained_models_own_greedy_output_above_a_shuffled_co
     assert len(out) >= 10
     shuffled = out[torch.randperm(len(out), generator=torch.Generator().manual_seed(0))]
     assert not torch.equal(shuffled, out)
-    own, other = valle.likelihood(ar, texts[:1] * 2, prompt, PROMPT_TEXT, [out, shuffled], [False, False])
+    own, other = scorers.likelihood(ar, texts[:1] * 2, prompt, PROMPT_TEXT, [out, shuffled], [False, False])
     assert own > other + 1.0, (own, other)  # nats per code; measured: -0.2 vs -7
 
 
@@ -247,11 +247,11 @@ def test_long_text_candidates_run_in_one_batch_and_match_separate_runs(monkeypat
         return generate(ar, nar, texts, *a, **k)
     monkeypatch.setattr(valle, "generate", spy)
     text = "One here. Two here."
-    runs = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT, seed=5, max_seconds=0.5,
+    runs = long_text.generate_long(ar, nar, text, prompt, PROMPT_TEXT, seed=5, max_seconds=0.5,
                                chunk_seconds=1, candidates=3)
     assert len(calls) == 1 and len(calls[0]) == 3 * len(runs[0][0]) > 3  # chunks x candidates
     for c, (texts, codes, ended, _) in enumerate(runs):
-        [(alone_texts, alone, _, _)] = valle.generate_long(ar, nar, text, prompt, PROMPT_TEXT,
+        [(alone_texts, alone, _, _)] = long_text.generate_long(ar, nar, text, prompt, PROMPT_TEXT,
                                                         seed=5 + valle.SEED_STRIDE * c,
                                                         max_seconds=0.5, chunk_seconds=1)
         assert texts == alone_texts and all(torch.equal(a, b) for a, b in zip(codes, alone))
@@ -389,7 +389,7 @@ def test_a_candidate_too_short_for_its_text_is_never_kept(setup, monkeypatch, ca
             [True if i % 3 == 0 else e for i, e in enumerate(ended)]
     monkeypatch.setattr(valle, "generate", first_ends_early)
     # and its score is the best: the likelihood of a lone early <eos> often is
-    monkeypatch.setattr(sample_script, "likelihood", lambda ar, texts, codes, *a: 10.0 if codes[0].shape[1] == 3 else -float(codes[0].shape[1]))
+    monkeypatch.setattr(scorers, "chunks_likelihood", lambda ar, texts, codes, *a: 10.0 if codes[0].shape[1] == 3 else -float(codes[0].shape[1]))
     (setup / "one.txt").write_text("Hello world.\n")
     sample_script.main(["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
                         "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--text-file",
@@ -401,17 +401,16 @@ def test_a_candidate_too_short_for_its_text_is_never_kept(setup, monkeypatch, ca
 
 
 def test_a_candidates_likelihood_scores_each_chunk_against_its_own_prompt(monkeypatch):
-    import sample as sample_script
     calls = []
 
     def fake(ar, texts, prompt_codes, prompt_text, codes, ended, language, prompt_language):
         calls.append((texts, prompt_codes, prompt_text, ended, language, prompt_language))
         return [{"A one.": -1.0, "B two.": -3.0, "C three.": -9.0}[texts[0]]]
-    monkeypatch.setattr(valle, "likelihood", fake)
+    monkeypatch.setattr(scorers, "likelihood", fake)
     voice = torch.zeros(8, 10, dtype=torch.long)
     codes = [torch.zeros(8, 3), torch.zeros(8, 5), torch.zeros(8, 0)]
     # rolling: chunk 2 was prompted by chunk 1, chunk 3 (nothing said, no <eos>) scores nothing
-    got = sample_script.likelihood(None, ["A one.", "B two.", "C three."], codes, [True, False, False],
+    got = scorers.chunks_likelihood(None, ["A one.", "B two.", "C three."], codes, [True, False, False],
                                    [None, 0, None], voice, "Voice.", "de", "en")
     assert got == pytest.approx((4 * -1.0 + 5 * -3.0) / 9)  # weighted by codes (+ <eos>)
     assert calls[0][1] is voice and calls[0][2] == "Voice." and calls[0][3] == [True]

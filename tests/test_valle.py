@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import valle
+from extras import audio, cli, codecs, speedups
 from valle import EOS
 
 
@@ -85,7 +86,7 @@ def test_cached_decoding_matches_naive(G, top_p):
         assert torch.equal(cached, naive)
 
 
-@pytest.mark.skipif(not valle.ONEDNN, reason="this torch has no oneDNN")
+@pytest.mark.skipif(not speedups.ONEDNN, reason="this torch has no oneDNN")
 @pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64), (1, 1, 2, 64), "transposed"])
 def test_onednn_linear_matches_f_linear(shape):
     torch.manual_seed(0)
@@ -93,13 +94,13 @@ def test_onednn_linear_matches_f_linear(shape):
     w, b = torch.randn(300, 64), torch.randn(300)
     with torch.inference_mode():
         for bias in (b, None):
-            assert torch.allclose(valle.linear(x, w, bias), F.linear(x, w, bias), atol=1e-5)
+            assert torch.allclose(speedups.linear(x, w, bias), F.linear(x, w, bias), atol=1e-5)
     wg = w.clone().requires_grad_()
-    valle.linear(x, wg, b).sum().backward()  # training keeps the autograd path
+    speedups.linear(x, wg, b).sum().backward()  # training keeps the autograd path
     assert torch.allclose(wg.grad, x.reshape(-1, 64).sum(0).expand(300, 64), atol=1e-4)
 
 
-@pytest.mark.skipif(not valle.ONEDNN, reason="this torch has no oneDNN")
+@pytest.mark.skipif(not speedups.ONEDNN, reason="this torch has no oneDNN")
 def test_decoding_does_not_depend_on_the_cpu_kernel(models, monkeypatch):
     ar, nar = copy.deepcopy(models)
     with torch.no_grad():
@@ -107,7 +108,11 @@ def test_decoding_does_not_depend_on_the_cpu_kernel(models, monkeypatch):
             for name, p in m.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(std=0.1)  # initialised to zero: make them count
-    monkeypatch.setattr(valle, "ONEDNN_MIN_WEIGHT", 0)  # the tiny preset's weights are small
+    for m in (ar, nar):  # the module swap reaches every linear layer and the tied heads
+        speedups.onednn(m)
+        assert not any(type(x) in (torch.nn.Linear, valle.TiedHead) for x in m.modules())
+    assert isinstance(ar.head, speedups.OneDNNHead) and isinstance(nar.head, speedups.OneDNNHead)
+    monkeypatch.setattr(speedups, "ONEDNN_MIN_WEIGHT", 0)  # the tiny preset's weights are small
     text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
     groups = torch.randint(0, 1024, (2, 9, ar.cfg.group_size))
     codes = torch.randint(0, 1024, (2, 8, 18))
@@ -133,9 +138,9 @@ def test_decoding_does_not_depend_on_the_cpu_kernel(models, monkeypatch):
 def test_compiled_fixed_shape_decoding_matches_naive(monkeypatch, B):
     # The decode step that a GPU replays as a CUDA graph: compiled here for the CPU, where it
     # runs the same fixed-shape cache code (tensor write position, whole-buffer attention).
-    monkeypatch.setattr(valle, "ONEDNN_MIN_WEIGHT", 0)  # the naive path uses oneDNN, as at paper size
+    monkeypatch.setattr(speedups, "ONEDNN_MIN_WEIGHT", 0)  # the naive path uses oneDNN, as at paper size
     torch.manual_seed(2)
-    ar = valle.ARModel(valle.get_config("tiny", group_size=2, dropout=0.0)).eval()
+    ar = speedups.onednn(valle.ARModel(valle.get_config("tiny", group_size=2, dropout=0.0)).eval())
     text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]][:B])
     prompt = torch.randint(0, 1024, (13,))
     torch._dynamo.reset()
@@ -508,37 +513,37 @@ def test_load_audio_downmixes_and_resamples(tmp_path):
     n = 16000
     stereo = np.stack([np.full(n, 0.5), np.full(n, 0.1)], axis=1).astype(np.float32)
     sf.write(tmp_path / "a.wav", stereo, 16000)
-    wav = valle.load_audio(str(tmp_path / "a.wav"))
+    wav = audio.load_audio(str(tmp_path / "a.wav"))
     assert wav.shape == (24000,)
     assert wav[1000:-1000].sub(0.3).abs().max() < 1e-3  # mean of the channels
 
 
 def test_load_audio_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        valle.load_audio(str(tmp_path / "missing.wav"))
+        audio.load_audio(str(tmp_path / "missing.wav"))
     (tmp_path / "bad.wav").write_bytes(b"not audio at all")
     with pytest.raises(ValueError, match="cannot read"):
-        valle.load_audio(str(tmp_path / "bad.wav"))
+        audio.load_audio(str(tmp_path / "bad.wav"))
 
 
 def test_codec_load_by_kind(tmp_path):
-    assert valle.Codec.load("untrained-seed3").kind == "untrained-seed3"
+    assert codecs.load("untrained-seed3").kind == "untrained-seed3"
     with pytest.raises(ValueError, match="offline, pass --encodec-checkpoint"):
-        valle.Codec.load("pretrained", str(tmp_path / "missing.th"))
+        codecs.load("pretrained", str(tmp_path / "missing.th"))
     (tmp_path / "bad.th").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot load pretrained EnCodec") as error:
-        valle.Codec.load("pretrained", str(tmp_path / "bad.th"))
+        codecs.load("pretrained", str(tmp_path / "bad.th"))
     assert "\n" not in str(error.value)  # one line, though torch's own message has many
 
 
 def test_pick_device():
-    assert valle.pick_device("cpu") == torch.device("cpu")
-    assert valle.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cli.pick_device("cpu") == torch.device("cpu")
+    assert cli.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="is not a device"):
-        valle.pick_device("gpu0")
+        cli.pick_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            valle.pick_device("cuda:1")
+            cli.pick_device("cuda:1")
 
 
 def test_codec_round_trip_shapes(codec):
@@ -556,7 +561,7 @@ def test_test_codec_codes_follow_the_audio(codec):
     for k in range(8):  # every codebook is informative, not stuck on code 0
         assert len(a[k].unique()) > 5
     assert (a != b).float().mean() > 0.5
-    assert torch.equal(a, valle.Codec.untrained(seed=0).encode(torch.sin(2 * math.pi * 220 * t)))
+    assert torch.equal(a, codecs.untrained(seed=0).encode(torch.sin(2 * math.pi * 220 * t)))
 
 
 def steady_vowel(seconds=1.0, f0=137.0):
@@ -583,12 +588,12 @@ def test_spectral_codec_codes_follow_what_is_said(codec):
     (Measured on data/demo: half-hop shift 0.27 vs 0.90 edits per code; same sentence 0.45 vs
     same voice 0.82, where the untrained codec gives 0.89 vs 0.91.)"""
     from rapidfuzz.distance import Levenshtein
-    spectral = valle.Codec.load("spectral-seed0")
+    spectral = codecs.load("spectral-seed0")
     assert spectral.kind == "spectral-seed0" and not spectral.speaks and not codec.speaks
     vowel = steady_vowel()
     assert changes(spectral.encode(vowel)[0, 4:]) < 0.1  # after the window fills
     assert changes(codec.encode(vowel)[0, 4:]) > 0.5
-    wavs = {(speaker, i): valle.trim_silence(valle.load_audio(
+    wavs = {(speaker, i): audio.trim_silence(audio.load_audio(
         os.path.join(DEMO, speaker, f"{speaker}_{i:02d}.flac")))
         for speaker in ("us_male", "gb_male") for i in range(6)}
 
@@ -649,11 +654,11 @@ def test_trim_silence_cuts_both_ends_with_a_margin():
     sr = valle.SAMPLE_RATE
     tone = 0.5 * torch.sin(2 * math.pi * 200 * torch.arange(sr) / sr)
     wav = torch.cat([torch.zeros(sr // 2), tone, torch.zeros(sr)])  # 0.5 s + 1 s + 1 s
-    out = valle.trim_silence(wav)
+    out = audio.trim_silence(wav)
     assert abs(len(out) - (sr + 2 * int(0.05 * sr))) <= sr // 50  # the tone and two 50 ms margins
     assert out.abs().max() == tone.abs().max()
-    assert len(valle.trim_silence(torch.zeros(sr))) == 0
-    assert torch.equal(valle.trim_silence(tone), tone)
+    assert len(audio.trim_silence(torch.zeros(sr))) == 0
+    assert torch.equal(audio.trim_silence(tone), tone)
 
 
 # --- bf16: CPU autocast as the proxy for the GPU's ------------------------------------
@@ -674,11 +679,11 @@ def cached_and_naive_logits(ar, groups):
 
 @pytest.mark.parametrize("size", ["tiny", "onednn"])
 def test_bf16_autocast_decoding_and_training(size):
-    # "onednn": weights above valle.ONEDNN_MIN_WEIGHT, which fp32 inference sends to oneDNN
+    # "onednn": weights above speedups.ONEDNN_MIN_WEIGHT, which fp32 inference sends to oneDNN
     extra = dict(n_layer=2, n_head=8, d_model=512, d_ff=2048) if size == "onednn" else {}
     torch.manual_seed(0)
     ar = valle.ARModel(valle.get_config("tiny", dropout=0.0, **extra)).eval()
-    assert (ar.transformer.blocks[0].qkv.weight.numel() >= valle.ONEDNN_MIN_WEIGHT) == (size == "onednn")
+    assert (ar.transformer.blocks[0].qkv.weight.numel() >= speedups.ONEDNN_MIN_WEIGHT) == (size == "onednn")
     groups = torch.randint(0, 1024, (2, 9, 2), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         naive32, cached32, cache32 = cached_and_naive_logits(ar, groups)

@@ -1,7 +1,7 @@
 """
 Verifiers: what an ASR model hears in a candidate (WER) and whose voice a speaker encoder hears
 (SIM). sample.py keeps the best of N candidates by them, eval.py measures a model with them.
-The model's own score, the likelihood of its codes, is part of the method: valle.likelihood.
+The model's own score, the likelihood of its codes (teacher-forced), is here too.
 
     VALL-E 2 §4 "five-time sampling": 5 candidates, the best by SIM and WER (Eq. 23, paper_best)
     Llasa (2502.04128): best-of-N by such verifiers lowers WER at inference time
@@ -21,10 +21,12 @@ import warnings
 import numpy as np
 import torch
 
+import valle
+
 ASR_SAMPLE_RATE = 16_000  # what every backend here listens at
 PAPER_SIM_FLOOR = 0.3  # Eq. 23: among candidates with SIM >= 0.3 the lowest WER wins
 MIN_VOICED_SECONDS = 0.1  # resemblyzer: less voice than this after its VAD is none at all
-# Read speech takes about 5.4 codec frames per phone id (valle.FRAMES_PER_PHONE has the margin
+# Read speech takes about 5.4 codec frames per phone id (long_text.FRAMES_PER_PHONE has the margin
 # for chunking); a candidate with under 2 drew <eos> early and lost words, whatever its scores.
 MIN_FRAMES_PER_PHONE = 2.0
 SCORES = ("likelihood", "wer", "similarity")  # what --select can rank by, besides "paper"
@@ -216,3 +218,85 @@ def best(scores, rule, plausible=None):
 def needed(rule):
     """The scores a selection rule reads."""
     return ("similarity", "wer") if rule == "paper" else (rule,)
+
+
+# -----------------------------------------------------------------------------
+# The model's own score: the likelihood of codes, teacher-forced
+
+
+@torch.inference_mode()
+def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None, language="en",
+               prompt_language="en"):
+    """The AR model's own score of candidates: the mean log-probability of each one's codebook-0
+    codes (and of its <eos>, where it drew one), from one teacher-forced pass. Higher is better;
+    VALL-E X keeps the candidate with the best such length-normalised score.
+
+    texts[i] and codes[i] ((8, T) or (T,)) are one candidate, prompted as `generate` prompts it.
+    The distribution is the raw one, temperature 1 and no top-k/top-p: a code that RAS's
+    fallback drew may lie outside the nucleus. ended[i]: whether candidate i drew <eos> (default
+    all True). language, prompt_language: as in `generate`. Returns a list of floats; a
+    candidate without codes or <eos> scores -inf."""
+    cfg, device, G = ar.cfg, next(ar.parameters()).device, ar.cfg.group_size
+    ended = [True] * len(codes) if ended is None else ended
+    text, text_valid = valle.prompted_text(cfg, [valle.text_to_ids(t, language) for t in texts], prompt_text,
+                                     device, prompt_language)
+    prompt_groups = valle.group_codes(prompt_codes[0].to(device), G)[:-1]  # (Np, G), as generate_ar
+    Np = prompt_groups.shape[0]
+    # Targets: the new codes, then <eos> if drawn, in whole groups (the rest of a group after
+    # its first <eos> was drawn but never read: valle.IGNORE); inputs: the prompt, then every target
+    # group but the last. A shorter row's padding needs no mask: attention is causal, and what
+    # comes after a row's last target changes none of its logits.
+    targets = []
+    for c, e in zip(codes, ended):
+        c = (c[0] if c.dim() == 2 else c).to(device)
+        seq = torch.cat([c, torch.tensor([valle.EOS] * e, dtype=c.dtype, device=device)])
+        pad = torch.full((-len(seq) % G,), valle.IGNORE, dtype=c.dtype, device=device)
+        targets.append(torch.cat([seq, pad]).view(-1, G))  # (N_i, G)
+    targets = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=valle.IGNORE)
+    B, N = targets.shape[:2]  # (B, N, G)
+    groups = torch.cat([prompt_groups.expand(B, Np, G), targets[:, :-1].clamp(min=0)], dim=1)
+    groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=device)  # (B, Np + N - 1)
+    x, valid = ar.embed(text, text_valid, groups, groups_valid)
+    # <bos> sits at L + 1 and predicts group 0; the input group m predicts group m + 1. So the
+    # hidden state at L + 1 + Np (the last prompt group, or <bos>) predicts target group 0.
+    first = text.shape[1] + 1 + Np
+    logits = ar.logits(ar(x, valid)[:, first:])  # (B, N, G, 1025)
+    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    keep = targets != valle.IGNORE  # (B, N, G)
+    n = keep.sum(dim=(1, 2))  # (B,) codes scored, <eos> included
+    total = (logp * keep).sum(dim=(1, 2))  # (B,)
+    return [t / k if k else float("-inf") for t, k in zip(total.tolist(), n.tolist())]
+
+
+@torch.inference_mode()
+def nar_likelihood(nar, text, prompt_codes, prompt_text, codes, language="en", prompt_language="en"):
+    """The NAR's mean log-probability of codebooks 1-7 of `codes` (8, T), each given the real
+    codebooks below it (teacher-forced), prompted as `valle.generate` prompts it."""
+    device = next(nar.parameters()).device
+    text, text_valid = valle.prompted_text(nar.cfg, [valle.text_to_ids(text, language)],
+                                           prompt_text, device, prompt_language)
+    prompt, target = prompt_codes[None].to(device), codes[None].to(device)
+    prompt_valid = torch.ones(prompt.shape[::2], dtype=torch.bool, device=device)
+    target_valid = torch.ones(target.shape[::2], dtype=torch.bool, device=device)
+    total = 0.0
+    for j in range(1, valle.N_CODEBOOKS):
+        logits = nar(text, text_valid, prompt, prompt_valid, target, target_valid, j)  # (1, T, 1024)
+        total += logits.float().log_softmax(-1).gather(-1, target[:, j, :, None]).mean().item()
+    return total / (valle.N_CODEBOOKS - 1)
+
+
+def chunks_likelihood(ar, texts, codes, ended, prompted_by, prompt_codes, prompt_text, language="en",
+               prompt_language="en"):
+    """One candidate's chunks -> its mean log-probability per code: each chunk scored against
+    the prompt it was drawn with (the voice, or in rolling mode the chunk before it), the
+    chunks weighted by their codes (and <eos>)."""
+    total = count = 0
+    for text, c, e, j in zip(texts, codes, ended, prompted_by):
+        prompt = (codes[j], texts[j], language) if j is not None else \
+            (prompt_codes, prompt_text, prompt_language)
+        n = c.shape[1] + e
+        if n:
+            total += n * likelihood(ar, [text], *prompt[:2], [c], [e], language=language,
+                                          prompt_language=prompt[2])[0]
+            count += n
+    return total / count if count else float("-inf")

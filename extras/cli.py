@@ -1,0 +1,120 @@
+"""
+What the scripts (train.py, sample.py, eval.py, bench.py, data/*.py) share: one error
+convention, one atomic write (extras/audio.py writes WAV files with it), devices, and loading a checkpoint, older ones included, into
+models ready for inference.
+"""
+import contextlib
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import valle
+
+# Columns of a prepared dataset's index.npy, one row per utterance (data/prepare.py writes it,
+# train.py reads it): where its phones and frames start in phones.bin and codes.bin, how many,
+# its speaker, and its language (an index into valle.LANGUAGES; a dataset prepared before
+# languages were added has no such column: train.py reads it as English).
+PHONE_OFFSET, PHONE_COUNT, FRAME_OFFSET, FRAME_COUNT, SPEAKER, LANGUAGE = range(6)
+
+
+def fail(message):
+    """The one error convention: one line `error: ...` on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def entry(run):
+    """A script's main(argv=None) from its run(argv): bad input (ValueError, FileNotFoundError)
+    is one line and exit status 2, before anything is written."""
+    def main(argv=None):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            return run(argv)
+        except (ValueError, FileNotFoundError) as e:
+            fail(e)
+    return main
+
+
+@contextlib.contextmanager
+def atomic(path, mode="w"):
+    """Open `path` for writing, whole or not at all: the file is written as path.tmp and renamed
+    over path only when the block ends without an error."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def pick_device(name="auto"):
+    """'auto' -> CUDA when there is a GPU, else the CPU; any other name as torch.device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here")
+    return device
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, older ones included
+
+
+def known_phones(phones):
+    """Whether a checkpoint's or dataset's phone table is ours or an older one: a prefix that
+    holds at least the English symbols (the first table there was, before the IPA ones)."""
+    return (isinstance(phones, list) and len(valle.PHONES) - len(valle.IPA) <= len(phones)
+            and phones == valle.PHONES[: len(phones)])
+
+
+def upgrade(ckpt):
+    """A checkpoint saved before the phone table grew or languages were added -> today's: the
+    new phones' embedding rows and the language embedding start at zero (so the models compute
+    exactly what they did). Today's pass through unchanged."""
+    if not known_phones(ckpt.get("phones")):
+        return ckpt  # valle.load_checkpoint names the problem
+    ckpt = {**ckpt, "phones": valle.PHONES}
+    for name in ("ar", "nar"):
+        state = dict(ckpt.get(name) or {})
+        rows = state.get("text_emb.weight")
+        if rows is None:
+            continue
+        if len(rows) < len(valle.PHONES):
+            state["text_emb.weight"] = F.pad(rows, (0, 0, 0, len(valle.PHONES) - len(rows)))
+        if "language_emb" not in state:
+            state["language_emb"] = rows.new_zeros(len(valle.LANGUAGES) - 1, rows.shape[1])
+        ckpt[name] = state
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """valle.load_checkpoint with older checkpoints brought up to date."""
+    return valle.load_checkpoint(path, device, upgrade=upgrade)
+
+
+def load_for_inference(path, device, bf16=False, int8=False):
+    """A checkpoint -> (ar, nar, checkpoint dict), both models present, ready to generate:
+    bf16 matrix products (run them under bf16 autocast), or on the CPU int8 weights (int8) or
+    oneDNN kernels (extras/speedups.py, the default there)."""
+    from extras import speedups
+    _, ar, nar, ckpt = load_checkpoint(path, device)
+    if ar is None or nar is None:
+        raise ValueError(f"{path} lacks the {'AR' if ar is None else 'NAR'} model: "
+                         "train both (train.py --models ar,nar)")
+    for model in (ar, nar):
+        if bf16:  # bf16 matrix products; norms, residual stream and logits in fp32
+            valle.bf16_linears(model)
+        elif device.type == "cpu":
+            if int8:
+                speedups.quantize_int8(model)
+            speedups.onednn(model)
+    return ar, nar, ckpt
