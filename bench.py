@@ -106,7 +106,7 @@ def sync():
 
 
 def bf16():
-    """--bf16: the models' matrix products in bf16 (valle.bf16_linears, under autocast)."""
+    """--bf16: the models' matrix products in bf16 (speedups.bf16_linears, under autocast)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
@@ -538,7 +538,7 @@ for G in (1, 2, 4, 8):
     cfg = valle.get_config(args.preset, group_size=G, dropout=0.0)
     ar = NoEOS(cfg).to(device).eval()
     if args.bf16:
-        valle.bf16_linears(ar)
+        speedups.bf16_linears(ar)
     text, text_valid, prompt = make_inputs(cfg)
     steps = frames // G
     run = lambda cache, n=steps, compile=False: valle.generate_ar(  # noqa: E731
@@ -608,7 +608,7 @@ cfg = valle.get_config(args.preset, group_size=2, dropout=0.0)
 ar = NoEOS(cfg).to(device).eval()
 nar = valle.NARModel(cfg).to(device).eval()
 if args.bf16:
-    valle.bf16_linears(ar), valle.bf16_linears(nar)
+    speedups.bf16_linears(ar), speedups.bf16_linears(nar)
 text, text_valid, prompt = make_inputs(cfg)
 c0 = [torch.randint(0, valle.CODEBOOK_SIZE, (frames,), device=device)]
 nar_s = timed(lambda: valle.generate_nar(nar, text, text_valid, prompt, c0))

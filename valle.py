@@ -89,14 +89,8 @@ def get_config(preset="tiny", **overrides):
 
 # g2p_en's 70 ARPAbet symbols with stress digits. The table is fixed here, never built from
 # training data, so a checkpoint and any text always agree on ids.
-ARPABET = [
-    "AA0", "AA1", "AA2", "AE0", "AE1", "AE2", "AH0", "AH1", "AH2", "AO0", "AO1", "AO2",
-    "AW0", "AW1", "AW2", "AY0", "AY1", "AY2", "B", "CH", "D", "DH", "EH0", "EH1", "EH2",
-    "ER0", "ER1", "ER2", "EY0", "EY1", "EY2", "F", "G", "HH", "IH0", "IH1", "IH2", "IY0",
-    "IY1", "IY2", "JH", "K", "L", "M", "N", "NG", "OW0", "OW1", "OW2", "OY0", "OY1", "OY2",
-    "P", "R", "S", "SH", "T", "TH", "UH0", "UH1", "UH2", "UW", "UW0", "UW1", "UW2", "V",
-    "W", "Y", "Z", "ZH",
-]
+ARPABET = sorted([v + stress for v in "AA AE AH AO AW AY EH ER EY IH IY OW OY UH UW".split()
+                  for stress in "012"] + "B CH D DH F G HH JH K L M N NG P R S SH T TH UW V W Y Z ZH".split())
 PAD, UNK, WORD_BOUNDARY = "<pad>", "<unk>", "_"
 PUNCTUATION = [".", ",", "?", "!", "-", "'"]  # the only non-letters g2p_en keeps
 # Other languages are phonemized to IPA by eSpeak NG. A fixed inventory of the symbols its
@@ -342,21 +336,6 @@ class Codec:
         """(8, T) codes, on any device -> (T * 320,) float waveform, on the codec's; fp32."""
         with fp32(self.device):
             return self.model.decode([(codes.unsqueeze(0).long().to(self.device), None)]).reshape(-1)
-
-
-# -----------------------------------------------------------------------------
-# Inference precision
-
-
-def bf16_linears(model):
-    """Inference in bf16 (run it under torch.autocast(..., dtype=torch.bfloat16)): the linear
-    layers' weights become bf16, in place, so that a decode step reads 2 bytes per weight and
-    casts none (autocast over fp32 weights would cast them again in every compiled step).
-    Norms, embeddings, the residual stream and the logits (head) stay fp32. Returns model."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.to(torch.bfloat16)
-    return model
 
 
 # -----------------------------------------------------------------------------

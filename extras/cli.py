@@ -112,7 +112,7 @@ def load_for_inference(path, device, bf16=False, int8=False):
                          "train both (train.py --models ar,nar)")
     for model in (ar, nar):
         if bf16:  # bf16 matrix products; norms, residual stream and logits in fp32
-            valle.bf16_linears(model)
+            speedups.bf16_linears(model)
         elif device.type == "cpu":
             if int8:
                 speedups.quantize_int8(model)

@@ -1,10 +1,11 @@
 """
-CPU speed-ups for inference, applied to a loaded model by swapping its modules (gpt-fast keeps
+Speed-ups for inference (oneDNN and int8 on a CPU, bf16 on a GPU), applied to a loaded model by swapping its modules (gpt-fast keeps
 its quantization beside the model the same way). The weights and checkpoints stay as they are.
 
     from extras import speedups
     speedups.onednn(ar)          # big fp32 matrix products through oneDNN (sample.py's default on a CPU)
     speedups.quantize_int8(ar)   # int8 weights for the linear layers (sample.py --int8)
+    speedups.bf16_linears(ar)    # bf16 weights for a GPU, run under bf16 autocast (--bf16)
 
 docs/performance.md has what each gives.
 """
@@ -98,3 +99,14 @@ def quantize_int8(model):
         return Int8Linear.from_float(plain)
     swap(model, replace)
     return len(converted)
+
+
+def bf16_linears(model):
+    """Inference in bf16 (run it under torch.autocast(..., dtype=torch.bfloat16)): the linear
+    layers' weights become bf16, in place, so that a decode step reads 2 bytes per weight and
+    casts none (autocast over fp32 weights would cast them again in every compiled step).
+    Norms, embeddings, the residual stream and the logits (head) stay fp32. Returns model."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.to(torch.bfloat16)
+    return model

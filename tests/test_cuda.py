@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import valle  # noqa: E402
-from extras import cli, long_text
+from extras import cli, long_text, speedups  # noqa: E402
 
 try:
     import pytest
@@ -158,7 +158,7 @@ def test_compiled_decoding_matches_eager():
     prompt = codes[0, 0, :16]
 
     def run(compile, bf16=False):
-        model = valle.bf16_linears(valle.ARModel(ar.cfg).to(text.device)) if bf16 else ar
+        model = speedups.bf16_linears(valle.ARModel(ar.cfg).to(text.device)) if bf16 else ar
         if bf16:
             model.load_state_dict(ar.state_dict())
             model.eval()

@@ -725,7 +725,7 @@ def test_bf16_fixed_shape_step_and_bf16_weights():
     ar = valle.ARModel(valle.get_config("tiny", dropout=0.0)).eval()
     text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
     prompt = torch.randint(0, 1024, (13,), generator=torch.Generator().manual_seed(1))
-    bf16 = valle.bf16_linears(copy.deepcopy(ar))  # what sample.py --bf16 does, under autocast
+    bf16 = speedups.bf16_linears(copy.deepcopy(ar))  # what sample.py --bf16 does, under autocast
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, _, cache = cached_and_naive_logits(bf16, torch.randint(0, 1024, (2, 9, 2)))
         assert cache.k[0].dtype == torch.bfloat16
@@ -885,7 +885,7 @@ def test_each_item_has_its_own_step_budget_and_batches_may_be_capped(models):
 
 
 def test_bf16_inference_keeps_norms_residual_and_logits_in_fp32():
-    """valle.bf16_linears under autocast (sample.py --bf16): bf16 matrix products, the rest fp32;
+    """speedups.bf16_linears under autocast (sample.py --bf16): bf16 matrix products, the rest fp32;
     closer to fp32 than casting every weight to bf16 (what --bf16 did before)."""
     import golden
     ar, _ = golden.load_weights()
@@ -899,7 +899,7 @@ def test_bf16_inference_keeps_norms_residual_and_logits_in_fp32():
             return model.logits(model(x, v))
 
     fp32 = logits(ar, False)
-    mixed_model = valle.bf16_linears(copy.deepcopy(ar))
+    mixed_model = speedups.bf16_linears(copy.deepcopy(ar))
     assert mixed_model.transformer.blocks[0].qkv.weight.dtype == torch.bfloat16
     assert mixed_model.transformer.blocks[0].ln1.weight.dtype == torch.float32
     assert mixed_model.code_emb.weight.dtype == torch.float32
