@@ -1,7 +1,7 @@
 """
 Speed and memory of VALL-E 2 on this machine: prints a table, asserts nothing.
 
-    python bench.py --preset paper --threads 2          # the CPU figures in the README
+    python bench.py --preset paper --threads 2          # the CPU figures of docs/performance.md
     python bench.py --preset paper --device cuda --bf16
     python bench.py --preset tiny --quick               # a smoke run in seconds
     python bench.py --preset paper --compile            # + the compiled decode step on a CPU

@@ -2,10 +2,10 @@
 # The quick start's two commands; each sets itself up (a venv in .venv from requirements.txt).
 #   bash run.sh demo   prepare the bundled demo data, train the tiny preset, speak a sentence
 #   bash run.sh test   run the test suite (arguments, if any, go to pytest instead of tests/)
-#   bash run.sh learn  README "Does it learn?": train on a generated espeak-ng corpus (about 2 h)
-#   bash run.sh bilingual  README "Other languages": English and German in the same voices, then
+#   bash run.sh learn  docs/learning.md: train on a generated espeak-ng corpus (about 1 h 45 min)
+#   bash run.sh bilingual  docs/languages.md: English and German in the same voices, then
 #                          an English voice speaks German
-#   bash run.sh gpu-check  README "On a GPU": tests/test_cuda.py, figures in gpu_check.txt; needs
+#   bash run.sh gpu-check  docs/tests.md: tests/test_cuda.py, figures in gpu_check.txt; needs
 #                          PyTorch with CUDA and numpy, installs nothing else (a GPU machine may be
 #                          bare and offline: numpy comes from wheels/ if it is missing there)
 #   bash run.sh gpu-wheels numpy's wheel into wheels/, on a machine with network, for a bare one
@@ -67,7 +67,7 @@ case "${1:-}" in
       --prompt-text "The train to the city leaves at half past nine." \
       --text "The little boat drifted slowly toward the island." --out runs/demo/out.wav
     ;;
-  learn)  # README, "Does it learn?": an espeak-ng corpus, the spectral test codec, token-space figures
+  learn)  # docs/learning.md: an espeak-ng corpus, the spectral test codec, token-space figures
     STEPS="${LEARN_STEPS:-3000}"
     EVERY="${LEARN_EVERY:-500}"
     if [ ! -f data/prepared/learn/meta.json ]; then
@@ -86,7 +86,7 @@ case "${1:-}" in
         --tokens-only --prompt-seconds 1 --per-speaker 10 | tee "runs/learn/eval_$at.txt"
     done
     ;;
-  bilingual)  # README, "Other languages": VALL-E X's language ID on a generated corpus
+  bilingual)  # docs/languages.md: VALL-E X's language ID on a generated corpus
     STEPS="${BILINGUAL_STEPS:-300}"
     if [ ! -f data/prepared/bilingual/meta.json ]; then
       "$PY" data/make_corpus.py --out data/bilingual --languages en,de --train 300 --test 10 --voices 2

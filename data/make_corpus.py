@@ -1,4 +1,4 @@
-"""Generate a speech corpus with espeak-ng for the learning recipe (README, "Does it learn?").
+"""Generate a speech corpus with espeak-ng for the learning recipe (docs/learning.md).
 
 Sentences come from a small grammar written for this project (CC0, like the rest of data/):
 a few hundred words combined into short, simple sentences, every one different. Each voice

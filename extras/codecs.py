@@ -132,7 +132,7 @@ def spectral(seed=0):
 
     Why: the random encoder's frames are a function of the waveform's phase, so the codes
     change every frame even through a sustained vowel, and the same sentence in two voices
-    shares almost no codes (README, "Does it learn?"): no model can read its text into
+    shares almost no codes (docs/learning.md): no model can read its text into
     them. A spectrum has no phase. The decoder is EnCodec's random one: noise, as with
     `untrained`."""
     codec = untrained(seed)

@@ -15,7 +15,7 @@ appends its figures to one file as it finishes, so a run cut short keeps what it
 3. AR decoding compiled (CUDA graphs) against eager: greedy fp32 codes equal, bf16 agreement;
 4. long text through the batch cap (--max-batch), against one batch;
 5. the peak memory of one paper-preset training step at 6,000 frames in bf16, against the
-   README's estimate (11-16 GiB);
+   estimate of docs/training.md (10-14 GiB);
 6. the bench.py --device cuda --bf16 rows.
 """
 import argparse
@@ -44,7 +44,7 @@ except ImportError:  # the bare GPU machine: run as a script
     pytest = None
 
 OUT = os.environ.get("VALLE_GPU_CHECK_OUT", os.path.join(ROOT, "gpu_check.txt"))
-README_ESTIMATE_GIB = (11, 16)  # README, "Memory": one paper-preset step at 6,000 frames, bf16
+ESTIMATE_GIB = (10, 14)  # docs/training.md, "Memory": one paper-preset step at 6,000 frames, bf16
 
 
 def record(check, what, value):
@@ -213,9 +213,9 @@ def test_peak_memory_of_a_paper_step_at_6000_frames():
     step()
     step()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    low, high = README_ESTIMATE_GIB
+    low, high = ESTIMATE_GIB
     record(5, "peak memory, paper preset, 12 x 500 frames, bf16 autocast, fused AdamW",
-           f"{peak:.1f} GiB (README estimate {low}-{high} GiB)")
+           f"{peak:.1f} GiB (docs/training.md's estimate {low}-{high} GiB)")
     assert peak < 80
 
 
