@@ -464,13 +464,9 @@ def int8_accuracy(checkpoint, data_path):
     cfg, ar, nar, _ = cli.load_checkpoint(checkpoint)
     data = train.Dataset(data_path)
     targs = train.parse_args(["--data", data_path, "--out", tempfile.mkdtemp()])
-    order = list(np.random.default_rng(targs.seed).permutation(len(data)))
-    n_val = min(targs.val_max, max(1, round(targs.val_fraction * len(order))))
-    val = np.full((n_val, 2), train.NO_PARTNER, dtype=np.int64)
-    val[:, 0] = sorted(order[:n_val])
-    plan = train.make_batches(train.example_frames(data.index, val), targs.batch_frames,
-                              np.random.default_rng(0))
-    batches = [(n, val[b]) for n, b in enumerate(plan)]
+    val_ids, _, _ = train.split(data.index, targs, cfg)
+    batches = train.validation_batches(data.index, val_ids, targs)
+    n_val = len(val_ids)
     results = {}
     for name in ("fp32", "int8"):
         a, n = copy.deepcopy(ar), copy.deepcopy(nar)
@@ -479,10 +475,15 @@ def int8_accuracy(checkpoint, data_path):
         seen = {"ar": [], "nar": []}
         logits = a.logits
         a.logits = lambda h: seen["ar"].append(logits(h)) or seen["ar"][-1]
-        n.register_forward_hook(lambda m, inputs, out: seen["nar"].append((out.argmax(-1), inputs[5], inputs[6])))
+        frames = n.frames  # the target frames' predictions of codebook j: valid and not prompt
+
+        def nar_frames(text, text_valid, audio, audio_valid, is_prompt, j, frames=frames, seen=seen):
+            out = frames(text, text_valid, audio, audio_valid, is_prompt, j)
+            seen["nar"].append((out.argmax(-1), audio_valid & ~is_prompt, j))
+            return out
+        n.frames = nar_frames
         with torch.inference_mode():
-            loss = train.evaluate(train.Both(a, n), data, batches, torch.device("cpu"),
-                                  contextlib.nullcontext(), 1)
+            loss = train.evaluate(train.Both(a, n), data, batches, contextlib.nullcontext())
         results[name] = loss, [x.argmax(-1) for x in seen["ar"]], seen["nar"]
     (loss32, ar32, nar32), (loss8, ar8, nar8) = results["fp32"], results["int8"]
     agree, total = 0, 0

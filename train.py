@@ -399,6 +399,25 @@ def train_step(model, raw, optimizer, batches, generator, autocast, args, ddp):
     return stats, norms
 
 
+def split(index, args, cfg):
+    """The held-out split -> (validation ids, training ids, how many utterances neither holds):
+    a seeded share (--val-fraction, at most --val-max) of the utterances the model's tables
+    can hold. bench.py measures on the same split."""
+    fits = (index[:, FRAME_COUNT] <= cfg.max_frames) & (index[:, PHONE_COUNT] <= cfg.max_text_tokens)
+    order = [int(i) for i in np.random.default_rng(args.seed).permutation(len(index)) if fits[i]]
+    n_val = min(args.val_max, max(1, round(args.val_fraction * len(order)))) if len(order) > 1 else 0
+    return sorted(order[:n_val]), sorted(order[n_val:]), int((~fits).sum())
+
+
+def validation_batches(index, val_ids, args):
+    """The fixed held-out batches, single utterances, the same at every evaluation:
+    [(batch number, (B, 2) examples)]."""
+    examples = np.full((len(val_ids), 2), NO_PARTNER, dtype=np.int64)
+    examples[:, 0] = val_ids
+    plan = make_batches(example_frames(index, examples), args.batch_frames, np.random.default_rng(0))
+    return [(n, examples[b]) for n, b in enumerate(plan)]
+
+
 # What a resumed run must share with the run it continues: what plans the batches (which
 # utterances are held out, which are joined, how batches are cut and shared among the
 # processes) and the optimisation. With any of it changed, "continue" would skip or repeat
@@ -565,15 +584,11 @@ def main(argv=None):
         # gradient buckets, and each bucket is all-reduced while the backward pass goes on
         model = torch.compile(model, dynamic=True)  # batch shapes vary; each NAR j compiles once
 
-    # Hold out a seeded share for validation (capped); drop utterances the tables cannot hold.
     index = data.index
-    fits = (index[:, FRAME_COUNT] <= cfg.max_frames) & (index[:, PHONE_COUNT] <= cfg.max_text_tokens)
-    if not fits.all():
-        log(f"skipping {int((~fits).sum())} utterances longer than the model's {cfg.max_frames} "
+    val_ids, train_ids, too_long = split(index, args, cfg)
+    if too_long:
+        log(f"skipping {too_long} utterances longer than the model's {cfg.max_frames} "
             f"frames or {cfg.max_text_tokens} phones")
-    order = [int(i) for i in np.random.default_rng(args.seed).permutation(len(data)) if fits[i]]
-    n_val = min(args.val_max, max(1, round(args.val_fraction * len(order)))) if len(order) > 1 else 0
-    val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
     if len(train_ids) < world:
         die(f"{args.data} has {len(train_ids)} training utterances, too few for {world} "
             "process(es): prepare more data or run fewer processes")
@@ -582,11 +597,7 @@ def main(argv=None):
     if per_epoch < args.grad_accum:
         log(f"note: an epoch has {per_epoch} batch(es) per process, fewer than --grad-accum "
             f"{args.grad_accum}: optimizer steps will span epochs")
-    val_examples = np.full((len(val_ids), 2), NO_PARTNER, dtype=np.int64)  # single utterances
-    val_examples[:, 0] = val_ids
-    val_plan = make_batches(example_frames(index, val_examples), args.batch_frames,
-                            np.random.default_rng(0))
-    val_batches = [(n, val_examples[b]) for n, b in enumerate(val_plan)][rank::world]
+    val_batches = validation_batches(index, val_ids, args)[rank::world]
     n_params = sum(p.numel() for p in raw.parameters())
     log(f"config {cfg.to_dict()} | {n_params / 1e6:.1f}M parameters | {args.models} | "
         f"{len(train_ids)} train / {len(val_ids)} val utterances | {per_epoch} batches per epoch "

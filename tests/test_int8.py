@@ -84,3 +84,18 @@ def test_sample_int8_writes_audio_and_refuses_bf16_and_compile(tmp_path):
         out = run_script(*base, flag, "--out", str(tmp_path / "bad.wav"))
         assert out.returncode == 2 and f"--int8 and {flag} do not go together" in out.stderr
         assert not (tmp_path / "bad.wav").exists()
+
+
+def test_bench_int8_accuracy_reads_both_models_on_trains_split(prepared, tmp_path):
+    """bench.py --int8-accuracy measures on train.py's held-out split, through train.evaluate:
+    both rows of agreement are filled (AR: codebook 0; NAR: each codebook 1-7 drawn)."""
+    import re
+    random_checkpoint(tmp_path / "model.pt")
+    out = run_script("bench.py", "--int8-accuracy", str(tmp_path / "model.pt"), prepared)
+    assert out.returncode == 0, out.stderr
+    ar = re.search(r"AR top-1 agreement, codebook 0\s+([\d.]+)\s+teacher forced, \d+ positions of "
+                   r"(\d+) held-out", out.stdout)
+    nar = re.search(r"NAR top-1 agreement, codebooks 1-7\s+((?:[\d.]+ )+)\s*teacher forced", out.stdout)
+    assert ar and nar, out.stdout
+    assert int(ar[2]) == 1  # 5% of 12 utterances, at least one: train.split's
+    assert float(ar[1]) > 0.5 and all(0.5 < float(x) <= 1 for x in nar[1].split())
