@@ -38,7 +38,6 @@ Errors print one line and exit with status 2 before anything is written.
 """
 import argparse
 import glob
-import importlib.util
 import math
 import os
 import sys
@@ -52,6 +51,7 @@ import torch
 import valle
 from extras import audio, cli, codecs, scorers
 import extras.languages  # noqa: F401  (registers the text frontends of the other languages)
+from data import prepare  # its layouts, their languages and its listing
 
 MODES = ("continuation", "cross")
 LIBRISPEECH_SECONDS = (4.0, 10.0)  # the paper's test set: test-clean utterances of 4-10 s
@@ -90,15 +90,6 @@ def librispeech(src):
     return sorted(items)
 
 
-def _load_prepare():
-    spec = importlib.util.spec_from_file_location(
-        "prepare", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prepare.py"))
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    return prepare
-
-
-prepare = _load_prepare()  # data/prepare.py: its layouts and their languages
 LAYOUTS = {"librispeech": librispeech, **prepare.LAYOUTS}  # each returns sorted tuples
 
 
@@ -153,17 +144,7 @@ class Utterance:
 def list_utterances(args):
     """--src in --layout -> sorted (id, audio path, text, speaker, language), filtered by
     duration, then --per-speaker and --limit. Raises ValueError for bad input."""
-    if not os.path.exists(args.src):
-        raise ValueError(f"--src {args.src} does not exist")
-    try:
-        items = sorted(LAYOUTS[args.layout](args.src))
-    except FileNotFoundError as e:
-        raise ValueError(f"{args.src} is not in the {args.layout} layout ({e.filename} is "
-                         "missing); see --help") from None
-    if not items:
-        raise ValueError(f"no utterances in {args.src} for the {args.layout} layout")
-    # the language: a manifest line's fourth field, else --language (prepare.py's rule)
-    items = prepare.with_language(items, args.language)
+    items = prepare.list_items(args.src, args.layout, args.language, LAYOUTS)
     low, high = duration_range(args)
     if (low, high) != (0.0, math.inf):
         kept = [item for item in items if low <= audio_seconds(item[1]) <= high]

@@ -533,23 +533,26 @@ def refuse_finished(out, overwrite):
         die(f"{out} already holds a finished dataset; pass --overwrite to replace it")
 
 
-def list_items(args):
-    if not os.path.exists(args.src):
-        die(f"{args.src} does not exist")
+def list_items(src, layout, language="en", layouts=LAYOUTS):
+    """--src in --layout -> sorted (id, audio path, text, speaker, language); eval.py lists its
+    utterances with it too. Raises ValueError for a source that is not there or not the layout,
+    and for a language whose text frontend cannot run (espeak-ng missing), before any work."""
+    if not os.path.exists(src):
+        raise ValueError(f"--src {src} does not exist")
     try:
-        items = sorted(LAYOUTS[args.layout](args.src))
+        items = sorted(layouts[layout](src))
     except FileNotFoundError as e:
-        die(f"{args.src} is not in the {args.layout} layout ({e.filename} is missing); "
-            "see --help for the layouts")
+        raise ValueError(f"{src} is not in the {layout} layout ({e.filename} is missing); "
+                         "see --help for the layouts") from None
     if not items:
-        die(f"no utterances found in {args.src} for the {args.layout} layout")
-    items = with_language(items, args.language)
-    for language in sorted({item[4] for item in items}):
+        raise ValueError(f"no utterances found in {src} for the {layout} layout")
+    items = with_language(items, language)
+    for code in sorted({item[4] for item in items}):
         try:
-            valle.check_language(language)
-            valle.phonemize("a", language)  # espeak-ng must be there before anything is written
+            valle.check_language(code)
+            valle.phonemize("a", code)  # espeak-ng must be there before anything is written
         except (ValueError, FileNotFoundError) as e:
-            die(f"{args.src}: {e}")
+            raise ValueError(f"{src}: {e}") from None
     return items
 
 
@@ -561,7 +564,10 @@ def main(argv=None):
         refuse_finished(args.out, args.overwrite)
         merge(args.out, parts_folders(args.out))
         return
-    items = list_items(args)
+    try:
+        items = list_items(args.src, args.layout, args.language)
+    except ValueError as e:
+        die(str(e))
     refuse_finished(args.out, args.overwrite)
     settings = corpus_settings(args, items)
     shard, n_shards = args.shard or (0, 1)
