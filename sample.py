@@ -90,7 +90,7 @@ def parse_args(argv=None):
                    help="for --select wer/paper: pocketsphinx (offline) or whisper[:model]")
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
                    help="for --select similarity/paper: resemblyzer (offline) or wavlm")
-    p.add_argument("--max-seconds", type=float,
+    p.add_argument("--max-new-seconds", type=float,
                    help="stop each sentence (long text: each chunk) at this length and keep what "
                         "came (default: the model's tables; a long-text chunk that reaches them "
                         "is split and spoken again)")
@@ -123,7 +123,8 @@ def parse_args(argv=None):
     checks = [
         ("--candidates", args.candidates, args.candidates >= 1, "must be at least 1"),
         ("--max-batch", args.max_batch, args.max_batch >= 1, "must be at least 1"),
-        ("--max-seconds", args.max_seconds, args.max_seconds is None or args.max_seconds > 0,
+        ("--max-new-seconds", args.max_new_seconds,
+         args.max_new_seconds is None or args.max_new_seconds > 0,
          "must be positive"),
         ("--chunk-seconds", args.chunk_seconds, args.chunk_seconds is None or args.chunk_seconds > 0,
          "must be positive"),
@@ -244,7 +245,7 @@ def run(args):
     if args.text_file:  # sentences, one output each, all candidates of all in --max-batch rows
         with autocast:
             codes, ended = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
-                                          seed=args.seed, max_seconds=args.max_seconds,
+                                          seed=args.seed, max_seconds=args.max_new_seconds,
                                           progress=progress, compile=args.compile, candidates=N,
                                           return_ended=True, language=args.language,
                                           prompt_language=args.prompt_language,
@@ -253,7 +254,7 @@ def run(args):
     else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
         with autocast:
             outputs = long_text.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
-                                          args.long_mode, sampling, args.seed, args.max_seconds,
+                                          args.long_mode, sampling, args.seed, args.max_new_seconds,
                                           progress=progress, compile=args.compile,
                                           chunk_seconds=args.chunk_seconds, candidates=N,
                                           language=args.language,
@@ -321,7 +322,7 @@ def run(args):
 def warn_if_short(path, texts, codes, ended, language):
     """A warning for each chunk of an output whose speech is far shorter than its text: under
     scorers.MIN_FRAMES_PER_PHONE frames per phone (read speech takes about 5.4) when the model
-    drew <eos>, which a weak model does early, dropping words. A chunk cut off at --max-seconds
+    drew <eos>, which a weak model does early, dropping words. A chunk cut off at --max-new-seconds
     was cut on request."""
     for k, (text, c, e) in enumerate(zip(texts, codes, ended)):
         phones = len(valle.text_to_ids(text, language))

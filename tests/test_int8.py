@@ -76,7 +76,7 @@ def test_sample_int8_writes_audio_and_refuses_bf16_and_compile(tmp_path):
     random_checkpoint(tmp_path / "model.pt")
     write_prompt(tmp_path / "prompt.wav")
     base = ["sample.py", "--checkpoint", str(tmp_path / "model.pt"), "--prompt", str(tmp_path / "prompt.wav"),
-            "--prompt-text", "The prompt.", "--text", "Hello world.", "--max-seconds", "1", "--int8"]
+            "--prompt-text", "The prompt.", "--text", "Hello world.", "--max-new-seconds", "1", "--int8"]
     out = run_script(*base, "--out", str(tmp_path / "int8.wav"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "int8.wav").exists() and "int8 weights: 26 linear layers" in out.stderr

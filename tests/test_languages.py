@@ -338,7 +338,7 @@ def test_an_english_voice_speaks_german(bilingual, tmp_path):
     r = run_script("sample.py", "--checkpoint", str(bilingual / "run" / "last.pt"),
                    "--prompt", str(bilingual / "corpus" / path), "--prompt-text", text,
                    "--language", "de", "--text", "Der Hund sieht den Ball im Garten.",
-                   "--out", str(out), "--max-seconds", "2")
+                   "--out", str(out), "--max-new-seconds", "2")
     assert r.returncode == 0, r.stderr
     import soundfile as sf
     wav, sr = sf.read(out)

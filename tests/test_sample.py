@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 def sample(d, *args, out="out.wav", flags=()):
     """sample.py with defaults; args are --option value pairs that add or override them."""
     base = {"--checkpoint": str(d / "model.pt"), "--prompt": str(d / "prompt.wav"),
-            "--prompt-text": PROMPT_TEXT, "--out": str(d / out), "--max-seconds": "1.5"}
+            "--prompt-text": PROMPT_TEXT, "--out": str(d / out), "--max-new-seconds": "1.5"}
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
     argv = [x for kv in base.items() for x in kv] + list(flags)
@@ -144,7 +144,7 @@ def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys
     monkeypatch.setattr(valle, "generate", first_is_mute)
     (setup / "two.txt").write_text("First sentence.\nSecond one.\n")
     argv = ["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
-            "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--text-file", str(setup / "two.txt")]
+            "--prompt-text", PROMPT_TEXT, "--max-new-seconds", "1", "--text-file", str(setup / "two.txt")]
     sample_script.main(argv + ["--out", str(setup / "mute.wav")])  # returns: status 0
     err = capsys.readouterr().err
     assert "no speech for" in err and "mute_1.wav" in err
@@ -159,7 +159,7 @@ def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys
 def test_long_text_shows_its_chunks_and_warns_of_each_one_that_ends_early(setup, monkeypatch, capsys):
     """A stand-in model that draws <eos> after 3 frames, whatever the text: the plan names each
     chunk's first words, and every chunk far shorter than its text gets a warning naming it; a
-    chunk cut at --max-seconds (no <eos>) was cut on request and gets none."""
+    chunk cut at --max-new-seconds (no <eos>) was cut on request and gets none."""
     import sample as sample_script
     calls = []
 
@@ -197,7 +197,7 @@ def test_long_text_shows_its_chunks_and_warns_of_each_one_that_ends_early(setup,
         capsys.readouterr().err
     monkeypatch.setattr(valle, "generate", lambda ar, nar, texts, *a, **kw: (
         [torch.randint(0, 1024, (8, 3)) for _ in texts], [False] * len(texts)))
-    sample_script.main(argv + ["--text", "Hello there, my friend.", "--max-seconds", "0.04",
+    sample_script.main(argv + ["--text", "Hello there, my friend.", "--max-new-seconds", "0.04",
                                "--out", str(setup / "cut.wav")])
     assert "warning" not in capsys.readouterr().err
 

@@ -177,7 +177,7 @@ def setup(tmp_path_factory):
 
 def sample(d, out, *flags):
     return run_script("sample.py", "--checkpoint", str(d / "model.pt"), "--prompt", str(d / "prompt.wav"),
-                      "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--out", str(d / out),
+                      "--prompt-text", PROMPT_TEXT, "--max-new-seconds", "1", "--out", str(d / out),
                       "--text", "Hello world.", "--candidates", "3", *flags)
 
 
@@ -363,7 +363,7 @@ def test_select_per_sentence_reads_each_sentences_text_and_the_prompts_in_contin
     monkeypatch.setattr(scorers, "wer", lambda asr, wav, sr, text: references.append(text) or wer(asr, wav, sr, text))
     (setup / "two.txt").write_text("First sentence here.\nSecond one.\n")
     argv = ["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
-            "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--text-file",
+            "--prompt-text", PROMPT_TEXT, "--max-new-seconds", "1", "--text-file",
             str(setup / "two.txt"), "--candidates", "2", "--mode", "continuation"]
     sample_script.main(argv + ["--out", str(setup / "every.wav")])  # every_1_c1.wav .. every_2_c2.wav
     capsys.readouterr()
@@ -392,7 +392,7 @@ def test_a_candidate_too_short_for_its_text_is_never_kept(setup, monkeypatch, ca
     monkeypatch.setattr(scorers, "chunks_likelihood", lambda ar, texts, codes, *a: 10.0 if codes[0].shape[1] == 3 else -float(codes[0].shape[1]))
     (setup / "one.txt").write_text("Hello world.\n")
     sample_script.main(["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
-                        "--prompt-text", PROMPT_TEXT, "--max-seconds", "1", "--text-file",
+                        "--prompt-text", PROMPT_TEXT, "--max-new-seconds", "1", "--text-file",
                         str(setup / "one.txt"), "--candidates", "3", "--select", "likelihood",
                         "--out", str(setup / "short.wav")])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sentence")]
