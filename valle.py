@@ -8,9 +8,12 @@ then model those codes given phonemes of the text and a 3-second voice prompt:
   * the NAR model fills in codebooks 1..7, one whole codebook per pass (§3.3.2).
 EnCodec's decoder turns the 8 codebooks back into a waveform.
 
-Reading order: config, text, codec, CPU kernels, transformer blocks, AR, NAR, sampling,
-generation, long-form speech, what the scripts share (checkpoints, dataset index, devices).
-Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111.
+Reading order: config; text to phone ids (English by g2p-en; the phone and language tables);
+the codec; transformer and KV cache; the AR model with grouped code modeling; the NAR model;
+sampling with RAS; generation (cached, and the naive path beside it); checkpoints. What is not
+the method (long text, other languages' frontend, choosing among candidates, test codecs,
+speed-ups) lives in extras/, which imports this file and never the reverse.
+Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111, VALL-E X = arXiv 2303.03926.
 """
 import math
 import os
@@ -85,7 +88,8 @@ def get_config(preset="tiny", **overrides):
 
 
 # -----------------------------------------------------------------------------
-# Text: English -> ARPAbet phones, other languages -> IPA symbols; ids in one fixed table
+# Text: English -> ARPAbet phones (other languages -> IPA symbols: extras/languages.py); ids
+# in one fixed table
 
 # g2p_en's 70 ARPAbet symbols with stress digits. The table is fixed here, never built from
 # training data, so a checkpoint and any text always agree on ids.
@@ -93,11 +97,10 @@ ARPABET = sorted([v + stress for v in "AA AE AH AO AW AY EH ER EY IH IY OW OY UH
                   for stress in "012"] + "B CH D DH F G HH JH K L M N NG P R S SH T TH UW V W Y Z ZH".split())
 PAD, UNK, WORD_BOUNDARY = "<pad>", "<unk>", "_"
 PUNCTUATION = [".", ",", "?", "!", "-", "'"]  # the only non-letters g2p_en keeps
-# Other languages are phonemized to IPA by eSpeak NG. A fixed inventory of the symbols its
-# German, Spanish and French voices write, and the other common IPA letters (room for more
-# languages without a new table), appended after ARPAbet: the table only ever grows at its
-# end, so the ids of older checkpoints and datasets stay valid.
-# How eSpeak's output is cut into these symbols: see segment_ipa.
+# Other languages are phonemized to IPA by eSpeak NG (extras/languages.py cuts its output into
+# these symbols): the symbols its German, Spanish and French voices write and the other common
+# IPA letters, appended after ARPAbet. The table only grows at its end, so the ids of older
+# checkpoints and datasets stay valid.
 IPA_VOWELS = [
     "a", "e", "i", "o", "u", "y", "æ", "ø", "œ", "ɐ", "ɑ", "ɒ", "ɔ", "ə", "ɘ", "ɛ", "ɜ", "ɞ",
     "ɤ", "ɨ", "ɪ", "ɯ", "ɵ", "ɶ", "ʉ", "ʊ", "ʌ", "ʏ", "ɚ", "ɝ",
