@@ -253,14 +253,12 @@ def run(args):
         outputs = [([t], [c], [e], [None]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
     else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
         with autocast:
-            outputs = long_text.generate_long(ar, nar, texts[0], prompt_codes, args.prompt_text,
-                                          args.long_mode, sampling, args.seed, args.max_new_seconds,
-                                          progress=progress, compile=args.compile,
-                                          chunk_seconds=args.chunk_seconds, candidates=N,
-                                          language=args.language,
-                                          prompt_language=args.prompt_language,
-                                          max_batch=args.max_batch,
-                                          log=lambda line: print(line, file=sys.stderr, flush=True))
+            outputs = long_text.generate_long(
+                ar, nar, texts[0], prompt_codes, args.prompt_text, args.long_mode, sampling,
+                args.seed, args.max_new_seconds, progress=progress, compile=args.compile,
+                chunk_seconds=args.chunk_seconds, candidates=N, language=args.language,
+                prompt_language=args.prompt_language, max_batch=args.max_batch,
+                log=lambda line: print(line, file=sys.stderr, flush=True))
     waves = [decode(codec, output[1], prompt_codes, args.mode) for output in outputs]
     wall = time.time() - start
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import valle
+from extras import speedups
 
 # Columns of a prepared dataset's index.npy, one row per utterance (data/prepare.py writes it,
 # train.py reads it): where its phones and frames start in phones.bin and codes.bin, how many,
@@ -105,7 +106,6 @@ def load_for_inference(path, device, bf16=False, int8=False):
     """A checkpoint -> (ar, nar, checkpoint dict), both models present, ready to generate:
     bf16 matrix products (run them under bf16 autocast), or on the CPU int8 weights (int8) or
     oneDNN kernels (extras/speedups.py, the default there)."""
-    from extras import speedups
     _, ar, nar, ckpt = load_checkpoint(path, device)
     if ar is None or nar is None:
         raise ValueError(f"{path} lacks the {'AR' if ar is None else 'NAR'} model: "
