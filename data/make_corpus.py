@@ -27,8 +27,12 @@ import tempfile
 import numpy as np
 import soundfile as sf
 
-# espeak-ng voice + variant, words per minute, pitch (0-99): distinguishable speakers. In
-# another language a speaker keeps its variant, speed and pitch (LANGUAGE_VOICES).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from extras import cli  # noqa: E402
+
+# The corpus makers' voices (this script's and make_demo.py's): espeak-ng voice + variant, words
+# per minute, pitch (0-99), distinguishable speakers. In another language a speaker keeps its
+# variant, speed and pitch (LANGUAGE_VOICES).
 VOICES = [
     ("us_male", "en-us+m3", 150, 45),
     ("us_female", "en-us+f3", 150, 60),
@@ -153,11 +157,6 @@ def speak(text, voice, wpm, pitch, tmp):
     return np.interp(t, np.arange(len(audio)), audio).astype(np.float32)
 
 
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="data/corpus", help="folder to write (replaced if it exists)")
@@ -172,15 +171,15 @@ def main(argv=None):
     languages = args.languages.split(",")
     unknown = [x for x in languages if x not in GRAMMARS]
     if unknown or len(set(languages)) != len(languages):
-        die(f"--languages takes distinct languages from {', '.join(GRAMMARS)}, "
+        cli.fail(f"--languages takes distinct languages from {', '.join(GRAMMARS)}, "
             f"not {args.languages!r}")
     if not 1 <= args.voices <= len(VOICES):
-        die(f"--voices must be 1-{len(VOICES)}, not {args.voices}")
+        cli.fail(f"--voices must be 1-{len(VOICES)}, not {args.voices}")
     if args.train < args.voices or args.test < 2 * args.voices:
-        die(f"--train {args.train} --test {args.test}: need at least one training and two "
+        cli.fail(f"--train {args.train} --test {args.test}: need at least one training and two "
             f"held-out sentences per voice ({args.voices})")
     if shutil.which("espeak-ng") is None:
-        die("espeak-ng is not installed: apt install espeak-ng (macOS: brew install espeak-ng)")
+        cli.fail("espeak-ng is not installed: apt install espeak-ng (macOS: brew install espeak-ng)")
     tmp_out = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp_out, ignore_errors=True)
     seconds, lists = 0.0, {"train": [], "test": []}

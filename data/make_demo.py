@@ -1,16 +1,23 @@
-"""Regenerate the bundled demo corpus in data/demo/ with espeak-ng (Debian: apt install espeak-ng).
+"""Regenerate the demo corpus in data/demo/ with espeak-ng (Debian: apt install espeak-ng).
 
-Four synthetic speakers read the same 20 sentences (written for this project): 80 utterances,
-about 3 minutes, stored as 16 kHz FLAC in the folder layout that prepare.py reads
-(data/demo/<speaker>/<id>.flac with a same-name .txt transcript).
+Four of make_corpus.py's voices read the same 20 sentences (written for this project): 80
+utterances, about 3 minutes, stored as 16 kHz FLAC in the folder layout that prepare.py reads
+(data/demo/<speaker>/<id>.flac with a same-name .txt transcript). data/README.md says how the
+bundled files were made.
 
-    python data/make_demo.py
+    python data/make_demo.py                      # into data/demo
+    python data/make_demo.py --out /tmp/demo      # anywhere else
 """
+import argparse
 import os
-import subprocess
+import shutil
+import sys
 import tempfile
 
 import soundfile as sf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_corpus import RATE, VOICES, cli, speak  # noqa: E402  (the one voice table)
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -34,29 +41,23 @@ SENTENCES = [
     "The clock on the tower stopped at exactly noon.",
     "Write your name clearly at the top of the page.",
 ]
-# espeak-ng voice + variant, words per minute, pitch: four distinguishable speakers
-SPEAKERS = {
-    "us_male": ("en-us+m3", 165, 45),
-    "us_female": ("en-us+f3", 160, 60),
-    "gb_male": ("en-gb+m1", 150, 35),
-    "scot_female": ("en-gb-scotland+f2", 170, 70),
-}
-RATE = 16_000
+SPEAKERS = ["us_male", "us_female", "gb_male", "scot_female"]  # rows of make_corpus.VOICES
 
 
-def main():
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo"),
+                   help="folder to write (default: data/demo)")
+    root = p.parse_args(argv).out
+    if shutil.which("espeak-ng") is None:
+        cli.fail("espeak-ng is not installed: apt install espeak-ng (macOS: brew install espeak-ng)")
+    voices = {name: (voice, wpm, pitch) for name, voice, wpm, pitch in VOICES}
     with tempfile.TemporaryDirectory() as tmp:
-        for speaker, (voice, wpm, pitch) in SPEAKERS.items():
+        for speaker in SPEAKERS:
             os.makedirs(os.path.join(root, speaker), exist_ok=True)
             for i, text in enumerate(SENTENCES):
-                wav = os.path.join(tmp, "x.wav")
-                subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch),
-                                "-w", wav, text], check=True)
-                subprocess.run(["sox", wav, "-r", str(RATE), os.path.join(tmp, "y.wav")], check=True)
-                audio, sr = sf.read(os.path.join(tmp, "y.wav"), dtype="float32")
                 stem = os.path.join(root, speaker, f"{speaker}_{i:02d}")
-                sf.write(stem + ".flac", audio, sr)
+                sf.write(stem + ".flac", speak(text, *voices[speaker], tmp), RATE)
                 with open(stem + ".txt", "w") as f:
                     f.write(text + "\n")
     print(f"wrote {len(SPEAKERS) * len(SENTENCES)} utterances to {root}")

@@ -48,3 +48,17 @@ def test_bad_flags_get_one_line_and_status_2(tmp_path, flags, match):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
     assert not os.path.exists(tmp_path / "c")
+
+
+@needs_espeak
+def test_make_demo_speaks_its_sentences_in_voices_of_the_one_table(tmp_path):
+    out = tmp_path / "demo"
+    r = run_script("data/make_demo.py", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo")
+    texts = {os.path.relpath(p, out): open(p).read() for p in glob.glob(str(out / "*" / "*.txt"))}
+    assert len(texts) == 80  # the bundled corpus's files, the same names and transcripts
+    assert texts == {os.path.relpath(p, bundled): open(p).read()
+                     for p in glob.glob(os.path.join(bundled, "*", "*.txt"))}
+    audio, sr = sf.read(out / "scot_female" / "scot_female_19.flac")
+    assert sr == 16000 and 1 < len(audio) / sr < 6 and abs(audio).max() > 0.05
