@@ -544,7 +544,7 @@ for G in (1, 2, 4, 8):
     steps = frames // G
     run = lambda cache, n=steps, compile=False: valle.generate_ar(  # noqa: E731
         ar, text, text_valid, prompt[0], n, valle.Sampling(), torch.Generator(device).manual_seed(0),
-        use_cache=cache, compile=compile)
+        use_cache=cache, cache_class=speedups.FixedShapeCache if compile else valle.KVCache)
     total = timed(lambda: run(True))
     prefill = timed(lambda: run(True, 1))  # prefill + one step
     ar_seconds[G] = total
@@ -632,8 +632,9 @@ row(f"end to end, G=2 (AR + NAR{' + EnCodec' if codec_s else ''})", f"{e2e:.1f} 
 bframes = min(frames, 150)
 for B in (1, 8):
     text_b, valid_b, _ = make_inputs(cfg, batch=B)
+    streams = [torch.Generator(device).manual_seed(valle.SEED_STRIDE * c) for c in range(B)]  # one a row
     t = timed(lambda: valle.generate_ar(ar, text_b, valid_b, prompt[0], bframes // 2, valle.Sampling(),
-                                        valle.item_generators(0, B, device)))  # a stream per row
+                                        streams))
     if B == 1:
         one = t
     else:

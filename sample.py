@@ -34,7 +34,7 @@ import time
 import torch
 
 import valle
-from extras import audio, cli, codecs, long_text, scorers
+from extras import audio, cli, codecs, long_text, scorers, speedups
 import extras.languages  # noqa: F401  (registers the text frontends of the other languages)
 
 MIN_PROMPT_SECONDS = 1.0  # shorter prompts carry too little of the voice
@@ -176,8 +176,8 @@ def check_inputs(args, texts):
     """The texts can be pronounced and --out can be written."""
     for t, language in [(t, args.language) for t in texts] + [(args.prompt_text, args.prompt_language)]:
         ids = valle.text_to_ids(t, language)  # ValueError for empty or unpronounceable text
-        if valle.count_unknown(ids):
-            print(f"warning: {valle.count_unknown(ids)} symbol(s) of {t[:40]!r} are not in the "
+        if extras.languages.count_unknown(ids):
+            print(f"warning: {extras.languages.count_unknown(ids)} symbol(s) of {t[:40]!r} are not in the "
                   "phone table and read as <unk>", file=sys.stderr)
     if not args.out.lower().endswith(".wav"):
         raise ValueError(f"--out must name a .wav file, not {args.out}")
@@ -241,21 +241,24 @@ def run(args):
 
     start = time.time()
     N = args.candidates
+    cache_class = speedups.FixedShapeCache if args.compile else valle.KVCache
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # codecs stay fp32
     if args.text_file:  # sentences, one output each, all candidates of all in --max-batch rows
+        rows = [t for t in texts for _ in range(N)]  # text-major; candidate c: seed + c * stride
+        seeds = [args.seed + valle.SEED_STRIDE * c for _ in texts for c in range(N)]
         with autocast:
-            codes, ended = valle.generate(ar, nar, texts, prompt_codes, args.prompt_text, sampling,
-                                          seed=args.seed, max_seconds=args.max_new_seconds,
-                                          progress=progress, compile=args.compile, candidates=N,
+            codes, ended = valle.generate(ar, nar, rows, prompt_codes, args.prompt_text, sampling,
+                                          seed=seeds, max_seconds=args.max_new_seconds,
+                                          progress=progress, cache_class=cache_class,
                                           return_ended=True, language=args.language,
                                           prompt_language=args.prompt_language,
-                                          max_batch=args.max_batch)  # text-major
-        outputs = [([t], [c], [e], [None]) for t, c, e in zip([t for t in texts for _ in range(N)], codes, ended)]
+                                          max_batch=args.max_batch)
+        outputs = [([t], [c], [e], [None]) for t, c, e in zip(rows, codes, ended)]
     else:  # one text of any length, spoken chunk after chunk; candidate c: the stream `generate` gives it
         with autocast:
             outputs = long_text.generate_long(
                 ar, nar, texts[0], prompt_codes, args.prompt_text, args.long_mode, sampling,
-                args.seed, args.max_new_seconds, progress=progress, compile=args.compile,
+                args.seed, args.max_new_seconds, progress=progress, cache_class=cache_class,
                 chunk_seconds=args.chunk_seconds, candidates=N, language=args.language,
                 prompt_language=args.prompt_language, max_batch=args.max_batch,
                 log=lambda line: print(line, file=sys.stderr, flush=True))

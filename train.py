@@ -630,7 +630,7 @@ def main(argv=None):
             f"learning rate peaks at {peak:.2e}, below --lr {args.lr:g}; lower --warmup")
 
     def save(path, val):
-        valle.save_checkpoint(
+        cli.save_checkpoint(
             path, config=cfg.to_dict(), phones=valle.PHONES, codec=data.meta["codec"],
             ar=ar.state_dict() if ar is not None else None,
             nar=nar.state_dict() if nar is not None else None,

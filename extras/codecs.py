@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 import valle
 
+ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"  # the official weights' file name (~90 MB)
+
 
 def load(kind, checkpoint=None):
     """The codec that a dataset or checkpoint names by its `kind`; errors say what to do.
@@ -31,7 +33,7 @@ def load(kind, checkpoint=None):
     except Exception as e:  # no network, a missing file, a file that is not EnCodec's
         why = (str(e).strip().splitlines() or [""])[0]  # torch's errors run over many lines
         raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}: {why}); offline, "
-                         f"pass --encodec-checkpoint /path/to/{valle.ENCODEC_CHECKPOINT}") from None
+                         f"pass --encodec-checkpoint /path/to/{ENCODEC_CHECKPOINT}") from None
 
 
 class LogMel(nn.Module):

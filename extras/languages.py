@@ -117,6 +117,11 @@ def phonemize_ipa(text, language):
     return phones
 
 
+def count_unknown(ids):
+    """How many text tokens are <unk>: symbols eSpeak wrote that the phone table lacks."""
+    return sum(1 for t in ids if t % valle.PHONE_SLOTS == valle.UNK_ID)
+
+
 def _register():
     """valle.text_to_ids reads every language through valle.PHONEMIZERS."""
     for language in ESPEAK_VOICES:

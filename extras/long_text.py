@@ -114,7 +114,7 @@ def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chun
 
 
 def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=valle.Sampling(),
-                  seed=0, max_seconds=None, use_cache=True, progress=None, compile=False,
+                  seed=0, max_seconds=None, use_cache=True, progress=None, cache_class=valle.KVCache,
                   language="en", chunk_seconds=None, candidates=1, prompt_language="en",
                   max_batch=valle.MAX_BATCH, log=None):
     """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
@@ -183,7 +183,7 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
         report = (lambda s, m: progress(label, s, m)) if progress else None
         codes, ended = valle.generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
                                 sampling, [seed + valle.SEED_STRIDE * c for c, _ in todo],
-                                frames / valle.FRAME_RATE, use_cache, report, compile, return_ended=True,
+                                frames / valle.FRAME_RATE, use_cache, report, cache_class, return_ended=True,
                                 language=language,
                                 prompt_language=language if j is not None else prompt_language,
                                 max_batch=max_batch)

@@ -1,14 +1,19 @@
 """
-Speed-ups for inference (oneDNN and int8 on a CPU, bf16 on a GPU), applied to a loaded model by swapping its modules (gpt-fast keeps
-its quantization beside the model the same way). The weights and checkpoints stay as they are.
+Speed-ups for inference (oneDNN and int8 on a CPU, bf16 and a compiled decode step on a GPU),
+applied to a loaded model by swapping its modules, or to decoding by the cache it runs on
+(gpt-fast keeps its quantization beside the model the same way). Weights and checkpoints stay as
+they are.
 
     from extras import speedups
     speedups.onednn(ar)          # big fp32 matrix products through oneDNN (sample.py's default on a CPU)
     speedups.quantize_int8(ar)   # int8 weights for the linear layers (sample.py --int8)
     speedups.bf16_linears(ar)    # bf16 weights for a GPU, run under bf16 autocast (--bf16)
+    valle.generate(..., cache_class=speedups.FixedShapeCache)  # the step compiled (--compile)
 
 docs/performance.md has what each gives.
 """
+from functools import lru_cache
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,3 +115,50 @@ def bf16_linears(model):
         if isinstance(module, nn.Linear):
             module.to(torch.bfloat16)
     return model
+
+
+class FixedShapeCache(valle.KVCache):
+    """valle.KVCache for a compiled decode step, which needs fixed shapes: after the prefill each
+    step writes one position at the tensor `pos` and attends to the whole buffer, its unfilled
+    part masked out. On CUDA the step is a CUDA graph, without the launch cost of ~200 small
+    kernels (worth it on a GPU; on a CPU it is slower). Each batch or cache size compiles anew,
+    so lengths are rounded up to a multiple of 256."""
+
+    def __init__(self, cfg, batch_size, max_len, device=None):
+        super().__init__(cfg, batch_size, -(-max_len // 256) * 256, device)
+        self.pos = None  # after the prefill: (1,) tensor, the position the next step writes
+
+    def step(self, model, new, pos):
+        if self.pos is None:  # the first step, after the prefill: the shapes are fixed from here
+            self.pos = torch.tensor([self.length], device=self.valid.device)
+            for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these
+                torch._dynamo.mark_static_address(t)
+        # a copy with strides of its own: a view's, even .contiguous() at B=1, would recompile
+        new = new.clone(memory_format=torch.contiguous_format)  # (B, 1, G)
+        return compiled_decode_one_group(new.device.type)(model, new, pos, self)
+
+    def mask(self, valid, causal):
+        if self.pos is None:
+            return super().mask(valid, causal)
+        self.valid.index_copy_(1, self.pos, valid)  # one query: every filled position is its past
+        return self.valid[:, None, None, :]
+
+    def update(self, layer, k, v):
+        if self.pos is None:
+            return super().update(layer, k, v)
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n):
+        if self.pos is None:
+            super().advance(n)
+        else:
+            self.pos += n  # in place: a CUDA graph replays on this tensor
+
+
+@lru_cache(maxsize=None)
+def compiled_decode_one_group(device_type):
+    """valle.decode_one_group compiled for a FixedShapeCache (a CUDA graph on CUDA)."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    return torch.compile(valle.decode_one_group, mode=mode, fullgraph=True, dynamic=False)

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valle  # noqa: E402
-from extras import codecs
+from extras import cli, codecs
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -66,9 +66,9 @@ def random_checkpoint(path):
     """A tiny random AR + NAR checkpoint at path (seed 0, untrained test codec)."""
     torch.manual_seed(0)
     cfg = valle.get_config("tiny", dropout=0.0)
-    valle.save_checkpoint(str(path), config=cfg.to_dict(), phones=valle.PHONES,
-                          codec="untrained-seed0", ar=valle.ARModel(cfg).state_dict(),
-                          nar=valle.NARModel(cfg).state_dict())
+    cli.save_checkpoint(str(path), config=cfg.to_dict(), phones=valle.PHONES,
+                        codec="untrained-seed0", ar=valle.ARModel(cfg).state_dict(),
+                        nar=valle.NARModel(cfg).state_dict())
 
 
 def write_prompt(path, seconds=2):

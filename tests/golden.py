@@ -103,8 +103,8 @@ def decode(ar, nar):
     hot = valle.Sampling(temperature=2.0)  # at 1.0 the trained model's draws are its argmax
     for name, sampling, cache in [("greedy_ras", valle.Sampling(top_p=0.0), True),
                                   ("sampled", hot, True), ("sampled_naive", hot, False)]:
-        c0 = valle.generate_ar(ar, text, text_valid, prompt[0], 12, sampling,
-                               valle.item_generators(5, 2, "cpu"), use_cache=cache)
+        streams = [torch.Generator().manual_seed(5 + valle.SEED_STRIDE * c) for c in (0, 1)]
+        c0 = valle.generate_ar(ar, text, text_valid, prompt[0], 12, sampling, streams, use_cache=cache)
         out[name] = [c.tolist() for c in c0]
     full = valle.generate_nar(nar, text, text_valid, prompt, [torch.tensor(c) for c in out["greedy_ras"]])
     out["nar_codebooks_1_to_7"] = [f[1:].tolist() for f in full]
@@ -157,10 +157,11 @@ if __name__ == "__main__":
               f" NAR {margins[1]:.3f} logits")
         if not MIN_MARGIN <= min(margins) < float("inf"):  # inf: no argmax choice to measure
             sys.exit(f"error: a greedy choice wins by less than {MIN_MARGIN}: train longer")
+        from extras import cli
         cfg = valle.get_config("tiny", **CONFIG)
-        valle.save_checkpoint(WEIGHTS, config=cfg.to_dict(), phones=valle.PHONES,
-                              codec="untrained-seed0", ar=ar.state_dict(), nar=nar.state_dict(),
-                              step=STEPS)
+        cli.save_checkpoint(WEIGHTS, config=cfg.to_dict(), phones=valle.PHONES,
+                            codec="untrained-seed0", ar=ar.state_dict(), nar=nar.state_dict(),
+                            step=STEPS)
         stored = {f"loss_first_{LOSS_STEPS}_steps": [round(x, 6) for x in losses[:LOSS_STEPS]],
                   **codes}
         with open(PATH, "w") as f:  # one line per entry, to read and to diff

@@ -9,6 +9,7 @@ import soundfile as sf
 import torch
 
 import valle
+from extras import cli
 from conftest import ROOT, random_checkpoint, run_script, write_prompt
 
 PROMPT_TEXT = "The train leaves at nine."
@@ -125,10 +126,10 @@ def test_bad_text_checkpoint_and_output(setup, tmp_path):
     bad(setup, "--checkpoint", str(tmp_path / "none.pt"), match="no checkpoint")
     ckpt = torch.load(setup / "model.pt", weights_only=True)
     ckpt["config"]["d_model"] = 256  # weights from another config
-    valle.save_checkpoint(str(tmp_path / "other.pt"), **ckpt)
+    cli.save_checkpoint(str(tmp_path / "other.pt"), **ckpt)
     bad(setup, "--checkpoint", str(tmp_path / "other.pt"), match="do not fit its config")
     ckpt["config"]["d_model"], ckpt["phones"] = 128, valle.PHONES[:40] + ["XX"] + valle.PHONES[41:]
-    valle.save_checkpoint(str(tmp_path / "phones.pt"), **ckpt)
+    cli.save_checkpoint(str(tmp_path / "phones.pt"), **ckpt)
     bad(setup, "--checkpoint", str(tmp_path / "phones.pt"), match="another phone table")
     bad(setup, out="no/such/folder/x.wav", match="cannot write")
     bad(setup, out="x.mp3", match="must name a .wav")

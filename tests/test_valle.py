@@ -147,7 +147,7 @@ def test_compiled_fixed_shape_decoding_matches_naive(monkeypatch, B):
     with torch._dynamo.config.patch(error_on_recompile=True):  # one compile serves every step
         runs = [valle.generate_ar(ar, text, valid, prompt, 20, valle.Sampling(),
                                   torch.Generator().manual_seed(7), use_cache=not naive,
-                                  compile=not naive) for naive in (False, True)]
+                                  cache_class=speedups.FixedShapeCache) for naive in (False, True)]
     for compiled, naive in zip(*runs):
         assert len(compiled) > 0
         assert torch.equal(compiled, naive)
@@ -177,18 +177,19 @@ def test_an_items_codes_do_not_depend_on_its_batch(models):
     ar, nar = models
     prompt = torch.randint(0, 1024, (8, 40), generator=torch.Generator().manual_seed(0))
     sampling = valle.Sampling(top_p=0.8)  # random draws and RAS on
-    run = lambda texts, **kw: valle.generate(ar, nar, texts, prompt, "Voice.", sampling, seed=3,  # noqa: E731
-                                             max_seconds=1, **kw)
+    run = lambda texts, seed=3: valle.generate(ar, nar, texts, prompt, "Voice.", sampling,  # noqa: E731
+                                               seed=seed, max_seconds=1)
     target = "The sentence we follow."
     alone = run([target])[0]
     for batch in ([target, "Two.", "Three words here."], ["One.", target, "Three words here."],
                   ["One, and more.", "Two.", target]):
         assert torch.equal(run(batch)[batch.index(target)], alone)
-    # the candidates of one sentence, run as one batch, equal each candidate run on its own
-    three = run([target], candidates=3)
+    # the candidates of one sentence (its seed + c * SEED_STRIDE), run as one batch, equal each
+    # candidate run on its own
+    three = run([target] * 3, [3 + valle.SEED_STRIDE * c for c in range(3)])
     assert len({c.shape[1] for c in three}) > 1 or not torch.equal(three[0], three[1])
     for c, codes in enumerate(three):
-        gens = valle.item_generators(3, c + 1, "cpu")[c:]  # candidate c's stream, alone
+        gens = [torch.Generator().manual_seed(3 + valle.SEED_STRIDE * c)]  # candidate c's stream, alone
         text, valid = valle.pad_ids([valle.text_to_ids("Voice.") + [valle.PHONE_ID["_"]]
                                      + valle.text_to_ids(target)])
         max_groups = min(valle.MAX_FRAMES_PER_TOKEN * len(valle.text_to_ids(target)), 75) // 2
@@ -716,7 +717,7 @@ def test_bf16_fixed_shape_step_and_bf16_weights():
     fp32 = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         naive = run(use_cache=False)
-        fixed = run(compile=True)  # the compiled fixed-shape step (it used to fail on the dtype)
+        fixed = run(cache_class=speedups.FixedShapeCache)  # the compiled fixed-shape step
     assert [len(a) for a in naive] == [len(a) for a in fp32] == [24, 24]
     for other in (fixed, fp32):  # 48 of 48 on AVX-512, on AVX2 and with oneDNN off
         assert sum(int((a[:n] == b[:n]).sum()) for a, b in zip(naive, other)
@@ -861,7 +862,7 @@ def test_checkpoints_reach_the_disk_before_they_replace_the_last(tmp_path, monke
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
-    valle.save_checkpoint(str(tmp_path / "c.pt"), step=3)
+    cli.save_checkpoint(str(tmp_path / "c.pt"), step=3)
     assert calls == ["fsync", "replace", "fsync"]  # the data, the rename, then the folder's entry
     assert torch.load(tmp_path / "c.pt", weights_only=True) == {"step": 3}
     assert os.listdir(tmp_path) == ["c.pt"]
@@ -875,12 +876,14 @@ def test_each_item_has_its_own_step_budget_and_batches_may_be_capped(models):
     ar = NeverEnds(valle.get_config("tiny", dropout=0.0)).eval()
     prompt = torch.randint(0, 1024, (8, 30), generator=torch.Generator().manual_seed(0))
     texts = ["Hi.", "A longer one here.", "Go."]
-    whole = valle.generate(ar, nar, texts, prompt, "Hey.", seed=5, candidates=2, max_batch=None)
-    for k, text in enumerate(t for t in texts for _ in range(2)):
+    texts = [t for t in texts for _ in range(2)]  # two candidates each
+    seeds = [5 + valle.SEED_STRIDE * c for _ in range(3) for c in range(2)]
+    whole = valle.generate(ar, nar, texts, prompt, "Hey.", seed=seeds, max_batch=None)
+    for k, text in enumerate(texts):
         budget = valle.MAX_FRAMES_PER_TOKEN * len(valle.text_to_ids(text)) // 2 * 2
         assert whole[k].shape == (8, budget)
     for cap in (1, 4):
-        capped = valle.generate(ar, nar, texts, prompt, "Hey.", seed=5, candidates=2, max_batch=cap)
+        capped = valle.generate(ar, nar, texts, prompt, "Hey.", seed=seeds, max_batch=cap)
         assert all(torch.equal(a, b) for a, b in zip(whole, capped))
 
 
