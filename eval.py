@@ -31,8 +31,8 @@ the other sentence's text (AR: codebook 0; NAR: codebooks 1-7). With a test code
 turns codes into noise, these are the only figures of the model that mean anything; --tokens-only
 computes just them (no decoding, ASR or speaker encoder), in seconds.
 
-The scorers (scorers.py): --asr pocketsphinx and --speaker-encoder resemblyzer run offline;
-whisper and wavlm download their weights on first use. The paper used a Conformer-Transducer ASR
+The scorers (scorers.py): --asr whisper (tiny.en) and --speaker-encoder resemblyzer run offline;
+whisper:<model> and wavlm download their weights on first use. The paper used a Conformer-Transducer ASR
 and WavLM-TDNN, so compare a model with the ground-truth row of the same run, not with the paper.
 Errors print one line and exit with status 2 before anything is written.
 """
@@ -43,7 +43,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -363,7 +363,7 @@ def summarize(rows, tokens_only=False):
         cut=sum(not r["ended"] for r in rows))
 
 
-def print_table(modes, recordings, results, group_size, untrained):
+def print_table(modes, recordings, results, group_size, untrained, resynthesis=None):
     """One row per mode for the recordings, this model and the paper."""
     def cell(value, spec, width, mark=""):
         return (format(value, spec) + mark if value is not None else "-").rjust(width)
@@ -375,6 +375,9 @@ def print_table(modes, recordings, results, group_size, untrained):
     for mode in modes:
         sim, wer = recordings[mode]
         table = [("recordings (ground truth)", sim, wer * 100, None, None, None, "")]
+        if resynthesis:
+            table.append(("codec resynthesis", resynthesis[mode][0], resynthesis[mode][1] * 100,
+                          None, None, None, ""))
         s = results[mode]
         table.append((f"this model, G={group_size}", s["sim"], s["wer"] * 100, s["duration"],
                       s["c0_edit"], s["baseline"], noise))
@@ -458,7 +461,9 @@ def parse_args(argv=None):
                    help="keep utterances at most this long (default: 10 for librispeech, else none)")
     p.add_argument("--per-speaker", type=int, help="keep the first N utterances of each speaker")
     p.add_argument("--limit", type=int, help="then keep the first N utterances")
-    p.add_argument("--asr", default="pocketsphinx", help="pocketsphinx (offline) or whisper[:model]")
+    p.add_argument("--asr", default="whisper",
+                   help="whisper (tiny.en, offline from requirements-eval.txt), whisper:<model> "
+                        "(any faster-whisper model, downloaded) or pocketsphinx (offline, weaker)")
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
                    help="resemblyzer (offline) or wavlm")
     p.add_argument("--out", help="folder for the outputs (<mode>/<utterance>.wav) and scores.tsv")
@@ -499,7 +504,7 @@ def parse_args(argv=None):
         if not ok or (value is not None and not math.isfinite(value)):
             raise ValueError(f"{flag} {rule}, not {value}")
     if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:
-        raise ValueError(f"--asr must be pocketsphinx or whisper[:model], not {args.asr}")
+        raise ValueError(f"--asr must be whisper[:model] or pocketsphinx, not {args.asr}")
     try:
         valle.check_language(args.language)
     except ValueError as e:
@@ -536,12 +541,12 @@ def run(args):
     asr, encoder = (None, None) if args.tokens_only else (scorers.ASR(args.asr),
                                                           scorers.SpeakerEncoder(args.speaker_encoder))
     ar, nar, ckpt = cli.load_for_inference(args.checkpoint, device, bf16)
-    untrained = ckpt["codec"] != "pretrained"  # a test codec: valle.Codec.speaks
+    codec = codecs.load(ckpt["codec"], args.encodec_checkpoint, ckpt.get("codec_state"))
+    untrained = not codec.speaks  # a test codec
     if untrained and not args.tokens_only:
         print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}): its output "
               "is noise, so the model's WER and SIM (marked *) measure noise; read the token-space "
               "columns.", file=sys.stderr)
-    codec = codecs.load(ckpt["codec"], args.encodec_checkpoint)
     min_seconds = args.prompt_seconds + MIN_CONTINUATION_SECONDS if "continuation" in args.modes else 0.0
     utts, notes = load_utterances(items, codec, min_seconds, ar.cfg)
     for note in notes:
@@ -549,9 +554,14 @@ def run(args):
     sampling = valle.Sampling(top_p=args.top_p, ras=not args.no_ras)
     prompt_frames = int(args.prompt_seconds * valle.FRAME_RATE)
 
+    resynthesis = None
     if not args.tokens_only:
         recordings, recording_hyps, recording_sims = score_recordings(utts, asr, encoder,
                                                                       prompt_frames)
+        if codec.speaks:  # what the codec alone loses: the best the model could sound
+            resynthesis = score_recordings(
+                [replace(u, wav=codec.decode(u.codes).cpu()) for u in utts],
+                asr, encoder, prompt_frames)[0]
     rows, results = [], {}
     for mode in args.modes:
         mode_rows = evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling,
@@ -579,7 +589,7 @@ def run(args):
         generating = sum(r["generate_seconds"] for r in rows)
         print(f"time: {time.time() - start:.1f} s on {device}, {generating:.1f} s of it generating")
         return
-    print_table(args.modes, recordings, results, ar.cfg.group_size, untrained)
+    print_table(args.modes, recordings, results, ar.cfg.group_size, untrained, resynthesis)
     print("text gap (AR / NAR, nats per code, teacher-forced, own text minus another's): " +
           ", ".join(f"{m} {results[m]['ar_gap']:.3f} / {results[m]['nar_gap']:.3f}"
                     for m in args.modes))
@@ -589,7 +599,7 @@ def run(args):
     print("c0 edit: codebook-0 edit distance to the real codes of the sentence (continuation: "
           "after the prompt) over their length; baseline: the same for the real codes of "
           "another sentence of the speaker")
-    print(f"scorers: {args.asr} (WER), {args.speaker_encoder} (SIM). paper: LibriSpeech "
+    print(f"scorers: {asr.name if asr else args.asr} (WER), {args.speaker_encoder} (SIM). paper: LibriSpeech "
           "test-clean 4-10 s, Conformer-Transducer ASR, WavLM-TDNN: compare the model with the "
           "recordings of this run, not with the paper")
     no_speech = sum(s["no_speech"] for s in results.values())

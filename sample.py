@@ -86,8 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-all", action="store_true",
                    help="with --select: also write the other candidates, and all scores to "
                         "<out>_scores.tsv")
-    p.add_argument("--asr", default="pocketsphinx",
-                   help="for --select wer/paper: pocketsphinx (offline) or whisper[:model]")
+    p.add_argument("--asr", default="whisper",
+                   help="for --select wer/paper: whisper (tiny.en, offline), whisper:<model> "
+                        "(downloaded) or pocketsphinx (offline, weaker)")
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
                    help="for --select similarity/paper: resemblyzer (offline) or wavlm")
     p.add_argument("--max-new-seconds", type=float,
@@ -138,7 +139,7 @@ def parse_args(argv=None):
     if args.select and args.candidates < 2:
         raise ValueError("--select chooses among candidates: give --candidates 2 or more")
     if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:
-        raise ValueError(f"--asr must be pocketsphinx or whisper[:model], not {args.asr}")
+        raise ValueError(f"--asr must be whisper[:model] or pocketsphinx, not {args.asr}")
     for flag, on in (("--bf16", args.bf16), ("--compile", args.compile)):
         if args.int8 and on:
             raise ValueError(f"--int8 and {flag} do not go together: choose one")
@@ -222,7 +223,7 @@ def run(args):
         from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
         n = sum(isinstance(m, Int8Linear) for model in (ar, nar) for m in model.modules())
         print(f"int8 weights: {n} linear layers", file=sys.stderr)
-    codec = codecs.load(ckpt["codec"], args.encodec_checkpoint)
+    codec = codecs.load(ckpt["codec"], args.encodec_checkpoint, ckpt.get("codec_state"))
     if not codec.speaks:
         print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}; the "
               "pretrained EnCodec was not available): the output is noise with the right timing, "

@@ -198,6 +198,9 @@ class Dataset:
                              "run data/prepare.py first") from None
         if not cli.known_phones(self.meta.get("phones")):
             raise ValueError(f"{path} was prepared with another phone table: prepare it again")
+        self.codec_state = None  # what decodes the codes besides the codec's name: into checkpoints
+        if os.path.exists(os.path.join(path, "codec_state.pt")):  # data/prepare.py's CODEC_STATE
+            self.codec_state = torch.load(os.path.join(path, "codec_state.pt"), weights_only=True)
         if self.index.ndim != 2 or self.index.shape[1] not in (LANGUAGE, LANGUAGE + 1):
             raise ValueError(f"{path}/index.npy has an unknown layout: prepare it again")
         if self.index.shape[1] == LANGUAGE:  # prepared before languages were added: English
@@ -632,6 +635,7 @@ def main(argv=None):
     def save(path, val):
         cli.save_checkpoint(
             path, config=cfg.to_dict(), phones=valle.PHONES, codec=data.meta["codec"],
+            codec_state=data.codec_state,
             ar=ar.state_dict() if ar is not None else None,
             nar=nar.state_dict() if nar is not None else None,
             optimizer=optimizer.state_dict(), step=step, epoch=epoch, pos=pos, best_val=best_val,

