@@ -16,7 +16,7 @@ DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.pat
 # data/prepared/, data/corpus/, anything after --out) and users' data (LJSpeech-1.1, ...)
 # need not exist.
 TRACKED = ("data/", "tests/", "extras/", "docs/")
-WRITTEN = ("data/prepared", "data/corpus")
+WRITTEN = ("data/prepared", "data/corpus", "data/flite", "data/bilingual")  # made by the commands
 
 
 def read(path):
