@@ -20,13 +20,18 @@ def transcripts(root):
             for p in sorted(glob.glob(os.path.join(root, "*", "*", "*.txt")))}
 
 
+def make_corpus(out, train, voices):
+    """Run make_corpus.py with 4 held-out sentences -> (its result, transcripts by path)."""
+    r = run_script("data/make_corpus.py", "--out", str(out), "--train", str(train), "--test", "4",
+                   "--voices", voices)
+    assert r.returncode == 0, r.stderr
+    return r, transcripts(out)
+
+
 @needs_espeak
 def test_writes_train_and_held_out_sentences_in_each_voice(tmp_path):
     out = tmp_path / "corpus"
-    r = run_script("data/make_corpus.py", "--out", str(out), "--train", "4", "--test", "4",
-                   "--voices", "2")
-    assert r.returncode == 0, r.stderr
-    texts = transcripts(out)
+    _, texts = make_corpus(out, 4, "2")
     assert sorted({k.split(os.sep)[0] for k in texts}) == ["test", "train"]
     assert sorted({k.split(os.sep)[1] for k in texts}) == ["us_female", "us_male"]
     train = [t for k, t in texts.items() if k.startswith("train")]
@@ -72,10 +77,7 @@ def test_make_demo_speaks_its_sentences_in_voices_of_the_one_table(tmp_path):
 @needs_flite
 def test_flite_voices_and_whisper_reads_each_one(tmp_path):
     out = tmp_path / "corpus"
-    r = run_script("data/make_corpus.py", "--out", str(out), "--train", "2", "--test", "4",
-                   "--voices", "slt,rms")
-    assert r.returncode == 0, r.stderr
-    texts = transcripts(out)
+    r, texts = make_corpus(out, 2, "slt,rms")
     assert sorted({k.split(os.sep)[1] for k in texts}) == ["rms", "slt"]
     audio, sr = sf.read(out / "test" / "slt" / "slt_test_00000.flac")
     assert sr == 16000 and 0.5 < len(audio) / sr < 8 and abs(audio).max() > 0.05
