@@ -462,8 +462,8 @@ def parse_args(argv=None):
     p.add_argument("--per-speaker", type=int, help="keep the first N utterances of each speaker")
     p.add_argument("--limit", type=int, help="then keep the first N utterances")
     p.add_argument("--asr", default="whisper",
-                   help="whisper (tiny.en, offline from requirements-eval.txt), whisper:<model> "
-                        "(any faster-whisper model, downloaded) or pocketsphinx (offline, weaker)")
+                   help="whisper (tiny.en, offline from requirements-eval.txt) or whisper:<model> "
+                        "(any faster-whisper model, downloaded)")
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
                    help="resemblyzer (offline) or wavlm")
     p.add_argument("--out", help="folder for the outputs (<mode>/<utterance>.wav) and scores.tsv")
@@ -503,8 +503,7 @@ def parse_args(argv=None):
     for flag, value, ok, rule in checks:
         if not ok or (value is not None and not math.isfinite(value)):
             raise ValueError(f"{flag} {rule}, not {value}")
-    if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:
-        raise ValueError(f"--asr must be whisper[:model] or pocketsphinx, not {args.asr}")
+    scorers.check_asr(args.asr)
     try:
         valle.check_language(args.language)
     except ValueError as e:

@@ -3,6 +3,8 @@
 #   bash run.sh demo   prepare the bundled demo data, train the tiny preset, speak a sentence
 #   bash run.sh test   run the test suite (arguments, if any, go to pytest instead of tests/)
 #   bash run.sh learn  docs/learning.md: train on a generated espeak-ng corpus (about 1 h 45 min)
+#   bash run.sh speak  docs/learning.md "Heard": flite voices, the mel codec, Whisper's WER every
+#                      2,000 steps (about 2 h 40 min on 2 cores; run it again to continue a run)
 #   bash run.sh bilingual  docs/languages.md: English and German in the same voices, then
 #                          an English voice speaks German
 #   bash run.sh gpu-check  docs/tests.md: tests/test_cuda.py, figures in gpu_check.txt; needs
@@ -86,6 +88,32 @@ case "${1:-}" in
         --tokens-only --prompt-seconds 1 --per-speaker 10 | tee "runs/learn/eval_$at.txt"
     done
     ;;
+  speak)  # docs/learning.md "Heard": a model that speaks, judged by Whisper, offline
+    extras  # the mel codec's vocoder, Whisper and resemblyzer
+    STEPS="${SPEAK_STEPS:-12000}"
+    EVERY="${SPEAK_EVERY:-2000}"
+    if [ ! -f data/prepared/flite/meta.json ]; then
+      "$PY" data/make_corpus.py --out data/flite --train 2000 --test 40 --voices slt,rms
+      "$PY" data/prepare.py --layout folder --src data/flite/train --out data/prepared/flite --codec mel
+    fi
+    flags=(--data data/prepared/flite --out runs/flite --preset tiny --max-steps "$STEPS"
+           --lr 1e-3 --warmup 200 --batch-frames 4000 --eval-every 500 --log-every 100)
+    step() {  # the step of runs/flite/last.pt (0: none yet)
+      "$PY" -c 'import sys, torch; print(torch.load(sys.argv[1], map_location="cpu", weights_only=True)["step"])' \
+        runs/flite/last.pt 2>/dev/null || echo 0
+    }
+    for ((at = EVERY; at < STEPS + EVERY; at += EVERY)); do
+      ((at > STEPS)) && at=$STEPS
+      ((at < $(step))) && continue  # a run here already passed this stop: it continues
+      resume=(); [ -f runs/flite/last.pt ] && resume=(--resume)
+      "$PY" train.py "${flags[@]}" --stop-at "$at" "${resume[@]}"
+      [ -f "runs/flite/eval_$at.txt" ] && continue  # measured before the run was interrupted
+      echo "== step $at: Whisper and resemblyzer on 10 held-out sentences"
+      "$PY" eval.py --checkpoint runs/flite/last.pt --layout folder --src data/flite/test \
+        --per-speaker 5 --prompt-seconds 1 --out "runs/flite/eval_$at" > "runs/flite/eval_$at.tmp"
+      mv "runs/flite/eval_$at.tmp" "runs/flite/eval_$at.txt" && cat "runs/flite/eval_$at.txt"
+    done
+    ;;
   bilingual)  # docs/languages.md: VALL-E X's language ID on a generated corpus
     STEPS="${BILINGUAL_STEPS:-300}"
     if [ ! -f data/prepared/bilingual/meta.json ]; then
@@ -102,7 +130,7 @@ case "${1:-}" in
       --text "Die Katze findet den Schlüssel im Garten." --out runs/bilingual/de.wav
     ;;
   *)
-    echo "usage: bash run.sh demo | learn | bilingual | test [pytest arguments]" >&2
+    echo "usage: bash run.sh demo | learn | speak | bilingual | test [pytest arguments]" >&2
     exit 2
     ;;
 esac

