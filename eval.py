@@ -19,7 +19,8 @@ ground-truth row; the paper's figures are printed below them.
 Inputs: --layout librispeech reads LibriSpeech's own folders (speaker/chapter/*.flac and the
 chapter's *.trans.txt) and keeps utterances of 4-10 s, the paper's test set; every layout of
 data/prepare.py works too, unfiltered unless --min-seconds or --max-seconds is given. --limit and
---per-speaker make quick runs. --out DIR writes the outputs (DIR/<mode>/<utterance>.wav) and
+--per-speaker make quick runs. --real-c0 adds a row: the NAR's codebooks over each recording's
+real codebook 0, which tells whether the AR or the NAR limits the WER. --out DIR writes the outputs (DIR/<mode>/<utterance>.wav) and
 DIR/scores.tsv, one row per utterance and mode.
 
 Token space: codebook-0 edit distance between the model's codes and the real codes of the same
@@ -330,6 +331,30 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args, b
     return rows
 
 
+@torch.inference_mode()
+def score_nar_on_real(mode, utts, nar, codec, asr, encoder, P):
+    """--real-c0: the NAR's codebooks 1-7 over each recording's real codebook 0, decoded and
+    scored as the model's output is -> (SIM, WER). Near the resynthesis row: the NAR is not what
+    limits the model, its AR (codebook 0) is; far above it: the NAR is."""
+    device = next(nar.parameters()).device
+    previous = along_speaker([u.speaker for u in utts], -1)
+    texts, hyps, sims = [], [], []
+    for i, u in enumerate(utts):
+        prompt_codes, prompt_text, prompt_wav, _, prompt_language = prompt_of(
+            mode, u, utts[previous[i]], P)
+        c0 = u.codes[0, P:] if mode == "continuation" else u.codes[0]
+        text, text_valid = valle.prompted_text(nar.cfg, [valle.text_to_ids(u.text, u.language)],
+                                               prompt_text, device, prompt_language)
+        [new] = valle.generate_nar(nar, text, text_valid, prompt_codes.to(device), [c0.to(device)])
+        new = new.cpu()
+        wav = codec.decode(torch.cat([prompt_codes, new], dim=1) if mode == "continuation" else new)
+        texts.append(u.text)
+        hyps.append(asr.transcribe(wav, valle.SAMPLE_RATE))
+        sims.append(scorers.similarity(encoder, wav, valle.SAMPLE_RATE,
+                                       encoder.embed(prompt_wav, valle.SAMPLE_RATE)))
+    return sum(sims) / len(sims), scorers.word_error_rate(texts, hyps)
+
+
 def score_recordings(utts, asr, encoder, prompt_frames):
     """The ground truth, scored as the model is -> ({mode: (SIM, WER)}, ASR transcripts,
     {mode: SIM per utterance}). Continuation: each recording against its first prompt_frames;
@@ -363,8 +388,10 @@ def summarize(rows, tokens_only=False):
         cut=sum(not r["ended"] for r in rows))
 
 
-def print_table(modes, recordings, results, group_size, untrained, resynthesis=None):
-    """One row per mode for the recordings, this model and the paper."""
+def print_table(modes, recordings, results, group_size, untrained, resynthesis=None,
+                real_c0=None):
+    """One row per mode for the recordings, this model and the paper (and, with --real-c0, for
+    the NAR over the real codebook 0)."""
     def cell(value, spec, width, mark=""):
         return (format(value, spec) + mark if value is not None else "-").rjust(width)
 
@@ -381,6 +408,9 @@ def print_table(modes, recordings, results, group_size, untrained, resynthesis=N
         s = results[mode]
         table.append((f"this model, G={group_size}", s["sim"], s["wer"] * 100, s["duration"],
                       s["c0_edit"], s["baseline"], noise))
+        if real_c0:
+            table.append(("NAR on the real codebook 0", real_c0[mode][0], real_c0[mode][1] * 100,
+                          None, None, None, noise))
         table += [(f"paper: {name}", *PAPER[name][mode], None, None, None, "") for name in paper]
         for name, sim, wer, duration, c0, base, mark in table:
             print(f"{mode:<13} {name:<26} {cell(sim, '.3f', 7, mark)} {cell(wer, '.1f', 7, mark)} "
@@ -477,6 +507,9 @@ def parse_args(argv=None):
     p.add_argument("--no-ras", action="store_true", help="plain nucleus sampling")
     p.add_argument("--max-new-seconds", type=float,
                    help="stop each output's new speech at this length (default: the model's limits)")
+    p.add_argument("--real-c0", action="store_true",
+                   help="add a row: the NAR's codebooks 1-7 over each recording's real codebook 0 "
+                        "(near the resynthesis row, the AR is what limits the model)")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 matrix products for inference (norms, residual stream and "
@@ -561,6 +594,11 @@ def run(args):
             resynthesis = score_recordings(
                 [replace(u, wav=codec.decode(u.codes).cpu()) for u in utts],
                 asr, encoder, prompt_frames)[0]
+    real_c0 = None
+    if args.real_c0 and not args.tokens_only:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            real_c0 = {mode: score_nar_on_real(mode, utts, nar, codec, asr, encoder, prompt_frames)
+                       for mode in args.modes}
     rows, results = [], {}
     for mode in args.modes:
         mode_rows = evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling,
@@ -588,7 +626,8 @@ def run(args):
         generating = sum(r["generate_seconds"] for r in rows)
         print(f"time: {time.time() - start:.1f} s on {device}, {generating:.1f} s of it generating")
         return
-    print_table(args.modes, recordings, results, ar.cfg.group_size, untrained, resynthesis)
+    print_table(args.modes, recordings, results, ar.cfg.group_size, untrained, resynthesis,
+                real_c0)
     print("text gap (AR / NAR, nats per code, teacher-forced, own text minus another's): " +
           ", ".join(f"{m} {results[m]['ar_gap']:.3f} / {results[m]['nar_gap']:.3f}"
                     for m in args.modes))

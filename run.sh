@@ -4,7 +4,7 @@
 #   bash run.sh test   run the test suite (arguments, if any, go to pytest instead of tests/)
 #   bash run.sh learn  docs/learning.md: train on a generated espeak-ng corpus (about 1 h 45 min)
 #   bash run.sh speak  docs/learning.md "Heard": flite voices, the mel codec, Whisper's WER every
-#                      2,000 steps (about 2 h 40 min on 2 cores; run it again to continue a run)
+#                      2,000 steps (about 2 h 20 min on 2 idle cores; run it again to continue a run)
 #   bash run.sh bilingual  docs/languages.md: English and German in the same voices, then
 #                          an English voice speaks German
 #   bash run.sh gpu-check  docs/tests.md: tests/test_cuda.py, figures in gpu_check.txt; needs
@@ -110,7 +110,7 @@ case "${1:-}" in
       [ -f "runs/flite/eval_$at.txt" ] && continue  # measured before the run was interrupted
       echo "== step $at: Whisper and resemblyzer on 10 held-out sentences"
       "$PY" eval.py --checkpoint runs/flite/last.pt --layout folder --src data/flite/test \
-        --per-speaker 5 --prompt-seconds 1 --out "runs/flite/eval_$at" > "runs/flite/eval_$at.tmp"
+        --per-speaker 5 --prompt-seconds 1 --real-c0 --out "runs/flite/eval_$at" > "runs/flite/eval_$at.tmp"
       mv "runs/flite/eval_$at.tmp" "runs/flite/eval_$at.txt" && cat "runs/flite/eval_$at.txt"
     done
     ;;

@@ -312,6 +312,70 @@ def test_what_each_mode_prompts_with_and_compares(tmp_path, monkeypatch):
     assert len(calls) == len(rows) == 6
 
 
+def test_real_c0_row_runs_the_nar_over_each_recordings_own_codebook0(tmp_path, monkeypatch, capsys):
+    """--real-c0: the NAR gets the recording's real codebook 0 (continuation: after its own
+    prompt; cross: all of it, under the previous utterance's prompt and transcript), and the row
+    scores the decoded output (continuation: prompt included) as the model's row is scored."""
+    from extras import scorers
+    import valle
+    random_checkpoint(tmp_path / "model.pt")
+    loaded, nar_calls = [], []
+    load, nar = ev.load_utterances, valle.generate_nar
+
+    def load_spy(*a, **k):
+        loaded.append(load(*a, **k))
+        return loaded[-1]
+
+    def nar_spy(model, text, text_valid, prompt, c0_list):
+        nar_calls.append((text[0][text_valid[0]].tolist(), prompt.cpu(), c0_list[0].cpu()))
+        return nar(model, text, text_valid, prompt, c0_list)
+
+    class Lengths:
+        def __init__(self, backend):
+            pass
+
+        def embed(self, wav, sr):
+            return np.array([float(len(wav))])
+
+    class Echo:
+        name = "echo"
+
+        def __init__(self, backend):
+            pass
+
+        def transcribe(self, wav, sr):
+            return "hello"
+    monkeypatch.setattr(ev, "load_utterances", load_spy)
+    monkeypatch.setattr(valle, "generate_nar", nar_spy)
+    monkeypatch.setattr(scorers, "SpeakerEncoder", Lengths)
+    monkeypatch.setattr(scorers, "ASR", Echo)
+    monkeypatch.setattr(scorers, "similarity", lambda enc, wav, sr, ref: len(wav) / ref[0])
+    ev.main(["--checkpoint", str(tmp_path / "model.pt"), "--layout", "folder", "--src",
+             os.path.join(ROOT, "data", "demo"), "--per-speaker", "3", "--limit", "3",
+             "--prompt-seconds", "1.5", "--max-new-seconds", "0.2", "--real-c0"])
+    stdout = capsys.readouterr().out
+    [(utts, _)] = loaded
+    P = int(1.5 * valle.FRAME_RATE)
+    real = nar_calls[:6]  # the row's passes come first, then the model's own (after its AR)
+    assert len(nar_calls) == 12
+    sims = {"continuation": [], "cross": []}
+    for k, (text, prompt, c0) in enumerate(real):
+        mode, i = ("continuation", k) if k < 3 else ("cross", k - 3)
+        u, previous = utts[i], utts[(i - 1) % 3]
+        if mode == "continuation":
+            assert torch.equal(c0, u.codes[0, P:]) and torch.equal(prompt, u.codes[:, :P])
+            assert text == valle.text_to_ids(u.text)
+            sims[mode].append(u.codes.shape[1] / P)  # the prompt's frames and the rest, decoded
+        else:
+            assert torch.equal(c0, u.codes[0]) and torch.equal(prompt, previous.codes)
+            assert text == valle.join_phones(valle.text_to_ids(previous.text), valle.text_to_ids(u.text))
+            sims[mode].append(u.codes.shape[1] * ev.HOP / len(previous.wav))
+    for mode in ("continuation", "cross"):
+        sim, wer, *rest = table_row(stdout, mode, "NAR on the real codebook 0")
+        assert sim == pytest.approx(sum(sims[mode]) / 3, abs=1e-3) and rest == [None, None, None]
+        assert wer == table_row(stdout, mode, "this model, G=2")[1]  # "hello" for every output
+
+
 def test_tokens_only_scores_the_text_gaps_without_decoding_or_scorers(tmp_path, monkeypatch, capsys):
     """--tokens-only: no ASR, speaker encoder or decoding; each row's text gaps compare the
     utterance's own text with the text of the sentence its baseline codes come from (the next
