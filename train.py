@@ -560,6 +560,10 @@ def main(argv=None):
             die(f"{source} holds no {' or '.join(missing)} model; choose --models accordingly")
         ar = ar if "ar" in wanted else None
         nar = nar if "nar" in wanted else None
+        # The model this run does not train rides along unchanged in every checkpoint it writes,
+        # so that `--init-from X --models ar` (the paper trains the two apart) still speaks.
+        carried = {name: ckpt[name] for name in ("ar", "nar")
+                   if name not in wanted and ckpt.get(name) is not None}
         args.warmup = warmup_steps(args, ckpt)
         changed = differences(ckpt, args, world, len(data)) if args.resume else []
         if changed:
@@ -571,8 +575,10 @@ def main(argv=None):
             log(f"--init-from {source}: {args.models.replace(',', ' and ')} weights of step "
                 f"{ckpt.get('step', '?')} (validation "
                 f"{', '.join(f'{k} {val[k]:.3f}' for k in ('ar', 'nar') if k in val) or 'none'}), "
-                f"codec {ckpt.get('codec')}; a new optimizer")
+                f"codec {ckpt.get('codec')}; a new optimizer"
+                + "".join(f"; its {name} carried along unchanged" for name in carried))
     else:
+        carried = {}
         args.warmup = warmup_steps(args)
         overrides = {"group_size": args.group_size or 2}
         if args.dropout is not None:
@@ -636,8 +642,8 @@ def main(argv=None):
         cli.save_checkpoint(
             path, config=cfg.to_dict(), phones=valle.PHONES, codec=data.meta["codec"],
             codec_state=data.codec_state,
-            ar=ar.state_dict() if ar is not None else None,
-            nar=nar.state_dict() if nar is not None else None,
+            ar=ar.state_dict() if ar is not None else carried.get("ar"),
+            nar=nar.state_dict() if nar is not None else carried.get("nar"),
             optimizer=optimizer.state_dict(), step=step, epoch=epoch, pos=pos, best_val=best_val,
             val=val, args=vars(args), processes=world, utterances=len(data))
 

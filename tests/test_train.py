@@ -104,6 +104,31 @@ def test_ar_only_then_nar_only(prepared, tmp_path):
     assert ar is not None and nar is None
 
 
+def test_fine_tuning_one_model_carries_the_other_along_so_the_checkpoint_still_speaks(prepared, tmp_path):
+    """--init-from X --models ar trains the AR only (the paper trains the two apart); X's NAR is
+    in every checkpoint the run writes, unchanged, resumed runs included, so sample.py and
+    eval.py load both."""
+    from extras import cli
+    both = train(prepared, tmp_path / "both", "--max-steps", "2", "--eval-every", "2")
+    assert both.returncode == 0, both.stderr
+    source = str(tmp_path / "both" / "last.pt")
+    ar_only = train(prepared, tmp_path / "ar", "--init-from", source, "--models", "ar",
+                    "--max-steps", "4", "--stop-at", "2", "--eval-every", "2")
+    assert ar_only.returncode == 0, ar_only.stderr
+    assert "a new optimizer; its nar carried along unchanged" in ar_only.stdout
+    resumed = train(prepared, tmp_path / "ar", "--models", "ar", "--max-steps", "4", "--eval-every", "2",
+                    "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _, ar0, nar0, _ = valle.load_checkpoint(source)
+    for name in ("last.pt", "best.pt"):
+        _, ar, nar, ckpt = valle.load_checkpoint(str(tmp_path / "ar" / name))
+        assert ckpt["step"] == 4 or name == "best.pt"
+        assert all(torch.equal(a, b) for a, b in zip(nar.state_dict().values(), nar0.state_dict().values()))
+        assert not all(torch.equal(a, b) for a, b in zip(ar.state_dict().values(), ar0.state_dict().values()))
+    ar, nar, _ = cli.load_for_inference(str(tmp_path / "ar" / "last.pt"), torch.device("cpu"))
+    assert ar is not None and nar is not None
+
+
 def test_bad_input_gets_one_line_and_status_2(prepared, tmp_path):
     missing = train(str(tmp_path / "nowhere"), tmp_path / "o1", "--max-steps", "1")
     assert missing.returncode == 2 and "run data/prepare.py first" in missing.stderr
