@@ -255,6 +255,26 @@ def test_demo_run_writes_outputs_and_pairs_each_utterance_with_the_previous_one(
             assert r["prompt"] == r["utterance"] and 112 < len(output) / 320 <= 112 + 76
 
 
+class Lengths:
+    """A speaker-encoder stand-in: an 'embedding' is the waveform's length."""
+    def __init__(self, backend):
+        pass
+
+    def embed(self, wav, sr):
+        return np.array([float(len(wav))])
+
+
+class Echo:
+    """An ASR stand-in that hears "hello" in everything."""
+    name = "echo"  # what eval.py prints under its table
+
+    def __init__(self, backend):
+        pass
+
+    def transcribe(self, wav, sr):
+        return "hello"
+
+
 def test_what_each_mode_prompts_with_and_compares(tmp_path, monkeypatch):
     """In process, with stand-ins: an 'embedding' is the waveform's length and a 'similarity' the
     ratio of two lengths, so each SIM says which two waveforms it compared."""
@@ -268,21 +288,6 @@ def test_what_each_mode_prompts_with_and_compares(tmp_path, monkeypatch):
         calls.append((texts[0], prompt_codes.shape[1], prompt_text))
         return generate(ar, nar, texts, prompt_codes, prompt_text, *a, **k)
 
-    class Lengths:
-        def __init__(self, backend):
-            pass
-
-        def embed(self, wav, sr):
-            return np.array([float(len(wav))])
-
-    class Echo:
-        name = "echo"  # what eval.py prints under its table
-
-        def __init__(self, backend):
-            pass
-
-        def transcribe(self, wav, sr):
-            return "hello"
     monkeypatch.setattr(valle, "generate", spy)
     monkeypatch.setattr(scorers, "SpeakerEncoder", Lengths)
     monkeypatch.setattr(scorers, "ASR", Echo)
@@ -330,21 +335,6 @@ def test_real_c0_row_runs_the_nar_over_each_recordings_own_codebook0(tmp_path, m
         nar_calls.append((text[0][text_valid[0]].tolist(), prompt.cpu(), c0_list[0].cpu()))
         return nar(model, text, text_valid, prompt, c0_list)
 
-    class Lengths:
-        def __init__(self, backend):
-            pass
-
-        def embed(self, wav, sr):
-            return np.array([float(len(wav))])
-
-    class Echo:
-        name = "echo"
-
-        def __init__(self, backend):
-            pass
-
-        def transcribe(self, wav, sr):
-            return "hello"
     monkeypatch.setattr(ev, "load_utterances", load_spy)
     monkeypatch.setattr(valle, "generate_nar", nar_spy)
     monkeypatch.setattr(scorers, "SpeakerEncoder", Lengths)
