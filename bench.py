@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import valle
-from extras import cli, codecs, long_text, speedups
+from extras import batched, cli, codecs, long_text, speedups
 from extras.cli import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -577,7 +577,7 @@ for G in (1, 2, 4, 8):
         for s in samples:
             groups = torch.randint(0, valle.CODEBOOK_SIZE, (1, prompt.shape[1] // G + s, G), device=device)
             with torch.inference_mode():  # the naive step: the whole sequence, no cache
-                costs.append(timed(lambda: valle.prefill(ar, text, text_valid, groups),
+                costs.append(timed(lambda: ar(groups, None, None, text, text_valid)[:, -1],
                                    repeats=max(1, args.repeats - 1)))
         naive = sum((costs[i] + costs[i + 1]) / 2 * (samples[i + 1] - samples[i])
                     for i in range(len(samples) - 1)) + costs[-1]
@@ -632,7 +632,7 @@ row(f"end to end, G=2 (AR + NAR{' + EnCodec' if codec_s else ''})", f"{e2e:.1f} 
 bframes = min(frames, 150)
 for B in (1, 8):
     text_b, valid_b, _ = make_inputs(cfg, batch=B)
-    streams = [torch.Generator(device).manual_seed(valle.SEED_STRIDE * c) for c in range(B)]  # one a row
+    streams = [torch.Generator(device).manual_seed(batched.SEED_STRIDE * c) for c in range(B)]  # one a row
     t = timed(lambda: valle.generate_ar(ar, text_b, valid_b, prompt[0], bframes // 2, valle.Sampling(),
                                         streams))
     if B == 1:

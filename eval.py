@@ -50,8 +50,7 @@ import numpy as np
 import torch
 
 import valle
-from extras import audio, cli, codecs, scorers
-import extras.languages  # noqa: F401  (registers the text frontends of the other languages)
+from extras import audio, batched, cli, codecs, scorers
 from data import prepare  # its layouts, their languages and its listing
 
 MODES = ("continuation", "cross")
@@ -296,9 +295,9 @@ def evaluate_mode(mode, utts, ar, nar, codec, asr, encoder, sampling, P, args, b
             mode, u, utts[previous[i]], P)
         start = time.time()
         with autocast:
-            [new], [ended] = valle.generate(ar, nar, [u.text], prompt_codes.to(device), prompt_text,
+            [new], [ended] = batched.generate(ar, nar, [u.text], prompt_codes.to(device), prompt_text,
                                            sampling, seed=args.seed + i,
-                                           max_seconds=args.max_new_seconds, return_ended=True,
+                                           max_seconds=args.max_new_seconds,
                                            language=u.language, prompt_language=prompt_language)
         new = new.cpu()  # (8, T)
         out = torch.cat([prompt_codes, new], dim=1) if mode == "continuation" else new

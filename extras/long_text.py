@@ -8,7 +8,7 @@ model's position tables, and the chunks' waveforms joined into one.
 
 One model call is limited by its tables (prompt + speech at most 40 s at the paper's size), so
 the text is split into sentences (split_sentences), packed into chunks with margin
-(chunk_text, chunk_frames), spoken with valle.generate, and joined (join_speech). docs/long-text.md
+(chunk_text, chunk_frames), spoken with batched.generate, and joined (join_speech). docs/long-text.md
 has the measurements.
 """
 import re
@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 
 import valle
-from extras import audio
+from extras import audio, batched
 
 # Where sentences end, by language. A period after one of these
 # abbreviations ends no sentence; nor after those of the second table when a number follows
@@ -116,7 +116,7 @@ def chunk_frames(cfg, prompt_frames, prompt_phones, mode, max_seconds=None, chun
 def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampling=valle.Sampling(),
                   seed=0, max_seconds=None, use_cache=True, progress=None, cache_class=valle.KVCache,
                   language="en", chunk_seconds=None, candidates=1, prompt_language="en",
-                  max_batch=valle.MAX_BATCH, log=None):
+                  max_batch=batched.MAX_BATCH, log=None):
     """Text of any length in the voice of a prompt -> per candidate, its chunks: (texts, list of
     (8, T_k) codes, whether each drew <eos>, which chunk prompted each: an index, or None for
     the voice prompt).
@@ -130,19 +130,18 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
                second (or empty), or cut off (its audio would not match its text).
     A chunk that reaches its cap without <eos> was cut off: it is split again and spoken
     anew (a single word is kept as it came). With max_seconds, a chunk that reaches it is kept
-    as it came: the caller asked for the cut. Candidate c draws from seed + c * valle.SEED_STRIDE, as
-    in `valle.generate`; the candidates' chunks that share a prompt run in one batch (fixed: all of
+    as it came: the caller asked for the cut. Candidate c draws from seed + c * batched.SEED_STRIDE, as
+    in `batched.generate`; the candidates' chunks that share a prompt run in one batch (fixed: all of
     them; rolling: the first chunks, and any the voice prompts). Decode the chunks and
     join them with join_speech. progress(label, step, total) names each AR run's chunks;
     log(line), if given, hears the plan: each chunk's first words, and each split.
-    language, prompt_language, max_batch: as in `valle.generate` (a chunk's own speech prompts in
+    language, prompt_language, max_batch: as in `batched.generate` (a chunk's own speech prompts in
     `language`)."""
     if mode not in ("fixed", "rolling"):
         raise ValueError(f"mode must be fixed or rolling, not {mode!r}")
-    frames, phones, most_phones = chunk_frames(ar.cfg, prompt_codes.shape[1],
-                                               len(valle.text_to_ids(prompt_text, prompt_language)),
-                                               mode, max_seconds,
-                                               chunk_seconds)
+    prompt_phones = len(valle.text_to_ids(prompt_text, prompt_language)) if prompt_text is not None else 0
+    frames, phones, most_phones = chunk_frames(ar.cfg, prompt_codes.shape[1], prompt_phones, mode,
+                                               max_seconds, chunk_seconds)
     if most_phones < 1:
         raise ValueError("the prompt leaves no room for speech in the model's tables: shorten it")
     if phones < 1:
@@ -181,9 +180,9 @@ def generate_long(ar, nar, text, prompt_codes, prompt_text, mode="fixed", sampli
                  f"{len(todo)} chunks in one batch" if len(todo) <= (max_batch or len(todo)) else
                  f"{len(todo)} chunks in batches of {max_batch}")
         report = (lambda s, m: progress(label, s, m)) if progress else None
-        codes, ended = valle.generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
-                                sampling, [seed + valle.SEED_STRIDE * c for c, _ in todo],
-                                frames / valle.FRAME_RATE, use_cache, report, cache_class, return_ended=True,
+        codes, ended = batched.generate(ar, nar, [runs[c][k][0] for c, k in todo], prompt, prompt_ids_text,
+                                sampling, [seed + batched.SEED_STRIDE * c for c, _ in todo],
+                                frames / valle.FRAME_RATE, use_cache, report, cache_class,
                                 language=language,
                                 prompt_language=language if j is not None else prompt_language,
                                 max_batch=max_batch)

@@ -238,11 +238,12 @@ def needed(rule):
 # The model's own score: the likelihood of codes, teacher-forced
 
 
-@torch.inference_mode()
+@valle.inference
 def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None, language="en",
                prompt_language="en"):
     """The AR model's own score of candidates: the mean log-probability of each one's codebook-0
-    codes (and of its <eos>, where it drew one), from one teacher-forced pass. Higher is better;
+    codes (and, where it drew <eos>, of the whole <eos> group that training ends on: generation
+    keeps whole groups, valle.ungroup), from one teacher-forced pass. Higher is better;
     VALL-E X keeps the candidate with the best such length-normalised score.
 
     texts[i] and codes[i] ((8, T) or (T,)) are one candidate, prompted as `generate` prompts it.
@@ -256,25 +257,23 @@ def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None, language
                                      device, prompt_language)
     prompt_groups = valle.group_codes(prompt_codes[0].to(device), G)[:-1]  # (Np, G), as generate_ar
     Np = prompt_groups.shape[0]
-    # Targets: the new codes, then <eos> if drawn, in whole groups (the rest of a group after
-    # its first <eos> was drawn but never read: valle.IGNORE); inputs: the prompt, then every target
-    # group but the last. A shorter row's padding needs no mask: attention is causal, and what
-    # comes after a row's last target changes none of its logits.
+    # Targets: the new codes in whole groups, then a group of G <eos> if drawn (group_batch's
+    # targets; a code count G does not divide, which generation never makes, is padded with
+    # valle.IGNORE); inputs: the prompt, then every target group but the last. A shorter row's
+    # padding needs no mask: attention is causal, and what comes after a row's last target
+    # changes none of its logits.
     targets = []
     for c, e in zip(codes, ended):
         c = (c[0] if c.dim() == 2 else c).to(device)
-        seq = torch.cat([c, torch.tensor([valle.EOS] * e, dtype=c.dtype, device=device)])
-        pad = torch.full((-len(seq) % G,), valle.IGNORE, dtype=c.dtype, device=device)
-        targets.append(torch.cat([seq, pad]).view(-1, G))  # (N_i, G)
+        pad = torch.full((-len(c) % G,), valle.IGNORE, dtype=c.dtype, device=device)
+        eos = torch.full((G * e,), valle.EOS, dtype=c.dtype, device=device)
+        targets.append(torch.cat([c, pad, eos]).view(-1, G))  # (N_i, G)
     targets = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=valle.IGNORE)
     B, N = targets.shape[:2]  # (B, N, G)
     groups = torch.cat([prompt_groups.expand(B, Np, G), targets[:, :-1].clamp(min=0)], dim=1)
-    groups_valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=device)  # (B, Np + N - 1)
-    x, valid = ar.embed(text, text_valid, groups, groups_valid)
-    # <bos> sits at L + 1 and predicts group 0; the input group m predicts group m + 1. So the
-    # hidden state at L + 1 + Np (the last prompt group, or <bos>) predicts target group 0.
-    first = text.shape[1] + 1 + Np
-    logits = ar.logits(ar(x, valid)[:, first:])  # (B, N, G, 1025)
+    # The logits from <bos> on: <bos> predicts group 0, input group m group m + 1, so those at
+    # Np (the last prompt group, or <bos>) predict target group 0.
+    logits = ar(groups, None, None, text, text_valid)[:, Np:]  # (B, N, G, 1025)
     logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     keep = targets != valle.IGNORE  # (B, N, G)
     n = keep.sum(dim=(1, 2))  # (B,) codes scored, <eos> included
@@ -282,7 +281,7 @@ def likelihood(ar, texts, prompt_codes, prompt_text, codes, ended=None, language
     return [t / k if k else float("-inf") for t, k in zip(total.tolist(), n.tolist())]
 
 
-@torch.inference_mode()
+@valle.inference
 def nar_likelihood(nar, text, prompt_codes, prompt_text, codes, language="en", prompt_language="en"):
     """The NAR's mean log-probability of codebooks 1-7 of `codes` (8, T), each given the real
     codebooks below it (teacher-forced), prompted as `valle.generate` prompts it."""
@@ -308,7 +307,7 @@ def chunks_likelihood(ar, texts, codes, ended, prompted_by, prompt_codes, prompt
     for text, c, e, j in zip(texts, codes, ended, prompted_by):
         prompt = (codes[j], texts[j], language) if j is not None else \
             (prompt_codes, prompt_text, prompt_language)
-        n = c.shape[1] + e
+        n = c.shape[1] + e * ar.cfg.group_size  # with the <eos> group it scores
         if n:
             total += n * likelihood(ar, [text], *prompt[:2], [c], [e], language=language,
                                           prompt_language=prompt[2])[0]

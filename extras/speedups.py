@@ -117,33 +117,55 @@ def bf16_linears(model):
     return model
 
 
+# Each shape's buffers (keys and values per layer, validity, the write position), shared by every
+# FixedShapeCache of that shape: a compiled step then sees the same tensors at every call, so a
+# new cache (the next batch, the next chunk of a long text) neither recompiles nor re-records its
+# CUDA graph, and memory stays flat. One decoding at a time uses a shape's buffers.
+BUFFERS = {}
+
+
 class FixedShapeCache(valle.KVCache):
     """valle.KVCache for a compiled decode step, which needs fixed shapes: after the prefill each
-    step writes one position at the tensor `pos` and attends to the whole buffer, its unfilled
-    part masked out. On CUDA the step is a CUDA graph, without the launch cost of ~200 small
-    kernels (worth it on a GPU; on a CPU it is slower). Each batch or cache size compiles anew,
-    so lengths are rounded up to a multiple of 256."""
+    step writes one slot at the tensor `pos` and attends to the whole buffer, its unfilled part
+    masked out. On CUDA the step is a CUDA graph, without the launch cost of ~200 small kernels
+    (worth it on a GPU; on a CPU it is slower). Lengths are rounded up to a multiple of 256, so
+    that few shapes compile; caches of one shape share their buffers (BUFFERS)."""
 
     def __init__(self, cfg, batch_size, max_len, device=None):
         super().__init__(cfg, batch_size, -(-max_len // 256) * 256, device)
-        self.pos = None  # after the prefill: (1,) tensor, the position the next step writes
+        # inference_mode's tensors cannot be written outside it, nor the others' inside: a key each
+        key = (self.shape, str(self.valid.device), torch.is_inference_mode_enabled())
+        if key not in BUFFERS:
+            BUFFERS[key] = {"valid": self.valid, "pos": torch.zeros(1, dtype=torch.long, device=device)}
+        self.buffers = BUFFERS[key]
+        self.valid = self.buffers["valid"].zero_()  # the last cache's tokens are gone
+        self.pos = None  # after the prefill: (1,) tensor, the slot the next step writes
 
     def step(self, model, new, pos):
+        if self.length >= self.max_len:  # index_copy_ past the end would fail on the device
+            raise RuntimeError(f"KV cache is full ({self.max_len} slots)")
         if self.pos is None:  # the first step, after the prefill: the shapes are fixed from here
-            self.pos = torch.tensor([self.length], device=self.valid.device)
+            self.pos = self.buffers["pos"].fill_(self.length)
             for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these
-                torch._dynamo.mark_static_address(t)
+                mark_static(t)
         # a copy with strides of its own: a view's, even .contiguous() at B=1, would recompile
         new = new.clone(memory_format=torch.contiguous_format)  # (B, 1, G)
-        return compiled_decode_one_group(new.device.type)(model, new, pos, self)
+        logits = compiled_step(new.device.type)(model, new, pos, self)
+        self.length += 1  # counted here, outside the graph, where a Python int is no guard
+        return logits
 
     def mask(self, valid, causal):
         if self.pos is None:
             return super().mask(valid, causal)
-        self.valid.index_copy_(1, self.pos, valid)  # one query: every filled position is its past
+        self.valid.index_copy_(1, self.pos, valid)  # one query: every filled slot is its past
         return self.valid[:, None, None, :]
 
     def update(self, layer, k, v):
+        if self.k[layer] is None:  # this shape's buffers for the layer, in k's dtype
+            key = (self.shape, layer, str(k.device), k.dtype, torch.is_inference_mode_enabled())
+            if key not in BUFFERS:
+                BUFFERS[key] = [torch.zeros(self.shape, device=k.device, dtype=k.dtype) for _ in "kv"]
+            self.k[layer], self.v[layer] = BUFFERS[key]
         if self.pos is None:
             return super().update(layer, k, v)
         self.k[layer].index_copy_(2, self.pos, k)
@@ -154,11 +176,25 @@ class FixedShapeCache(valle.KVCache):
         if self.pos is None:
             super().advance(n)
         else:
-            self.pos += n  # in place: a CUDA graph replays on this tensor
+            self.pos += n  # in place: a CUDA graph replays on this tensor (step counts length)
+
+
+def mark_static(t):
+    """torch._dynamo.mark_static_address without a guard on the tensor where PyTorch allows it
+    (before 2.10 the default guards, and a new tensor recompiled)."""
+    try:
+        torch._dynamo.mark_static_address(t, guard=False)
+    except TypeError:  # a PyTorch without the argument
+        torch._dynamo.mark_static_address(t)
+
+
+def decode_step(model, new, pos, cache):
+    """One decode step, the model called on the cache (valle.KVCache.step), to compile."""
+    return model(new, pos, cache)
 
 
 @lru_cache(maxsize=None)
-def compiled_decode_one_group(device_type):
-    """valle.decode_one_group compiled for a FixedShapeCache (a CUDA graph on CUDA)."""
+def compiled_step(device_type):
+    """decode_step compiled for a FixedShapeCache (a CUDA graph on CUDA)."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
-    return torch.compile(valle.decode_one_group, mode=mode, fullgraph=True, dynamic=False)
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)

@@ -2,8 +2,10 @@
 The golden regression: stored weights give stored codes, on any CPU (tests/golden.json).
 
     python tests/golden.py          # what this code base gives now, beside what is stored
-    python tests/golden.py --write  # train again, store the weights and the codes: only when a
-                                    # change is meant to change the outputs (say why in its commit)
+    python tests/golden.py --write-codes  # decode the stored weights again and store the codes:
+                                          # when a change to decoding is meant to change them
+    python tests/golden.py --write  # train again, store the weights, losses and codes: when a
+                                    # change is meant to change training (say why in its commit)
 
 Two halves, because training is not bit-reproducible across instruction sets (AVX2, AVX-512,
 oneDNN on or off round the last bits differently, and a few dozen optimizer steps grow that
@@ -29,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import valle  # noqa: E402
+from extras import batched, cli  # noqa: E402
 
 PATH = os.path.join(ROOT, "tests", "golden.json")
 WEIGHTS = os.path.join(ROOT, "tests", "data", "golden.pt")
@@ -89,7 +92,7 @@ def train(steps):
 
 
 def load_weights():
-    cfg, ar, nar, _ = valle.load_checkpoint(WEIGHTS)
+    cfg, ar, nar, _ = cli.load_checkpoint(WEIGHTS)
     return ar, nar
 
 
@@ -103,7 +106,7 @@ def decode(ar, nar):
     hot = valle.Sampling(temperature=2.0)  # at 1.0 the trained model's draws are its argmax
     for name, sampling, cache in [("greedy_ras", valle.Sampling(top_p=0.0), True),
                                   ("sampled", hot, True), ("sampled_naive", hot, False)]:
-        streams = [torch.Generator().manual_seed(5 + valle.SEED_STRIDE * c) for c in (0, 1)]
+        streams = [torch.Generator().manual_seed(5 + batched.SEED_STRIDE * c) for c in (0, 1)]
         c0 = valle.generate_ar(ar, text, text_valid, prompt[0], 12, sampling, streams, use_cache=cache)
         out[name] = [c.tolist() for c in c0]
     full = valle.generate_nar(nar, text, text_valid, prompt, [torch.tensor(c) for c in out["greedy_ras"]])
@@ -123,12 +126,10 @@ def greedy_margins(ar, nar, out):
     with torch.inference_mode():
         for i, c0 in enumerate(out["greedy_ras"]):
             whole = torch.cat([prompt[0], torch.tensor(c0, dtype=torch.long)])
-            assert len(whole) % ar.cfg.group_size == 0, "a group cut by <eos>: measure it apart"
             groups = valle.group_codes(whole, ar.cfg.group_size)[None, :-1]  # (1, N, G)
-            x, valid = ar.embed(text[i:i + 1], text_valid[i:i + 1], groups,
-                                torch.ones(groups.shape[:2], dtype=torch.bool))
             # the logits that chose each code: those of <bos> .. the last group but one
-            new = ar.logits(ar(x, valid))[0, -groups.shape[1] - 1:-1].flatten(0, 1)[-len(c0):]
+            new = ar(groups, None, None, text[i:i + 1], text_valid[i:i + 1])[0, :-1]
+            new = new.flatten(0, 1)[-len(c0):]  # (len(c0), 1025)
             top2 = new.topk(2, dim=-1).values
             argmax = new.argmax(-1) == torch.tensor(c0)
             if argmax.any():
@@ -148,6 +149,12 @@ def expected():
         return json.load(f)
 
 
+def store(entries):
+    with open(PATH, "w") as f:  # one line per entry, to read and to diff
+        f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in entries.items())
+                + "\n}\n")
+
+
 if __name__ == "__main__":
     if "--write" in sys.argv[1:]:
         ar, nar, losses = train(STEPS)
@@ -157,17 +164,22 @@ if __name__ == "__main__":
               f" NAR {margins[1]:.3f} logits")
         if not MIN_MARGIN <= min(margins) < float("inf"):  # inf: no argmax choice to measure
             sys.exit(f"error: a greedy choice wins by less than {MIN_MARGIN}: train longer")
-        from extras import cli
         cfg = valle.get_config("tiny", **CONFIG)
         cli.save_checkpoint(WEIGHTS, config=cfg.to_dict(), phones=valle.PHONES,
                             codec="untrained-seed0", ar=ar.state_dict(), nar=nar.state_dict(),
                             step=STEPS)
-        stored = {f"loss_first_{LOSS_STEPS}_steps": [round(x, 6) for x in losses[:LOSS_STEPS]],
-                  **codes}
-        with open(PATH, "w") as f:  # one line per entry, to read and to diff
-            f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in stored.items())
-                    + "\n}\n")
+        store({f"loss_first_{LOSS_STEPS}_steps": [round(x, 6) for x in losses[:LOSS_STEPS]], **codes})
         print(f"wrote {WEIGHTS} and {PATH}")
+    elif "--write-codes" in sys.argv[1:]:
+        ar, nar = load_weights()
+        codes = decode(ar, nar)
+        margins = greedy_margins(ar, nar, codes)
+        if not MIN_MARGIN <= min(margins) < float("inf"):
+            sys.exit(f"error: a greedy choice wins by less than {MIN_MARGIN}: use --write")
+        old = expected()
+        store({**old, **codes})
+        print(f"wrote {PATH}: " + ", ".join(f"{k} {'same' if old[k] == v else 'changed'}"
+                                            for k, v in codes.items()))
     else:
         want = expected()
         ar, nar = load_weights()

@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from conftest import ROOT, random_checkpoint, run_script
+from extras import batched
 
 spec = importlib.util.spec_from_file_location("evaluation", os.path.join(ROOT, "eval.py"))
 ev = importlib.util.module_from_spec(spec)
@@ -172,7 +173,7 @@ def test_a_missing_extra_stops_the_run_before_any_work(tmp_path, monkeypatch, ca
 
     def refuse(*args, **kwargs):
         raise AssertionError("work began before the run's needs were checked")
-    monkeypatch.setattr(valle, "generate", refuse)
+    monkeypatch.setattr(batched, "generate", refuse)
     monkeypatch.setattr(valle.Codec, "encode", refuse)
     monkeypatch.setitem(sys.modules, "jiwer", None)
     with pytest.raises(SystemExit) as e:
@@ -282,13 +283,13 @@ def test_what_each_mode_prompts_with_and_compares(tmp_path, monkeypatch):
     import valle
     random_checkpoint(tmp_path / "model.pt")
     calls = []
-    generate = valle.generate
+    generate = batched.generate
 
     def spy(ar, nar, texts, prompt_codes, prompt_text, *a, **k):
         calls.append((texts[0], prompt_codes.shape[1], prompt_text))
         return generate(ar, nar, texts, prompt_codes, prompt_text, *a, **k)
 
-    monkeypatch.setattr(valle, "generate", spy)
+    monkeypatch.setattr(batched, "generate", spy)
     monkeypatch.setattr(scorers, "SpeakerEncoder", Lengths)
     monkeypatch.setattr(scorers, "ASR", Echo)
     monkeypatch.setattr(scorers, "similarity", lambda enc, wav, sr, ref: len(wav) / ref[0])

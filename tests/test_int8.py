@@ -50,8 +50,7 @@ def teacher_forced_argmax(ar, nar, data):
     G = ar.cfg.group_size
     with torch.inference_mode():
         groups = torch.stack([valle.group_codes(c[0, :n], G)[:-1] for c, n in zip(codes, [60, 60])])
-        x, v = ar.embed(text, valid, groups, torch.ones(groups.shape[:2], dtype=torch.bool))
-        ar_top = ar.logits(ar(x, v)[:, text.shape[1] + 1:]).argmax(-1)  # (B, N + 1, G)
+        ar_top = ar(groups, None, None, text, valid).argmax(-1)  # (B, N + 1, G), from <bos> on
         prompt, target = codes[:, :, :20], codes[:, :, 20:]
         ones = lambda t: torch.ones(t.shape[0], t.shape[2], dtype=torch.bool)  # noqa: E731
         nar_top = [nar(text, valid, prompt, ones(prompt), target, ones(target), j).argmax(-1)

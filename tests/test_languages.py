@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import valle
-from extras import cli, languages, long_text
+from extras import batched, cli, languages, long_text
 from conftest import run_script
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None and not os.environ.get("CI"),
@@ -142,8 +142,7 @@ def text_batch(language):
 
 def ar_logits(ar, text, text_valid, c0):
     groups = valle.group_codes(c0, ar.cfg.group_size)[None, :-1]  # (1, N, G)
-    x, valid = ar.embed(text, text_valid, groups, torch.ones(groups.shape[:2], dtype=torch.bool))
-    return ar.logits(ar(x, valid))
+    return ar(groups, None, None, text, text_valid)
 
 
 def test_the_language_embedding_changes_the_outputs_and_nothing_else(models):
@@ -314,7 +313,7 @@ def test_a_tiny_model_learns_both_languages(bilingual):
     bilingual corpus against the same model at its first step (train.py seeds the init)."""
     import train
     data = train.Dataset(str(bilingual / "test"))
-    _, ar, nar, _ = valle.load_checkpoint(str(bilingual / "run" / "last.pt"))
+    _, ar, nar, _ = cli.load_checkpoint(str(bilingual / "run" / "last.pt"))
     torch.manual_seed(0)  # train.py's --seed: the weights it started from
     ar0, nar0 = valle.ARModel(ar.cfg).eval(), valle.NARModel(ar.cfg).eval()
     for language in ("en", "de"):
@@ -354,7 +353,7 @@ def test_sample_hands_both_languages_to_the_model(bilingual, tmp_path, monkeypat
     def spy(*args, **kwargs):
         seen.update(kwargs)
         raise ValueError("spied")
-    monkeypatch.setattr(valle, "generate", spy)
+    monkeypatch.setattr(batched, "generate", spy)
     monkeypatch.setattr(long_text, "generate_long", spy)
     text = "Der Hund sieht den Ball."
     if flags:
@@ -375,12 +374,12 @@ def test_sample_hands_both_languages_to_the_model(bilingual, tmp_path, monkeypat
 @needs_espeak
 def test_eval_reads_each_utterances_language(bilingual, tmp_path, monkeypatch, capsys):
     import eval as ev
-    seen, generate = [], valle.generate
+    seen, generate = [], batched.generate
 
     def spy(ar, nar, texts, prompt_codes, prompt_text, *args, **kwargs):
         seen.append((texts[0], prompt_text, kwargs["language"], kwargs["prompt_language"]))
         return generate(ar, nar, texts, prompt_codes, prompt_text, *args, **kwargs)
-    monkeypatch.setattr(valle, "generate", spy)
+    monkeypatch.setattr(batched, "generate", spy)
     src = str(bilingual / "corpus" / "test.list")
     common = ["--checkpoint", str(bilingual / "run" / "last.pt"), "--layout", "manifest",
               "--src", src, "--prompt-seconds", "1", "--max-new-seconds", "0.3"]

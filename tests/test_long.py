@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import valle
-from extras import audio, long_text
+from extras import audio, batched, long_text
 from valle import EOS
 
 
@@ -104,14 +104,13 @@ def test_join_trims_the_silence_at_each_seam_and_crossfades():
 # --- generate_long with a stand-in for generate ------------------------------------------
 
 class FakeGenerate:
-    """Records each call to valle.generate and answers with codes whose length follows the text;
+    """Records each call to batched.generate and answers with codes whose length follows the text;
     `cut` texts never end (no <eos>) and `mute` texts end at once."""
 
     def __init__(self, cut=(), mute=()):
         self.calls, self.seeds, self.cut, self.mute = [], [], set(cut), set(mute)
 
-    def __call__(self, ar, nar, texts, prompt_codes, prompt_text, sampling=None, seed=0, *args,
-                 return_ended=False, **kw):
+    def __call__(self, ar, nar, texts, prompt_codes, prompt_text, sampling=None, seed=0, *args, **kw):
         self.calls.append((list(texts), prompt_codes, prompt_text))
         self.seeds.append(seed)
         codes = [torch.full((8, 0 if t in self.mute else 40 * len(t.split())), len(self.calls))
@@ -128,7 +127,7 @@ def tiny(models):
 def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate(mute={"Third one is silent."})
-    monkeypatch.setattr(valle, "generate", fake)
+    monkeypatch.setattr(batched, "generate", fake)
     monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
     prompt = torch.randint(0, 1024, (8, 20))
     text = "First one here. Second one here. Third one is silent. Fourth one here."
@@ -144,13 +143,13 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
     assert fake.calls[3][1] is prompt and fake.calls[3][2] == "The prompt."  # ... hands back
     # a chunk cut at the caller's cap is no prompt: its audio stops before its text does ...
     cut = FakeGenerate(cut={"Second one here."})
-    monkeypatch.setattr(valle, "generate", cut)
+    monkeypatch.setattr(batched, "generate", cut)
     long_text.generate_long(ar, nar, "First one here. Second one here. Fourth one here.", prompt,
                         "The prompt.", mode="rolling", max_seconds=30)
     assert cut.calls[1][1] is not prompt and cut.calls[2][1] is prompt
     # ... nor is a chunk shorter than a second (one word: 40 frames)
     short = FakeGenerate()
-    monkeypatch.setattr(valle, "generate", short)
+    monkeypatch.setattr(batched, "generate", short)
     long_text.generate_long(ar, nar, "Hello. Second one here.", prompt, "The prompt.", mode="rolling")
     assert len(short.calls) == 2 and short.calls[1][1] is prompt
 
@@ -158,12 +157,12 @@ def test_rolling_prompts_each_chunk_with_the_one_before(tiny, monkeypatch):
 def test_rolling_candidates_share_a_batch_where_the_voice_prompts_them(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate()
-    monkeypatch.setattr(valle, "generate", fake)
+    monkeypatch.setattr(batched, "generate", fake)
     monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (1000, 20, 20))  # a sentence a chunk
     prompt = torch.randint(0, 1024, (8, 20))
     runs = long_text.generate_long(ar, nar, "First one here. Second one here.", prompt, "The prompt.",
                                mode="rolling", seed=7, candidates=2)
-    S = valle.SEED_STRIDE
+    S = batched.SEED_STRIDE
     assert fake.calls[0][0] == ["First one here."] * 2 and fake.calls[0][1] is prompt  # one batch
     assert fake.seeds == [[7, 7 + S], [7], [7 + S]]  # then each candidate after its own chunk
     for c, (texts, codes, _, prompted_by) in enumerate(runs):
@@ -174,7 +173,7 @@ def test_rolling_candidates_share_a_batch_where_the_voice_prompts_them(tiny, mon
 def test_fixed_mode_runs_every_chunk_in_one_batch_with_the_voice_prompt(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate()
-    monkeypatch.setattr(valle, "generate", fake)
+    monkeypatch.setattr(batched, "generate", fake)
     monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (100, 12, 12))
     prompt = torch.randint(0, 1024, (8, 20))
     [(texts, codes, _, _)] = long_text.generate_long(ar, nar, "One here. Two here. Three here.", prompt, "P.")
@@ -182,10 +181,24 @@ def test_fixed_mode_runs_every_chunk_in_one_batch_with_the_voice_prompt(tiny, mo
     assert fake.calls[0][1] is prompt
 
 
+@pytest.mark.parametrize("mode", ["fixed", "rolling"])
+def test_continuation_without_a_prompt_transcript(tiny, mode, monkeypatch):
+    # prompt_text=None, as valle.generate takes it: the text includes what the prompt says
+    ar, nar = tiny
+    fake = FakeGenerate()
+    monkeypatch.setattr(batched, "generate", fake)
+    prompt = torch.randint(0, 1024, (8, 20))
+    [(texts, codes, _, _)] = long_text.generate_long(ar, nar, "One here. Two here.", prompt, None, mode)
+    assert words(texts) == "One here. Two here.".split()
+    assert fake.calls[0][2] is None  # the first chunk: the voice prompt, no transcript
+    [(texts, codes, ended, _)] = long_text.generate_long(*tiny, "Hello there.", prompt, None, mode)
+    assert texts == ["Hello there."] and codes[0].shape[0] == 8  # the real generate too
+
+
 def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     ar, nar = tiny
     fake = FakeGenerate(cut={"Two words here and there.", "Alone."})
-    monkeypatch.setattr(valle, "generate", fake)
+    monkeypatch.setattr(batched, "generate", fake)
     monkeypatch.setattr(long_text, "chunk_frames", lambda *a, **k: (100, 22, 22))  # a sentence a chunk
     [(texts, codes, _, _)] = long_text.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                        torch.zeros(8, 20, dtype=torch.long), "P.")
@@ -194,11 +207,11 @@ def test_a_chunk_cut_off_is_split_and_spoken_again(tiny, monkeypatch):
     assert "Alone." in texts  # a single word that is cut stays as it came
     assert [c.shape[1] for c in codes] == [40 * len(t.split()) for t in texts]  # each its own
     cut = FakeGenerate(cut={"Go internationalization."})  # one word longer than half the chunk
-    monkeypatch.setattr(valle, "generate", cut)
+    monkeypatch.setattr(batched, "generate", cut)
     [(texts, _, _, _)] = long_text.generate_long(ar, nar, "Go internationalization.", torch.zeros(8, 20, dtype=torch.long), "P.")
     assert texts == ["Go", "internationalization."]
     with_cap = FakeGenerate(cut={"Two words here and there."})
-    monkeypatch.setattr(valle, "generate", with_cap)
+    monkeypatch.setattr(batched, "generate", with_cap)
     [(texts, _, _, _)] = long_text.generate_long(ar, nar, "One. Two words here and there. Alone.",
                                    torch.zeros(8, 20, dtype=torch.long), "P.", max_seconds=9)
     assert len(with_cap.calls) == 1 and len(texts) == 3  # the caller's cap: the cut is kept
@@ -223,13 +236,13 @@ def test_two_thousand_words_never_overflow_a_position_table(mode, n_words, monke
     cfg = valle.get_config("tiny", dropout=0.0, max_frames=600, max_text_tokens=60)
     ar, nar = EndsSoon(cfg).eval(), valle.NARModel(cfg).eval()
     ar.bias = 3.0 if mode == "fixed" else 2.0  # rolling: chunks of a second or more, to prompt
-    calls, generate = [], valle.generate
+    calls, generate = [], batched.generate
 
     def spy(ar, nar, texts, prompt_codes, prompt_text, *a, **k):
         codes, ended = generate(ar, nar, texts, prompt_codes, prompt_text, *a, **k)
         calls.extend((prompt_codes.shape[1], prompt_text, t, c) for t, c in zip(texts, codes))
         return codes, ended
-    monkeypatch.setattr(valle, "generate", spy)
+    monkeypatch.setattr(batched, "generate", spy)
     sentence = "The quick brown fox jumps over the lazy dog, and then it runs away. "
     text = sentence * (n_words // len(sentence.split()))
     prompt = torch.randint(0, 1024, (8, 40))

@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 import valle
-from extras import cli
+from extras import batched, cli
 from conftest import ROOT, random_checkpoint, run_script, write_prompt
 
 PROMPT_TEXT = "The train leaves at nine."
@@ -137,12 +137,12 @@ def test_bad_text_checkpoint_and_output(setup, tmp_path):
 
 def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys):
     import sample as sample_script
-    real = valle.generate
+    real = batched.generate
 
     def first_is_mute(*a, **kw):
         codes, ended = real(*a, **kw)
         return [codes[0][:, :0]] + codes[1:], [True] + ended[1:]  # as if <eos> came at once
-    monkeypatch.setattr(valle, "generate", first_is_mute)
+    monkeypatch.setattr(batched, "generate", first_is_mute)
     (setup / "two.txt").write_text("First sentence.\nSecond one.\n")
     argv = ["--checkpoint", str(setup / "model.pt"), "--prompt", str(setup / "prompt.wav"),
             "--prompt-text", PROMPT_TEXT, "--max-new-seconds", "1", "--text-file", str(setup / "two.txt")]
@@ -150,7 +150,7 @@ def test_no_speech_for_one_sentence_writes_the_others(setup, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "no speech for" in err and "mute_1.wav" in err
     assert not (setup / "mute_1.wav").exists() and (setup / "mute_2.wav").exists()
-    monkeypatch.setattr(valle, "generate", lambda *a, **kw: ([c[:, :0] for c in real(*a, **kw)[0]],
+    monkeypatch.setattr(batched, "generate", lambda *a, **kw: ([c[:, :0] for c in real(*a, **kw)[0]],
                                                              [True] * 2))
     with pytest.raises(SystemExit) as e:
         sample_script.main(argv + ["--out", str(setup / "none.wav")])
@@ -167,7 +167,7 @@ def test_long_text_shows_its_chunks_and_warns_of_each_one_that_ends_early(setup,
     def ends_at_once(ar, nar, texts, *a, **kw):
         calls.append(list(texts))
         return [torch.randint(0, 1024, (8, 3)) for _ in texts], [True] * len(texts)
-    monkeypatch.setattr(valle, "generate", ends_at_once)
+    monkeypatch.setattr(batched, "generate", ends_at_once)
     story = ("The lamp was lit at dusk, and it burned all night for a hundred years. "
              "Then one winter the old keeper retired to a small house by the sea. "
              "The town kept the light burning every night after that.")
@@ -196,7 +196,7 @@ def test_long_text_shows_its_chunks_and_warns_of_each_one_that_ends_early(setup,
     sample_script.main(argv + ["--text", "Hello there, my friend.", "--out", str(setup / "one.wav")])
     assert "warning: " + str(setup / "one.wav") + " ('Hello there, my friend.'): 0.04 s" in \
         capsys.readouterr().err
-    monkeypatch.setattr(valle, "generate", lambda ar, nar, texts, *a, **kw: (
+    monkeypatch.setattr(batched, "generate", lambda ar, nar, texts, *a, **kw: (
         [torch.randint(0, 1024, (8, 3)) for _ in texts], [False] * len(texts)))
     sample_script.main(argv + ["--text", "Hello there, my friend.", "--max-new-seconds", "0.04",
                                "--out", str(setup / "cut.wav")])

@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 import valle
-from extras import long_text, scorers
+from extras import batched, long_text, scorers
 from conftest import ROOT, random_checkpoint, run_script, write_prompt
 
 PROMPT_TEXT = "The prompt."
@@ -23,15 +23,13 @@ def naive_likelihood(ar, text, prompt_codes, codes, ended):
     G = ar.cfg.group_size
     t, v = valle.prompted_text(ar.cfg, [valle.text_to_ids(text)], PROMPT_TEXT)
     groups = valle.group_codes(prompt_codes[0], G)[:-1][None]
-    seq = torch.cat([codes[0], torch.tensor([valle.EOS] * ended, dtype=torch.long)])
+    seq = torch.cat([codes[0], torch.tensor([valle.EOS] * G * ended, dtype=torch.long)])  # a whole <eos> group
     total, n = 0.0, 0
     for k in range(0, len(seq), G):
-        logp = valle.prefill(ar, t, v, groups).log_softmax(-1)[0]  # (G, 1025)
+        logp = ar(groups, None, None, t, v)[0, -1].log_softmax(-1)  # (G, 1025): the next group
         group = seq[k: k + G]
         total += sum(logp[j, code].item() for j, code in enumerate(group))
         n += len(group)
-        if len(group) < G:  # the last group, ended inside
-            break
         groups = torch.cat([groups, group[None, None]], dim=1)
     return total / n if n else float("-inf")
 
@@ -41,8 +39,8 @@ def test_likelihood_is_the_mean_log_probability_of_each_code_and_the_eos(G):
     torch.manual_seed(0)
     ar = valle.ARModel(valle.get_config("tiny", dropout=0.0, group_size=G)).eval()
     prompt = torch.randint(0, 1024, (8, 31))  # 31: the prompt's groups are clipped at the start
-    # lengths that end inside a group, on a group's edge, at once (<eos> only), and cut off
-    lengths, ended = [5, 8, 0, 9], [True, True, True, False]
+    # whole groups, as generation makes them: ended, at once (<eos> only), and cut off
+    lengths, ended = [2 * G, 3 * G, 0, 5 * G], [True, True, True, False]
     codes = [torch.randint(0, 1024, (8, n)) for n in lengths]
     texts = ["A short test here.", "Another.", "A short test here.", "Hi."]
     got = scorers.likelihood(ar, texts, prompt, PROMPT_TEXT, codes, ended)  # one padded batch
@@ -242,19 +240,19 @@ def test_long_text_candidates_run_in_one_batch_and_match_separate_runs(monkeypat
     cfg = valle.get_config("tiny", dropout=0.0)
     ar, nar = valle.ARModel(cfg).eval(), valle.NARModel(cfg).eval()
     prompt = torch.randint(0, 1024, (8, 30))
-    calls, generate = [], valle.generate
+    calls, generate = [], batched.generate
 
     def spy(ar, nar, texts, *a, **k):
         calls.append(list(texts))
         return generate(ar, nar, texts, *a, **k)
-    monkeypatch.setattr(valle, "generate", spy)
+    monkeypatch.setattr(batched, "generate", spy)
     text = "One here. Two here."
     runs = long_text.generate_long(ar, nar, text, prompt, PROMPT_TEXT, seed=5, max_seconds=0.5,
                                chunk_seconds=1, candidates=3)
     assert len(calls) == 1 and len(calls[0]) == 3 * len(runs[0][0]) > 3  # chunks x candidates
     for c, (texts, codes, ended, _) in enumerate(runs):
         [(alone_texts, alone, _, _)] = long_text.generate_long(ar, nar, text, prompt, PROMPT_TEXT,
-                                                        seed=5 + valle.SEED_STRIDE * c,
+                                                        seed=5 + batched.SEED_STRIDE * c,
                                                         max_seconds=0.5, chunk_seconds=1)
         assert texts == alone_texts and all(torch.equal(a, b) for a, b in zip(codes, alone))
     assert not torch.equal(runs[0][1][0], runs[1][1][0])  # candidates differ
@@ -389,13 +387,13 @@ def test_select_per_sentence_reads_each_sentences_text_and_the_prompts_in_contin
 
 def test_a_candidate_too_short_for_its_text_is_never_kept(setup, monkeypatch, capsys):
     import sample as sample_script
-    generate = valle.generate
+    generate = batched.generate
 
     def first_ends_early(*a, **k):  # candidate 1 of each sentence says 3 frames and <eos>
         codes, ended = generate(*a, **k)
         return [c[:, :3] if i % 3 == 0 else c for i, c in enumerate(codes)], \
             [True if i % 3 == 0 else e for i, e in enumerate(ended)]
-    monkeypatch.setattr(valle, "generate", first_ends_early)
+    monkeypatch.setattr(batched, "generate", first_ends_early)
     # and its score is the best: the likelihood of a lone early <eos> often is
     monkeypatch.setattr(scorers, "chunks_likelihood", lambda ar, texts, codes, *a: 10.0 if codes[0].shape[1] == 3 else -float(codes[0].shape[1]))
     (setup / "one.txt").write_text("Hello world.\n")

@@ -6,6 +6,7 @@ import sys
 import torch
 
 import valle
+from extras import cli
 from conftest import ROOT, run_script
 
 FAST = ["--preset", "tiny", "--batch-frames", "400", "--lr", "1e-3", "--warmup", "5",
@@ -33,7 +34,7 @@ def test_training_lowers_validation_loss_and_saves_a_loadable_checkpoint(prepare
     norms = re.findall(r"grad norm ar ([\d.]+) nar ([\d.]+) \|", out.stdout)
     assert len(norms) == 4 and all(float(a) > 0 and float(n) > 0 and a != n for a, n in norms)
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)  # plain tensors and dicts only
-    cfg, ar, nar, _ = valle.load_checkpoint(str(tmp_path / "best.pt"))
+    cfg, ar, nar, _ = cli.load_checkpoint(str(tmp_path / "best.pt"))
     assert cfg.to_dict() == ckpt["config"] and cfg.group_size == 2
     assert all(torch.equal(v, ckpt["ar"][k]) for k, v in ar.state_dict().items())
     assert all(torch.equal(v, ckpt["nar"][k]) for k, v in nar.state_dict().items())
@@ -100,7 +101,7 @@ def test_ar_only_then_nar_only(prepared, tmp_path):
     out = train(prepared, tmp_path, "--models", "ar", "--max-steps", "2", "--eval-every", "2")
     assert out.returncode == 0, out.stderr
     assert "ar " in out.stdout and "nar " not in out.stdout
-    cfg, ar, nar, _ = valle.load_checkpoint(str(tmp_path / "last.pt"))
+    cfg, ar, nar, _ = cli.load_checkpoint(str(tmp_path / "last.pt"))
     assert ar is not None and nar is None
 
 
@@ -108,7 +109,6 @@ def test_fine_tuning_one_model_carries_the_other_along_so_the_checkpoint_still_s
     """--init-from X --models ar trains the AR only (the paper trains the two apart); X's NAR is
     in every checkpoint the run writes, unchanged, resumed runs included, so sample.py and
     eval.py load both."""
-    from extras import cli
     both = train(prepared, tmp_path / "both", "--max-steps", "2", "--eval-every", "2")
     assert both.returncode == 0, both.stderr
     source = str(tmp_path / "both" / "last.pt")
@@ -119,9 +119,9 @@ def test_fine_tuning_one_model_carries_the_other_along_so_the_checkpoint_still_s
     resumed = train(prepared, tmp_path / "ar", "--models", "ar", "--max-steps", "4", "--eval-every", "2",
                     "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    _, ar0, nar0, _ = valle.load_checkpoint(source)
+    _, ar0, nar0, _ = cli.load_checkpoint(source)
     for name in ("last.pt", "best.pt"):
-        _, ar, nar, ckpt = valle.load_checkpoint(str(tmp_path / "ar" / name))
+        _, ar, nar, ckpt = cli.load_checkpoint(str(tmp_path / "ar" / name))
         assert ckpt["step"] == 4 or name == "best.pt"
         assert all(torch.equal(a, b) for a, b in zip(nar.state_dict().values(), nar0.state_dict().values()))
         assert not all(torch.equal(a, b) for a, b in zip(ar.state_dict().values(), ar0.state_dict().values()))
@@ -150,7 +150,7 @@ def test_two_process_ddp_on_cpu(prepared, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 process(es) on cpu" in out.stdout
     assert sorted(losses(out.stdout)) == [1, 2, 3, 4]
-    assert valle.load_checkpoint(str(tmp_path / "last.pt"))[3]["step"] == 4
+    assert cli.load_checkpoint(str(tmp_path / "last.pt"))[3]["step"] == 4
 
 
 # --- the data path at corpus size: planned epochs, workers, no hangs -------------------
@@ -254,7 +254,7 @@ def test_fewer_batches_than_grad_accum_does_not_hang(prepared, tmp_path):
     assert "11 train / 1 val utterances" in out.stdout
     assert "fewer than --grad-accum 4: optimizer steps will span epochs" in out.stdout
     assert sorted(losses(out.stdout)) == [1, 2, 3]
-    assert valle.load_checkpoint(str(tmp_path / "last.pt"))[3]["epoch"] == 11  # 12 batches read
+    assert cli.load_checkpoint(str(tmp_path / "last.pt"))[3]["epoch"] == 11  # 12 batches read
 
 
 def test_two_processes_on_three_utterances(prepared, tmp_path):
@@ -334,7 +334,7 @@ def test_resume_refuses_another_run(prepared, tmp_path):
                    "--resume")
     assert longer.returncode == 0, longer.stderr
     assert "--max-steps 5 (the run had 4): the learning rate now decays to 0 at step 5" in longer.stdout
-    assert valle.load_checkpoint(str(tmp_path / "last.pt"))[3]["step"] == 5
+    assert cli.load_checkpoint(str(tmp_path / "last.pt"))[3]["step"] == 5
 
 
 FAIL_AT_STEP_2 = """

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import valle
-from extras import audio, cli, codecs, speedups
+from extras import audio, batched, cli, codecs, speedups
 from valle import EOS
 
 
@@ -30,15 +30,72 @@ def test_group_ungroup_round_trip(G):
         assert torch.equal(valle.ungroup(groups), c0[T % G:])
 
 
-def test_ungroup_cuts_at_first_eos_inside_a_group():
-    groups = torch.tensor([[1, 2], [3, EOS], [EOS, EOS]])
-    assert valle.ungroup(groups).tolist() == [1, 2, 3]
+def test_ungroup_drops_the_whole_group_that_holds_an_eos():
+    # SPEC §2: training ends on a whole <eos> group, so inference keeps whole groups of codes
+    for groups in ([[1, 2], [3, EOS], [EOS, EOS]], [[1, 2], [EOS, 3]], [[1, 2], [EOS, EOS]]):
+        assert valle.ungroup(torch.tensor(groups)).tolist() == [1, 2]
+    assert valle.ungroup(torch.tensor([[1, 2], [3, 4]])).tolist() == [1, 2, 3, 4]
+    assert valle.ungroup(torch.tensor([[EOS, 5], [6, 7]])).tolist() == []
+
+
+class EndsMidGroup(valle.ARModel):
+    """G=2, hand-made logits: the prefill's group is (3, 4), each step's the next two codes, and
+    the third group draws code 7 in slot 0 and <eos> in slot 1."""
+
+    def logits(self, h):
+        self.calls = getattr(self, "calls", 0) + 1  # one call a group, cached or naive
+        out = torch.full((*h.shape[:2], 2, EOS + 1), -1e9)
+        n = self.calls
+        out[..., 0, 2 * n + 1] = out[..., 1, EOS if n == 3 else 2 * n + 2] = 0.0
+        return out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_group_with_eos_in_any_slot_ends_the_speech_and_keeps_none_of_its_codes(use_cache):
+    ar = EndsMidGroup(valle.get_config("tiny", group_size=2)).eval()
+    text, valid = valle.pad_ids([[12, 13]])
+    out = valle.generate_ar(ar, text, valid, torch.zeros(0, dtype=torch.long), 10,
+                            valle.Sampling(top_p=0.0, ras=False), use_cache=use_cache)[0]
+    assert out.tolist() == [3, 4, 5, 6]  # (7, <eos>) ends it: whole groups, as in training
+
+
+class HalfEos(valle.ARModel):
+    """p(<eos>) = 1/2 in every slot, the other half shared by the 1024 codes."""
+
+    def logits(self, h):
+        out = torch.zeros(*h.shape[:2], self.cfg.group_size, EOS + 1)
+        out[..., EOS] = math.log(1024)
+        return out
+
+
+def test_the_likelihood_scores_the_whole_eos_group_that_training_ends_on():
+    from extras import scorers
+    ar = HalfEos(valle.get_config("tiny", group_size=2)).eval()
+    prompt = torch.randint(0, 1024, (8, 10))
+    codes = torch.randint(0, 1024, (8, 4))  # two groups
+    ended, cut = scorers.likelihood(ar, ["Hi.", "Hi."], prompt, "Hey.", [codes, codes], [True, False])
+    code, eos = math.log(1 / 2048), math.log(1 / 2)
+    assert ended == pytest.approx((4 * code + 2 * eos) / 6, abs=1e-4)  # the <eos> group: G codes
+    assert cut == pytest.approx(code, abs=1e-4)
+
+
+def test_decoding_ignores_the_mode_the_caller_left_the_models_in():
+    torch.manual_seed(0)
+    cfg = valle.get_config("tiny", dropout=0.5)
+    ar, nar = valle.ARModel(cfg).eval(), valle.NARModel(cfg).eval()
+    prompt = torch.randint(0, 1024, (8, 30), generator=torch.Generator().manual_seed(1))
+    run = lambda: valle.generate(ar, nar, ["A few words.", "More."], prompt, "Hey.",  # noqa: E731
+                                 valle.Sampling(top_p=0.0), max_seconds=1)
+    evaluated = run()
+    ar.train(), nar.train()  # as a training loop leaves them: dropout on
+    trained = run()
+    assert all(torch.equal(a, b) for a, b in zip(evaluated, trained))
+    assert ar.training and nar.training  # and their mode comes back
 
 
 def ar_logits(ar, text, groups):
     text, valid = valle.pad_ids([text])
-    x, v = ar.embed(text, valid, groups[None], torch.ones(1, groups.shape[0], dtype=torch.bool))
-    return ar.logits(ar(x, v))[0, len(text[0]) + 1:]  # from <bos>: (N + 1, G, 1025)
+    return ar(groups[None], None, None, text, valid)[0]  # from <bos>: (N + 1, G, 1025)
 
 
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
@@ -119,10 +176,9 @@ def test_decoding_does_not_depend_on_the_cpu_kernel(models, monkeypatch):
 
     @torch.inference_mode()
     def outputs():
-        x, v = ar.embed(text, valid, groups, torch.ones(2, 9, dtype=torch.bool))
-        cache = valle.KVCache(ar.cfg, 2, x.shape[1] + 1)
-        prefill = ar.logits(ar(x[:, :-1], v[:, :-1], cache))
-        step = ar.logits(ar(x[:, -1:], v[:, -1:], cache))  # one matrix-vector decode step
+        cache = valle.KVCache(ar.cfg, 2, text.shape[1] + 2 + 9)
+        prefill = ar(groups[:, :-1], None, cache, text, valid)
+        step = cache.step(ar, groups[:, -1:], torch.full((2, 1), 9))  # one matrix-vector step
         nar_logits = nar(text, valid, codes[..., :6], torch.ones(2, 6, dtype=torch.bool),
                          codes[..., 6:], torch.ones(2, 12, dtype=torch.bool), 3)
         return prefill, step, nar_logits
@@ -151,6 +207,17 @@ def test_compiled_fixed_shape_decoding_matches_naive(monkeypatch, B):
     for compiled, naive in zip(*runs):
         assert len(compiled) > 0
         assert torch.equal(compiled, naive)
+
+
+def test_a_full_fixed_shape_cache_says_so_after_the_prefill(models):
+    ar, _ = models
+    text, valid = valle.pad_ids([list(range(20, 30))])
+    groups = torch.randint(0, 1024, (1, 256 - 12, 2))
+    with torch.inference_mode():
+        cache = speedups.FixedShapeCache(ar.cfg, 1, 256)  # 256 slots, the rounding's unit
+        ar(groups, None, cache, text, valid)  # the prefill fills every slot: 10 + 2 + 244
+        with pytest.raises(RuntimeError, match="KV cache is full"):  # not a failed index_copy_
+            cache.step(ar, groups[:, -1:], torch.full((1, 1), 245))
 
 
 def test_same_seed_same_codes_other_seed_other_codes(models):
@@ -186,10 +253,10 @@ def test_an_items_codes_do_not_depend_on_its_batch(models):
         assert torch.equal(run(batch)[batch.index(target)], alone)
     # the candidates of one sentence (its seed + c * SEED_STRIDE), run as one batch, equal each
     # candidate run on its own
-    three = run([target] * 3, [3 + valle.SEED_STRIDE * c for c in range(3)])
+    three = run([target] * 3, [3 + batched.SEED_STRIDE * c for c in range(3)])
     assert len({c.shape[1] for c in three}) > 1 or not torch.equal(three[0], three[1])
     for c, codes in enumerate(three):
-        gens = [torch.Generator().manual_seed(3 + valle.SEED_STRIDE * c)]  # candidate c's stream, alone
+        gens = [torch.Generator().manual_seed(3 + batched.SEED_STRIDE * c)]  # candidate c's stream, alone
         text, valid = valle.pad_ids([valle.text_to_ids("Voice.") + [valle.PHONE_ID["_"]]
                                      + valle.text_to_ids(target)])
         max_groups = min(valle.MAX_FRAMES_PER_TOKEN * len(valle.text_to_ids(target)), 75) // 2
@@ -342,6 +409,17 @@ def test_repetition_history_starts_with_the_prompt(monkeypatch):
     assert seen[1][0, :-1].tolist() == list(range(116, 125))  # then the drawn code joins
 
 
+def test_ras_fallback_is_a_plain_sample_from_the_full_distribution():
+    # SPEC §4: temperature (like top-k and top-p) shapes the nucleus draw, not the fallback
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1])).expand(4000, 3)
+    history = torch.zeros(4000, 10, dtype=torch.long)  # code 0 everywhere: the fallback fires
+    cfg = valle.Sampling(temperature=0.5, top_p=0.0)  # the nucleus draw is code 0
+    codes = valle.repetition_aware_sample(logits, history, torch.Generator().manual_seed(0), cfg)
+    share = torch.bincount(codes, minlength=3) / 4000.0
+    # the model's own 0.6 / 0.3 / 0.1; at temperature 0.5 it would be 0.78 / 0.20 / 0.02
+    assert abs(share[0] - 0.6) < 0.03 and abs(share[2] - 0.1) < 0.02, share
+
+
 def test_temperature_divides_the_logits():
     logits = torch.log(torch.tensor([1.0, 4.0])).expand(40000, 2)
     g = torch.Generator().manual_seed(0)
@@ -408,6 +486,21 @@ def test_nar_is_told_which_codebook_by_e_j(models):
         assert torch.equal(before, nar(text, tv, prompt, pv, target, tgv, 4))
         nar.codebook_id.weight[4] += 1.0
         assert not torch.allclose(before, nar(text, tv, prompt, pv, target, tgv, 4))
+
+
+def test_the_nars_two_e_eos_compute_one_state_in_every_layer(models):
+    # why they need no position of their own (NARModel's docstring)
+    _, nar = models
+    text, tv, prompt, pv, target, tgv = nar_inputs()
+    states = []
+    hooks = [b.register_forward_hook(lambda m, a, out: states.append(out)) for b in nar.transformer.blocks]
+    nar(text, tv, prompt, pv, target, tgv, 3)
+    for h in hooks:
+        h.remove()
+    L, S = text.shape[1], prompt.shape[2] + target.shape[2]
+    for h in states:  # (B, L + 1 + S + 2, d): e_eos at L and at L + 1 + S
+        assert torch.allclose(h[:, L], h[:, L + 1 + S], atol=1e-5)
+        assert not torch.allclose(h[:, L], h[:, -1])  # e_j is another token
 
 
 def test_nar_loss_skips_padded_target_frames(models):
@@ -668,13 +761,12 @@ def cached_and_naive_logits(ar, groups):
     """Logits of the last 3 positions: from one full forward, and from a prefill + 3 cached
     single-group steps. Returns (naive, cached, cache)."""
     text, valid = valle.pad_ids([[12, 13, 14, 15, 16], [17, 18]])
-    ones = torch.ones(groups.shape[:2], dtype=torch.bool)
-    x, v = ar.embed(text, valid, groups, ones)
-    naive = ar.logits(ar(x, v))[:, -3:]
-    cache = valle.KVCache(ar.cfg, 2, x.shape[1])
-    ar(x[:, :-3], v[:, :-3], cache)
-    cached = torch.cat([ar.logits(ar(x[:, i:i + 1], v[:, i:i + 1], cache))
-                        for i in range(x.shape[1] - 3, x.shape[1])], dim=1)
+    N = groups.shape[1]
+    naive = ar(groups, None, None, text, valid)[:, -3:]
+    cache = valle.KVCache(ar.cfg, 2, text.shape[1] + 2 + N)
+    ar(groups[:, :-3], None, cache, text, valid)  # the prefill
+    cached = torch.cat([cache.step(ar, groups[:, n:n + 1], torch.full((2, 1), n + 1))
+                        for n in range(N - 3, N)], dim=1)  # group n at audio position n + 1
     return naive.float(), cached.float(), cache
 
 
@@ -877,13 +969,14 @@ def test_each_item_has_its_own_step_budget_and_batches_may_be_capped(models):
     prompt = torch.randint(0, 1024, (8, 30), generator=torch.Generator().manual_seed(0))
     texts = ["Hi.", "A longer one here.", "Go."]
     texts = [t for t in texts for _ in range(2)]  # two candidates each
-    seeds = [5 + valle.SEED_STRIDE * c for _ in range(3) for c in range(2)]
-    whole = valle.generate(ar, nar, texts, prompt, "Hey.", seed=seeds, max_batch=None)
+    seeds = [5 + batched.SEED_STRIDE * c for _ in range(3) for c in range(2)]
+    whole, ended = batched.generate(ar, nar, texts, prompt, "Hey.", seed=seeds, max_batch=None)
     for k, text in enumerate(texts):
         budget = valle.MAX_FRAMES_PER_TOKEN * len(valle.text_to_ids(text)) // 2 * 2
         assert whole[k].shape == (8, budget)
+    assert ended == [False] * 6  # each reached its budget: cut off
     for cap in (1, 4):
-        capped = valle.generate(ar, nar, texts, prompt, "Hey.", seed=seeds, max_batch=cap)
+        capped, _ = batched.generate(ar, nar, texts, prompt, "Hey.", seed=seeds, max_batch=cap)
         assert all(torch.equal(a, b) for a, b in zip(whole, capped))
 
 
@@ -894,12 +987,10 @@ def test_bf16_inference_keeps_norms_residual_and_logits_in_fp32():
     ar, _ = golden.load_weights()
     text, valid, codes, _ = golden.made_up_batch()
     groups = valle.group_codes(codes[0, 0], 2)[None, :-1]
-    x_args = (text[:1], valid[:1], groups, torch.ones(groups.shape[:2], dtype=torch.bool))
 
     def logits(model, autocast):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            x, v = model.embed(*x_args)
-            return model.logits(model(x, v))
+            return model(groups, None, None, text[:1], valid[:1])
 
     fp32 = logits(ar, False)
     mixed_model = speedups.bf16_linears(copy.deepcopy(ar))
