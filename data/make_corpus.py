@@ -8,6 +8,11 @@ in the same voices: the test set for eval.py.
     python data/make_corpus.py --out data/corpus --train 2000 --test 40 --voices 2
     python data/make_corpus.py --out data/flite --train 2000 --test 40 --voices slt,rms
     python data/make_corpus.py --out data/bilingual --languages en,de --train 200 --test 20
+    python data/make_corpus.py --out data/speak --text data/sentences.txt --train 16000 --test 80 \
+        --voices slt,rms,awb,kal16
+
+--text reads the sentences from a file instead, one a line (data/sentences.txt: WordNet's
+examples, data/open_vocab.txt: sentences written to test words never trained on).
 
 Writes <out>/train/<voice>/<id>.flac and <out>/test/<voice>/<id>.flac (16 kHz, with a
 same-name .txt transcript): the folder layout of data/prepare.py and eval.py; and the same as
@@ -51,6 +56,7 @@ VOICES = [
     ("rms", "flite", "rms", None, None),  # US English, male
     ("awb", "flite", "awb", None, None),  # Scottish English, male
     ("kal16", "flite", "kal16", None, None),  # US English, male (diphones)
+    ("ked", "festival", "ked_diphone", None, None),  # US English, male (diphones; Festival)
 ]
 MAX_WER = 0.2  # a voice Whisper reads worse than this is a poor test of whether a model speaks
 RATE = 16_000
@@ -155,14 +161,30 @@ def sentences(n, seed, language="en"):
     return out
 
 
+def read_sentences(path, n, first, seed):
+    """--text: n sentences of a file (one a line), shuffled by seed, after skipping its first."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        cli.fail(f"cannot read --text {path}: {e.strerror}")
+    random.Random(seed).shuffle(lines)
+    if first + n > len(lines):
+        cli.fail(f"--text {path} has {len(lines)} sentences: --first {first} and {n} more do not fit")
+    return lines[first: first + n]
+
+
 def speak(text, program, voice, wpm, pitch, tmp):
     """One sentence -> float32 audio at RATE."""
     wav = os.path.join(tmp, "x.wav")
+    stdin = None
     if program == "flite":  # writes 16 kHz
         command = ["flite", "-voice", voice, "-t", text, "-o", wav]
+    elif program == "festival":  # Festival's text2wave reads the text from its input
+        command, stdin = ["text2wave", "-eval", f"(voice_{voice})", "-o", wav], text
     else:
         command = ["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "-w", wav, text]
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(command, input=stdin, text=True, check=True, capture_output=True)
     audio, sr = sf.read(wav, dtype="float32")
     # espeak-ng writes 22.05 kHz; linear interpolation to 16 kHz keeps the files small (the
     # speech sits below 5 kHz) and needs no resampler here; prepare.py resamples to 24 kHz.
@@ -214,6 +236,10 @@ def main(argv=None):
                    help=f"how many voices (the first of {', '.join(v[0] for v in VOICES)}), or "
                         "their names, comma-separated")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same sentences")
+    p.add_argument("--text", help="read the sentences from this file, one a line, shuffled by "
+                                  "--seed (English only), instead of the grammar")
+    p.add_argument("--first", type=int, default=0,
+                   help="with --text: skip its first N sentences (those another corpus took)")
     p.add_argument("--languages", default="en",
                    help=f"comma-separated, from {', '.join(GRAMMARS)}: --train and --test "
                         "sentences in each")
@@ -224,20 +250,25 @@ def main(argv=None):
         cli.fail(f"--languages takes distinct languages from {', '.join(GRAMMARS)}, "
                  f"not {args.languages!r}")
     voices = pick_voices(args.voices)
-    if args.train < len(voices) or args.test < 2 * len(voices):
-        cli.fail(f"--train {args.train} --test {args.test}: need at least one training and two "
-                 f"held-out sentences per voice ({len(voices)})")
+    if args.train < 0 or args.test < 2 * len(voices) or args.first < 0:
+        cli.fail(f"--train {args.train} --test {args.test} --first {args.first}: need two held-out "
+                 f"sentences per voice ({len(voices)}) and no negative count")
+    if args.text and languages != ["en"]:
+        cli.fail("--text holds English sentences: give --languages en")
     if languages != ["en"] and any(program == "flite" for _, program, *_ in voices):
         cli.fail("flite's voices speak English only: give --languages en, or espeak-ng voices")
     for program in sorted({program for _, program, *_ in voices}):
-        if shutil.which(program) is None:
-            cli.fail(f"{program} is not installed: apt install {program} (macOS: brew install {program})")
+        command = "text2wave" if program == "festival" else program
+        if shutil.which(command) is None:
+            package = "festival festvox-kdlpc16k" if program == "festival" else program
+            cli.fail(f"{program} is not installed: apt install {package} (macOS: brew install {program})")
     tmp_out = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp_out, ignore_errors=True)
     seconds, lists = 0.0, {"train": [], "test": []}
     with tempfile.TemporaryDirectory() as tmp:
         for language in languages:
-            texts = sentences(args.train + args.test, args.seed, language)
+            texts = (read_sentences(args.text, args.train + args.test, args.first, args.seed)
+                     if args.text else sentences(args.train + args.test, args.seed, language))
             split = {"train": texts[: args.train], "test": texts[args.train:]}
             for part, items in split.items():
                 for i, text in enumerate(items):

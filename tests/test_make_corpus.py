@@ -48,7 +48,7 @@ def test_writes_train_and_held_out_sentences_in_each_voice(tmp_path):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--voices", "0"], "--voices must be 1-12 or names"),
+    (["--voices", "0"], "--voices must be 1-13 or names"),
     (["--voices", "slt,nobody"], "--voices takes distinct names from"),
     (["--voices", "slt", "--languages", "en,de"], "flite's voices speak English only"),
     (["--voices", "2", "--test", "3"], "two held-out sentences per voice"),
