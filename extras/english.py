@@ -42,8 +42,8 @@ def cmudict():
 
 
 @lru_cache(maxsize=1)
-def _g2p():
-    """g2p_en's model, built without the NLTK downloads it attempts at import."""
+def _g2p_module():
+    """g2p_en's module, imported without the NLTK downloads it attempts at import."""
     import nltk
     download, nltk.download = nltk.download, lambda *args, **kwargs: False
     try:
@@ -52,7 +52,19 @@ def _g2p():
         nltk.download = download
     cmu = cmudict()
     g2p_module.cmudict = type("cmudict", (), {"dict": staticmethod(lambda: cmu)})
-    return g2p_module.G2p(), g2p_module.normalize_numbers
+    return g2p_module
+
+
+@lru_cache(maxsize=1)
+def _g2p():
+    """g2p_en's model and its number speller."""
+    return _g2p_module().G2p(), _g2p_module().normalize_numbers
+
+
+def spell_numbers(text):
+    """Numbers as words, as g2p-en reads them: "17" -> "seventeen", "$3.50" -> "three dollars,
+    fifty cents"."""
+    return _g2p_module().normalize_numbers(text)
 
 
 def phonemize_english(text):

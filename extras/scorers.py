@@ -92,8 +92,11 @@ def to_16k(wav, sr):
 
 
 def normalize(text):
-    """What both sides of a WER go through: lower case, no punctuation, single spaces."""
+    """What both sides of a WER go through: numbers in words (Whisper writes "seventeen" as
+    "17"), hyphens as spaces ("far-flung"), lower case, no punctuation, single spaces."""
     jiwer = need("jiwer", "jiwer")
+    from extras import english
+    text = english.spell_numbers(text).replace("-", " ")
     return jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(),
                           jiwer.RemoveMultipleSpaces(), jiwer.Strip()])(text)
 
