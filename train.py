@@ -585,8 +585,9 @@ def main(argv=None):
             overrides["dropout"] = args.dropout
         cfg = valle.get_config(args.preset, **overrides)
         torch.manual_seed(args.seed)
-        ar = valle.ARModel(cfg).to(device) if "ar" in args.models else None
-        nar = valle.NARModel(cfg).to(device) if "nar" in args.models else None
+        wanted = args.models.split(",")  # not `"ar" in args.models`: "nar" holds "ar"
+        ar = valle.ARModel(cfg).to(device) if "ar" in wanted else None
+        nar = valle.NARModel(cfg).to(device) if "nar" in wanted else None
     raw = Both(ar, nar).train()  # the uncompiled, unwrapped module whose weights we save
     model = nn.parallel.DistributedDataParallel(raw) if ddp else raw
     if args.compile:  # after DDP, as PyTorch advises: the compiled graph is then split at DDP's

@@ -70,6 +70,9 @@ PRESETS = {
     # tests and the CPU demo: 1.0M (AR) and 2.0M (NAR) parameters, trains in minutes on 2 cores
     "tiny": dict(n_layer=3, n_head=4, d_model=128, d_ff=512, dropout=0.1,
                  max_text_tokens=512, max_frames=30 * FRAME_RATE),
+    # the shipped model's (docs/model.md): 4.0M (AR) and 5.8M (NAR), utterances up to 20 s
+    "small": dict(n_layer=4, n_head=4, d_model=256, d_ff=1024, dropout=0.1,
+                  max_text_tokens=256, max_frames=20 * FRAME_RATE),
     # VALL-E's size (VALL-E §5): ~150M parameters per model
     "paper": dict(n_layer=12, n_head=16, d_model=1024, d_ff=4096, dropout=0.1),
 }

@@ -103,6 +103,11 @@ def test_ar_only_then_nar_only(prepared, tmp_path):
     assert "ar " in out.stdout and "nar " not in out.stdout
     cfg, ar, nar, _ = cli.load_checkpoint(str(tmp_path / "last.pt"))
     assert ar is not None and nar is None
+    out = train(prepared, tmp_path / "nar", "--models", "nar", "--max-steps", "2", "--eval-every", "2")
+    assert out.returncode == 0, out.stderr
+    assert "| nar " in out.stdout and "| ar " not in out.stdout  # "nar" holds "ar": no AR built
+    _, ar, nar, _ = cli.load_checkpoint(str(tmp_path / "nar" / "last.pt"))
+    assert ar is None and nar is not None
 
 
 def test_fine_tuning_one_model_carries_the_other_along_so_the_checkpoint_still_speaks(prepared, tmp_path):
