@@ -13,6 +13,9 @@ Speed and memory of VALL-E 2 on this machine: prints a table, asserts nothing.
 
 Random weights (speed does not depend on them). <eos> is masked so that every run decodes the
 same number of steps. Warm-up before timing, the median of --repeats runs, CUDA synchronised.
+Each row stands alone: one that fails prints its error in its place, the others still print,
+and the exit status is 1; one that cannot run here (no compiler for --compile, no numpy, no
+EnCodec) says why in its place.
 """
 import argparse
 import contextlib
@@ -26,13 +29,17 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 import valle
 from extras import batched, cli, codecs, long_text, speedups
 from extras.cli import FRAME_COUNT, FRAME_OFFSET, PHONE_COUNT, PHONE_OFFSET, SPEAKER  # index.npy columns
+
+try:
+    import numpy as np
+except ImportError:  # a bare GPU machine (tests/test_cuda.py): the rows that need it say so
+    np = None
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--preset", default="paper", choices=valle.PRESETS, help="model size")
@@ -66,6 +73,8 @@ try:
 except ValueError as e:
     p.error(str(e))
 cuda = device.type == "cuda"
+if np is None and (args.data_path or args.memory or args.int8_accuracy):
+    p.error("--data-path, --memory and --int8-accuracy need numpy: pip install numpy")
 
 
 def machine():
@@ -148,22 +157,27 @@ DEFAULT = "torch default" + ("" if cuda else " (MKL)")
 
 
 def read_bandwidths():
-    """Read bandwidth (bytes/s) of y = W x for a 256 MB fp32 W, the AR step's shape, by kernel."""
+    """Read bandwidth (bytes/s) of y = W x for a 256 MB fp32 W, the AR step's shape, by kernel:
+    W's bytes over the median time of the product, in fp32 without autocast (under --bf16's
+    autocast each call would first cast W to bf16, and the row would time the cast)."""
     W = torch.randn(8192, 8192, device=device)
     x = torch.randn(1, 8192, device=device)
     kernels = {DEFAULT: lambda: x @ W.T}
     if not cuda:
-        Wn, xn = W.numpy(), x.numpy()
         kernels["oneDNN (speedups.linear)"] = lambda: speedups.linear(x, W)
-        kernels["numpy (OpenBLAS)"] = lambda: xn @ Wn.T
+        if np is not None:
+            Wn, xn = W.numpy(), x.numpy()
+            kernels["numpy (OpenBLAS)"] = lambda: xn @ Wn.T
     with torch.inference_mode():
-        return {k: W.numel() * 4 / timed(f, repeats=10, warmup=3) for k, f in kernels.items()}
+        return {k: W.numel() * 4 / timed(f, repeats=10, warmup=3, autocast=False)
+                for k, f in kernels.items()}
 
 
 def copy_bandwidth():
+    """Bytes read and written per second by a copy of 256 MiB on the device."""
     a = torch.empty(2**28, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    t = timed(lambda: b.copy_(a), repeats=10, warmup=3)
+    t = timed(lambda: b.copy_(a), repeats=10, warmup=3, autocast=False)
     return 2 * a.numel() / t  # read + write
 
 
@@ -181,6 +195,54 @@ rows = []
 def row(name, value, note=""):
     rows.append((name, value, note))
     print(f"{name:<52} {value:>14}  {note}", flush=True)
+
+
+failed = []  # the rows that failed: the exit status says so
+
+
+@contextlib.contextmanager
+def stands_alone(name):
+    """The rows made inside stand alone: an error prints as the row `name`, in their place, and
+    the table goes on."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure is this row's, not the table's
+        failed.append(name)
+        why = " ".join(str(e).split())
+        row(name, "error", f"{type(e).__name__}: {why[:300]}")
+
+
+# Dense bf16 peaks (tensor cores, no sparsity), TFLOP/s, by GPU name: the MFU row's denominator.
+# The first pattern found in torch.cuda.get_device_name() wins: the specific before the general.
+PEAK_BF16_TFLOPS = [
+    (r"H100.*PCIe", 756), (r"H100 NVL", 835), (r"H200 NVL", 835), (r"GH200", 989),
+    (r"H100|H200|H800", 989),  # SXM
+    (r"B200", 2250), (r"B100", 1750), (r"A100|A800", 312), (r"L40S", 362), (r"L40\b", 181),
+    (r"\bL4\b", 121), (r"\bA10\b", 125),
+]
+
+
+def peak_bf16_flops(name):
+    """-> (FLOP/s, the table's pattern) of GPU `name`, or (None, None) where it is not in the table."""
+    for pattern, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, name):
+            return tflops * 1e12, pattern
+    return None, None
+
+
+def training_flops(cfg, B, L, T):
+    """The matrix products of one AR + NAR training step, forward and backward (3 x the
+    forward's), for B sequences of L phones and T frames: each block's linear layers and
+    attention's two products over the whole S x S (masked and padded pairs counted, as a
+    kernel computes them), the AR's group layers and both tied heads. Embedding lookups, norms,
+    softmax and the loss are left out."""
+    d, G, layers = cfg.d_model, cfg.group_size, cfg.n_layer
+    S_ar, S_nar = lengths(cfg, L, T)
+    blocks = lambda S: layers * (S * (8 * d * d + 4 * d * cfg.d_ff) + 4 * S * S * d)  # noqa: E731
+    slots = T // G + 1  # <bos> and the groups: where the AR predicts a group
+    ar = blocks(S_ar) + slots * (4 * G * d * d + 2 * G * d * (valle.CODEBOOK_SIZE + 1))
+    nar = blocks(S_nar) + T * 2 * d * valle.CODEBOOK_SIZE
+    return 3 * B * (ar + nar)
 
 
 # --- the training data path at corpus size (--data-path) ----------------------------------------
@@ -526,82 +588,114 @@ print(f"# bench: preset {args.preset}, {device}, {args.threads} threads, {precis
       f"{frames / valle.FRAME_RATE:.1f} s of speech after a {args.prompt_seconds:.0f} s prompt")
 
 # --- AR decoding: KV cache vs naive, for each group size ------------------------------------
-bws = read_bandwidths()
-for kernel, b in bws.items():
-    row(f"matrix-vector read bandwidth, {kernel}", f"{b / 1e9:.1f} GB/s", "W x, 256 MB fp32 W")
-bw = max(bws.values())  # the floor is set by the fastest kernel, not by the one we use
+bws, bw = {}, None  # bw: the floors' bandwidth, the fastest kernel's (None: unmeasured)
+with stands_alone("matrix-vector read bandwidth"):
+    bws = read_bandwidths()
+    for kernel, b in bws.items():
+        row(f"matrix-vector read bandwidth, {kernel}", f"{b / 1e9:.1f} GB/s",
+            "W's bytes / time of x @ W.T, 256 MB fp32 W, no autocast")
+    if not cuda and np is None:
+        row("matrix-vector read bandwidth, numpy (OpenBLAS)", "skipped", "numpy is not installed")
+    bw = max(bws.values())  # the floor is set by the fastest kernel, not by the one we use
 if cuda:  # the GPU floor: weight bytes at the copy bandwidth (bytes read + written per second)
-    bw = max(bw, copy_bandwidth())
-    row("device copy bandwidth", f"{bw / 1e9:.0f} GB/s", "read + write; the floor uses it")
+    with stands_alone("device copy bandwidth"):
+        copy = copy_bandwidth()
+        bw = max(bw or 0, copy)
+        row("device copy bandwidth", f"{copy / 1e9:.0f} GB/s",
+            "(bytes read + written) / time of a 256 MiB copy; the floors use the larger of it "
+            "and the read bandwidth")
+
+
+def floor_note(per_step, weight_bytes):
+    """The step against its floor: the weights' bytes at the best bandwidth measured."""
+    if not bw:
+        return "floor unknown (no bandwidth measured)"
+    floor = weight_bytes / bw
+    return (f"floor {1000 * floor:.1f} ms/step (weights {weight_bytes / 1e6:.0f} MB / best read "
+            f"bandwidth): {per_step / floor:.2f}x")
+
+
 ar_seconds = {}
 for G in (1, 2, 4, 8):
-    torch.manual_seed(0)
-    cfg = valle.get_config(args.preset, group_size=G, dropout=0.0)
-    ar = NoEOS(cfg).to(device).eval()
-    if args.bf16:
-        speedups.bf16_linears(ar)
-    text, text_valid, prompt = make_inputs(cfg)
-    steps = frames // G
-    run = lambda cache, n=steps, compile=False: valle.generate_ar(  # noqa: E731
-        ar, text, text_valid, prompt[0], n, valle.Sampling(), torch.Generator(device).manual_seed(0),
-        use_cache=cache, cache_class=speedups.FixedShapeCache if compile else valle.KVCache)
-    total = timed(lambda: run(True))
-    prefill = timed(lambda: run(True, 1))  # prefill + one step
-    ar_seconds[G] = total
-    floor = ar_weight_bytes(ar) / bw
-    per_step = (total - prefill) / (steps - 1)
-    default = "" if cuda else f", {per_step * bws[DEFAULT] / ar_weight_bytes(ar):.2f}x at torch's default's"
-    row(f"AR G={G}: cached decode, {steps} steps", f"{total:.2f} s",
-        f"prefill {1000 * prefill:.0f} ms, then {1000 * per_step:.1f} ms/step; floor "
-        f"{1000 * floor:.1f} ms/step (weights {ar_weight_bytes(ar) / 1e6:.0f} MB / best read "
-        f"bandwidth): {per_step / floor:.2f}x{default}; weights read at "
-        f"{ar_weight_bytes(ar) / per_step / 1e9:.1f} GB/s")
-    if G == 2 and (args.compile or cuda):
-        t = time.perf_counter()
-        with bf16():
-            run(True, 2, compile=True)  # compiles on the first call
-        first = time.perf_counter() - t
-        total_c = timed(lambda: run(True, compile=True))
-        prefill_c = timed(lambda: run(True, 1, compile=True))
-        per_step_c = (total_c - prefill_c) / (steps - 1)
-        row(f"AR G={G}: compiled fixed-shape decode step" + (", CUDA graphs" if cuda else ""),
-            f"{total_c:.2f} s", f"{1000 * per_step_c:.1f} ms/step, {per_step_c / floor:.2f}x the "
-            f"floor, weights read at {ar_weight_bytes(ar) / per_step_c / 1e9:.1f} GB/s; first "
-            f"call {first:.0f} s (compiling)")
-    if G == 2 or args.quick:
-        # The naive path costs one full forward per step, growing with the sequence: time it at
-        # a few lengths and integrate, rather than waiting for every step.
-        prefix = text.shape[1] + 2 + prompt.shape[1] // G
-        samples = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
-        costs = []
-        for s in samples:
-            groups = torch.randint(0, valle.CODEBOOK_SIZE, (1, prompt.shape[1] // G + s, G), device=device)
-            with torch.inference_mode():  # the naive step: the whole sequence, no cache
-                costs.append(timed(lambda: ar(groups, None, None, text, text_valid)[:, -1],
-                                   repeats=max(1, args.repeats - 1)))
-        naive = sum((costs[i] + costs[i + 1]) / 2 * (samples[i + 1] - samples[i])
-                    for i in range(len(samples) - 1)) + costs[-1]
-        row(f"AR G={G}: naive decode (recompute all), {steps} steps", f"{naive:.1f} s",
-            f"{1000 * costs[0]:.0f} -> {1000 * costs[-1]:.0f} ms/step as the sequence grows "
-            f"(prefix {prefix} + up to {steps}); integrated from {len(samples)} timed steps")
-        row(f"AR G={G}: KV cache speed-up over naive", f"{naive / total:.1f}x")
-    del ar
+    with stands_alone(f"AR G={G}: cached decode"):
+        torch.manual_seed(0)
+        cfg = valle.get_config(args.preset, group_size=G, dropout=0.0)
+        ar = NoEOS(cfg).to(device).eval()
+        if args.bf16:
+            speedups.bf16_linears(ar)
+        text, text_valid, prompt = make_inputs(cfg)
+        steps = frames // G
+        run = lambda cache, n=steps, compile=False: valle.generate_ar(  # noqa: E731
+            ar, text, text_valid, prompt[0], n, valle.Sampling(), torch.Generator(device).manual_seed(0),
+            use_cache=cache, cache_class=speedups.FixedShapeCache if compile else valle.KVCache)
+        total = timed(lambda: run(True))
+        prefill = timed(lambda: run(True, 1))  # prefill + one step
+        ar_seconds[G] = total
+        per_step = (total - prefill) / (steps - 1)
+        default = "" if cuda or DEFAULT not in bws else \
+            f", {per_step * bws[DEFAULT] / ar_weight_bytes(ar):.2f}x at torch's default's"
+        row(f"AR G={G}: cached decode, {steps} steps", f"{total:.2f} s",
+            f"prefill {1000 * prefill:.0f} ms, then {1000 * per_step:.1f} ms/step; "
+            f"{floor_note(per_step, ar_weight_bytes(ar))}{default}; weights read at "
+            f"{ar_weight_bytes(ar) / per_step / 1e9:.1f} GB/s")
+    name = f"AR G={G}: compiled fixed-shape decode step" + (", CUDA graphs" if cuda else "")
+    if G == 2 and (args.compile or cuda) and G in ar_seconds:
+        why = speedups.compile_missing(device.type)
+        if why:
+            row(name, "skipped", why)
+        else:
+            with stands_alone(name):
+                t = time.perf_counter()
+                with bf16():
+                    run(True, 2, compile=True)  # compiles on the first call
+                first = time.perf_counter() - t
+                total_c = timed(lambda: run(True, compile=True))
+                prefill_c = timed(lambda: run(True, 1, compile=True))
+                per_step_c = (total_c - prefill_c) / (steps - 1)
+                row(name, f"{total_c:.2f} s", f"{1000 * per_step_c:.1f} ms/step, "
+                    f"{floor_note(per_step_c, ar_weight_bytes(ar))}, weights read at "
+                    f"{ar_weight_bytes(ar) / per_step_c / 1e9:.1f} GB/s; first call {first:.0f} s "
+                    "(compiling)")
+    if (G == 2 or args.quick) and G in ar_seconds:
+        with stands_alone(f"AR G={G}: naive decode (recompute all)"):
+            # The naive path costs one full forward per step, growing with the sequence: time it
+            # at a few lengths and integrate, rather than waiting for every step.
+            prefix = text.shape[1] + 2 + prompt.shape[1] // G
+            samples = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
+            costs = []
+            for s in samples:
+                groups = torch.randint(0, valle.CODEBOOK_SIZE, (1, prompt.shape[1] // G + s, G), device=device)
+                with torch.inference_mode():  # the naive step: the whole sequence, no cache
+                    costs.append(timed(lambda: ar(groups, None, None, text, text_valid)[:, -1],
+                                       repeats=max(1, args.repeats - 1)))
+            naive = sum((costs[i] + costs[i + 1]) / 2 * (samples[i + 1] - samples[i])
+                        for i in range(len(samples) - 1)) + costs[-1]
+            row(f"AR G={G}: naive decode (recompute all), {steps} steps", f"{naive:.1f} s",
+                f"{1000 * costs[0]:.0f} -> {1000 * costs[-1]:.0f} ms/step as the sequence grows "
+                f"(prefix {prefix} + up to {steps}); integrated from {len(samples)} timed steps")
+            row(f"AR G={G}: KV cache speed-up over naive", f"{naive / ar_seconds[G]:.1f}x")
+    ar = None
 if not cuda:  # what oneDNN buys over torch's default CPU kernel, on a shorter run
-    cfg = valle.get_config(args.preset, group_size=2, dropout=0.0)
-    ar = NoEOS(cfg).eval()
-    text, text_valid, prompt = make_inputs(cfg)
-    n = min(60, frames // 2)
-    per_step = {}
-    run = lambda k: valle.generate_ar(ar, text, text_valid, prompt[0], k)  # noqa: E731
-    for fast in (False, True):
-        torch.backends.mkldnn.enabled = fast  # PyTorch's own oneDNN switch, which speedups.linear reads
-        per_step[fast] = (timed(lambda: run(n), autocast=False)
-                          - timed(lambda: run(1), autocast=False)) / (n - 1)
-    row("AR G=2 step, torch's default kernel vs oneDNN", f"{per_step[False] / per_step[True]:.2f}x",
-        f"{1000 * per_step[False]:.1f} vs {1000 * per_step[True]:.1f} ms/step "
-        f"({n} steps, torch.backends.mkldnn.enabled False vs True)")
-    del ar
-row("AR time, G=1 / G=2", f"{ar_seconds[1] / ar_seconds[2]:.2f}x", "grouping halves the steps")
+    with stands_alone("AR G=2 step, torch's default kernel vs oneDNN"):
+        cfg = valle.get_config(args.preset, group_size=2, dropout=0.0)
+        ar = NoEOS(cfg).eval()
+        text, text_valid, prompt = make_inputs(cfg)
+        n = min(60, frames // 2)
+        per_step = {}
+        run = lambda k: valle.generate_ar(ar, text, text_valid, prompt[0], k)  # noqa: E731
+        try:
+            for fast in (False, True):
+                torch.backends.mkldnn.enabled = fast  # PyTorch's own oneDNN switch, which speedups.linear reads
+                per_step[fast] = (timed(lambda: run(n), autocast=False)
+                                  - timed(lambda: run(1), autocast=False)) / (n - 1)
+        finally:
+            torch.backends.mkldnn.enabled = True
+        row("AR G=2 step, torch's default kernel vs oneDNN", f"{per_step[False] / per_step[True]:.2f}x",
+            f"{1000 * per_step[False]:.1f} vs {1000 * per_step[True]:.1f} ms/step "
+            f"({n} steps, torch.backends.mkldnn.enabled False vs True)")
+        ar = None
+if 1 in ar_seconds and 2 in ar_seconds:
+    row("AR time, G=1 / G=2", f"{ar_seconds[1] / ar_seconds[2]:.2f}x", "grouping halves the steps")
 
 # --- NAR, codec, end to end -------------------------------------------------------------------
 torch.manual_seed(0)
@@ -611,66 +705,87 @@ nar = valle.NARModel(cfg).to(device).eval()
 if args.bf16:
     speedups.bf16_linears(ar), speedups.bf16_linears(nar)
 text, text_valid, prompt = make_inputs(cfg)
-c0 = [torch.randint(0, valle.CODEBOOK_SIZE, (frames,), device=device)]
-nar_s = timed(lambda: valle.generate_nar(nar, text, text_valid, prompt, c0))
-row("NAR: 7 greedy passes", f"{nar_s:.2f} s", f"{1000 * nar_s / 7:.0f} ms/pass over "
-    f"{text.shape[1] + 1 + prompt.shape[1] + frames + 2} positions")
-try:
-    codec = codecs.untrained(0)  # the same network as the pretrained one: the same speed
-    codes = torch.randint(0, valle.CODEBOOK_SIZE, (valle.N_CODEBOOKS, frames))
-    codec_s = timed(lambda: codec.decode(codes))
-    row("EnCodec decode (CPU)", f"{codec_s:.2f} s", f"{frames} frames")
-except ImportError:  # a bare GPU machine (tests/test_cuda.py): the rows without the codec
-    codec_s = None
-    row("EnCodec decode (CPU)", "skipped", "the encodec package is not installed")
-e2e = ar_seconds[2] + nar_s + (codec_s or 0)
-audio = frames / valle.FRAME_RATE
-row(f"end to end, G=2 (AR + NAR{' + EnCodec' if codec_s else ''})", f"{e2e:.1f} s",
-    f"real-time factor {e2e / audio:.3f} (wall / audio), {audio / e2e:.2f}x real time")
+nar_s = codec_s = None
+with stands_alone("NAR: 7 greedy passes"):
+    c0 = [torch.randint(0, valle.CODEBOOK_SIZE, (frames,), device=device)]
+    nar_s = timed(lambda: valle.generate_nar(nar, text, text_valid, prompt, c0))
+    row("NAR: 7 greedy passes", f"{nar_s:.2f} s", f"{1000 * nar_s / 7:.0f} ms/pass over "
+        f"{text.shape[1] + 1 + prompt.shape[1] + frames + 2} positions")
+with stands_alone("EnCodec decode (CPU)"):
+    try:
+        codec = codecs.untrained(0)  # the same network as the pretrained one: the same speed
+    except ImportError:  # a bare GPU machine (tests/test_cuda.py): the rows without the codec
+        row("EnCodec decode (CPU)", "skipped", "the encodec package is not installed")
+    else:
+        codes = torch.randint(0, valle.CODEBOOK_SIZE, (valle.N_CODEBOOKS, frames))
+        codec_s = timed(lambda: codec.decode(codes))
+        row("EnCodec decode (CPU)", f"{codec_s:.2f} s", f"{frames} frames")
+if 2 in ar_seconds and nar_s is not None:
+    e2e = ar_seconds[2] + nar_s + (codec_s or 0)
+    audio = frames / valle.FRAME_RATE
+    row(f"end to end, G=2 (AR + NAR{' + EnCodec' if codec_s else ''})", f"{e2e:.1f} s",
+        f"real-time factor {e2e / audio:.3f} (wall / audio), {audio / e2e:.2f}x real time")
 
 # --- batched generation -------------------------------------------------------------------------
-bframes = min(frames, 150)
-for B in (1, 8):
-    text_b, valid_b, _ = make_inputs(cfg, batch=B)
-    streams = [torch.Generator(device).manual_seed(batched.SEED_STRIDE * c) for c in range(B)]  # one a row
-    t = timed(lambda: valle.generate_ar(ar, text_b, valid_b, prompt[0], bframes // 2, valle.Sampling(),
-                                        streams))
-    if B == 1:
-        one = t
-    else:
-        row(f"batch of {B} sentences vs 1 ({bframes // 2} AR steps)", f"{t / one:.2f}x",
-            f"{t:.2f} s vs {one:.2f} s")
+with stands_alone("batch of 8 sentences vs 1"):
+    bframes = min(frames, 150)
+    for B in (1, 8):
+        text_b, valid_b, _ = make_inputs(cfg, batch=B)
+        streams = [torch.Generator(device).manual_seed(batched.SEED_STRIDE * c) for c in range(B)]  # one a row
+        t = timed(lambda: valle.generate_ar(ar, text_b, valid_b, prompt[0], bframes // 2, valle.Sampling(),
+                                            streams))
+        if B == 1:
+            one = t
+        else:
+            row(f"batch of {B} sentences vs 1 ({bframes // 2} AR steps)", f"{t / one:.2f}x",
+                f"{t:.2f} s vs {one:.2f} s")
 
 # --- training throughput and peak memory ----------------------------------------------------
-ar.train(), nar.train()
-ar.float(), nar.float()
-train_frames = 300 if args.quick else 6000 if cuda else 500  # 6000: VALL-E's frames per GPU
-T = 100 if args.quick else 500
-B = train_frames // T
-codes = torch.randint(0, valle.CODEBOOK_SIZE, (B, valle.N_CODEBOOKS, T), device=device)
-text, _ = valle.pad_ids([valle.text_to_ids(TEXT)] * B, device)
-lens, text_lens = torch.full((B,), T, device=device), torch.full((B,), text.shape[1], device=device)
-opt = torch.optim.AdamW(list(ar.parameters()) + list(nar.parameters()), lr=1e-4)
-if cuda:
-    torch.cuda.reset_peak_memory_stats()
+with stands_alone("training AR + NAR"):
+    ar.train(), nar.train()
+    ar.float(), nar.float()
+    train_frames = 300 if args.quick else 6000 if cuda else 500  # 6000: VALL-E's frames per GPU
+    T = 100 if args.quick else 500
+    B = train_frames // T
+    codes = torch.randint(0, valle.CODEBOOK_SIZE, (B, valle.N_CODEBOOKS, T), device=device)
+    text, _ = valle.pad_ids([valle.text_to_ids(TEXT)] * B, device)
+    lens, text_lens = torch.full((B,), T, device=device), torch.full((B,), text.shape[1], device=device)
+    opt = torch.optim.AdamW(list(ar.parameters()) + list(nar.parameters()), lr=1e-4)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = ar.loss(text, text_lens, codes, lens)[0] + nar.loss(text, text_lens, codes, lens)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-def train_step():
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        loss = ar.loss(text, text_lens, codes, lens)[0] + nar.loss(text, text_lens, codes, lens)[0]
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-t = timed(train_step, repeats=max(1, args.repeats - 1), autocast=False)
-peak = (torch.cuda.max_memory_allocated() if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-row(f"training AR + NAR, batch {B} x {T} frames", f"{B * T / t:.0f} frames/s",
-    f"{t:.2f} s/step; peak {'GPU' if cuda else 'process'} memory {peak / 2**30:.1f} GiB")
-if cuda:
-    n_params = sum(p.numel() for p in ar.parameters()) + sum(p.numel() for p in nar.parameters())
-    tokens = B * (T // 2 + T + 2 * text.shape[1])  # AR sees T/G groups, NAR T frames
-    flops = 6 * n_params / 2 * tokens  # each model sees its own tokens
-    peak_flops = 989e12  # H100 SXM dense bf16
-    row("training MFU (approx., bf16 dense peak 989 TFLOP/s)", f"{100 * flops / t / peak_flops:.1f}%")
+    t = timed(train_step, repeats=max(1, args.repeats - 1), autocast=False)
+    if cuda:
+        free, total_memory = torch.cuda.mem_get_info(device)
+        memory = (f"peak GPU memory: tensors {torch.cuda.max_memory_allocated(device) / 2**30:.1f} "
+                  f"GiB (max_memory_allocated), PyTorch's pool {torch.cuda.max_memory_reserved(device) / 2**30:.1f} "
+                  f"GiB (max_memory_reserved); the device's whole use after the steps "
+                  f"{(total_memory - free) / 2**30:.1f} GiB (CUDA context and every process included)")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        memory = f"peak process memory {peak / 2**30:.1f} GiB (ru_maxrss: the whole run so far)"
+    row(f"training AR + NAR, batch {B} x {T} frames", f"{B * T / t:.0f} frames/s", f"{t:.2f} s/step; {memory}")
+    if cuda:
+        flops = training_flops(cfg, B, text.shape[1], T)
+        name = torch.cuda.get_device_name(device)
+        peak_flops, pattern = peak_bf16_flops(name)
+        what = (f"{flops / t / 1e12:.0f} TFLOP/s of matrix products (bench.training_flops: "
+                "forward and backward, attention over the whole S x S, no embeddings)")
+        if peak_flops is None:
+            row("training MFU, bf16", "unknown", f"{what}; {name} is not in bench.py's "
+                "PEAK_BF16_TFLOPS: add its dense bf16 peak")
+        else:
+            row("training MFU, bf16", f"{100 * flops / t / peak_flops:.1f}%",
+                f"{what} / {name}'s dense bf16 peak {peak_flops / 1e12:.0f} TFLOP/s "
+                f"(PEAK_BF16_TFLOPS, {pattern!r})")
+if failed:
+    print(f"# {len(failed)} row(s) failed: {'; '.join(failed)}", flush=True)
+    sys.exit(1)

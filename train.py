@@ -26,7 +26,10 @@ import time
 import traceback
 from contextlib import nullcontext
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # train_step and Both need only torch (tests/test_cuda.py on a bare GPU
+    np = None  # machine); the data path needs numpy, and main says so
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -503,6 +506,8 @@ def evaluate(raw, data, val_batches, autocast):
 
 def main(argv=None):
     args = parse_args(argv)
+    if np is None:
+        die("train.py reads its data with numpy: pip install numpy")
 
     # Processes and devices: one per GPU under torchrun, else one.
     ddp = "RANK" in os.environ
@@ -545,8 +550,8 @@ def main(argv=None):
     if not args.resume and os.path.exists(last_path):  # a new run, --init-from too, never overwrites
         die(f"{args.out} already holds a run: pass --resume to continue it or choose another --out")
     if source:
-        try:
-            cfg, ar, nar, ckpt = cli.load_checkpoint(source, device)
+        try:  # to the CPU: on a GPU the checkpoint would stay there beside the models it loads
+            cfg, ar, nar, ckpt = cli.load_checkpoint(source, "cpu")
         except (FileNotFoundError, ValueError) as e:
             die(str(e) + ("" if not args.resume else "; drop --resume to start a new run"))
         if ckpt.get("codec") != data.meta["codec"]:
@@ -558,8 +563,8 @@ def main(argv=None):
         missing = [w for w in wanted if ckpt.get(w) is None]
         if missing:
             die(f"{source} holds no {' or '.join(missing)} model; choose --models accordingly")
-        ar = ar if "ar" in wanted else None
-        nar = nar if "nar" in wanted else None
+        ar = ar.to(device) if "ar" in wanted else None
+        nar = nar.to(device) if "nar" in wanted else None
         # The model this run does not train rides along unchanged in every checkpoint it writes,
         # so that `--init-from X --models ar` (the paper trains the two apart) still speaks.
         carried = {name: ckpt[name] for name in ("ar", "nar")
@@ -631,6 +636,7 @@ def main(argv=None):
         if ckpt.get("args", {}).get("max_steps", args.max_steps) != args.max_steps:
             log(f"--max-steps {args.max_steps} (the run had {ckpt['args']['max_steps']}): the "
                 f"learning rate now decays to 0 at step {args.max_steps}")
+    ckpt = None  # models and optimizer hold what they need (`carried` the model not trained)
 
     peak = lr_at(args, min(max(args.warmup - 1, 0), args.max_steps - 1))  # the warm-up's last step
     log(f"learning rate: linear warm-up over {args.warmup} steps to {peak:.2e}, linear decay to 0 "

@@ -139,26 +139,18 @@ class FixedShapeCache(valle.KVCache):
             BUFFERS[key] = {"valid": self.valid, "pos": torch.zeros(1, dtype=torch.long, device=device)}
         self.buffers = BUFFERS[key]
         self.valid = self.buffers["valid"].zero_()  # the last cache's tokens are gone
-        self.pos = None  # after the prefill: (1,) tensor, the slot the next step writes
+        self.slots = None  # after the prefill: what the compiled step writes through (Slots)
 
     def step(self, model, new, pos):
         if self.length >= self.max_len:  # index_copy_ past the end would fail on the device
             raise RuntimeError(f"KV cache is full ({self.max_len} slots)")
-        if self.pos is None:  # the first step, after the prefill: the shapes are fixed from here
-            self.pos = self.buffers["pos"].fill_(self.length)
-            for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these
-                mark_static(t)
+        if self.slots is None:  # the first step, after the prefill: the shapes are fixed from here
+            self.slots = Slots(self)
         # a copy with strides of its own: a view's, even .contiguous() at B=1, would recompile
         new = new.clone(memory_format=torch.contiguous_format)  # (B, 1, G)
-        logits = compiled_step(new.device.type)(model, new, pos, self)
+        logits = compiled_step(new.device.type)(model, new, pos, self.slots)
         self.length += 1  # counted here, outside the graph, where a Python int is no guard
         return logits
-
-    def mask(self, valid, causal):
-        if self.pos is None:
-            return super().mask(valid, causal)
-        self.valid.index_copy_(1, self.pos, valid)  # one query: every filled slot is its past
-        return self.valid[:, None, None, :]
 
     def update(self, layer, k, v):
         if self.k[layer] is None:  # this shape's buffers for the layer, in k's dtype
@@ -166,17 +158,32 @@ class FixedShapeCache(valle.KVCache):
             if key not in BUFFERS:
                 BUFFERS[key] = [torch.zeros(self.shape, device=k.device, dtype=k.dtype) for _ in "kv"]
             self.k[layer], self.v[layer] = BUFFERS[key]
-        if self.pos is None:
-            return super().update(layer, k, v)
+        return super().update(layer, k, v)
+
+
+class Slots:
+    """A FixedShapeCache after its prefill, as the compiled step sees it: each call writes one
+    slot at the tensor `pos` (then moves it on, in place) and attends to the whole buffer. One
+    class whatever the cache's own (batched.reporting subclasses it anew for every batch), so
+    that the compiled step's guard on the type of its argument holds from batch to batch."""
+
+    def __init__(self, cache):
+        self.k, self.v, self.valid = cache.k, cache.v, cache.valid
+        self.pos = cache.buffers["pos"].fill_(cache.length)  # (1,): the slot the next step writes
+        for t in [*self.k, *self.v, self.valid, self.pos]:  # CUDA graphs replay on these
+            mark_static(t)
+
+    def mask(self, valid, causal):
+        self.valid.index_copy_(1, self.pos, valid)  # one query: every filled slot is its past
+        return self.valid[:, None, None, :]
+
+    def update(self, layer, k, v):
         self.k[layer].index_copy_(2, self.pos, k)
         self.v[layer].index_copy_(2, self.pos, v)
         return self.k[layer], self.v[layer]
 
     def advance(self, n):
-        if self.pos is None:
-            super().advance(n)
-        else:
-            self.pos += n  # in place: a CUDA graph replays on this tensor (step counts length)
+        self.pos += n  # in place: a CUDA graph replays on this tensor (the cache counts length)
 
 
 def mark_static(t):
@@ -189,8 +196,39 @@ def mark_static(t):
 
 
 def decode_step(model, new, pos, cache):
-    """One decode step, the model called on the cache (valle.KVCache.step), to compile."""
+    """One decode step, the model called on the cache (valle.KVCache.step; a FixedShapeCache's
+    Slots), to compile."""
     return model(new, pos, cache)
+
+
+def compile_missing(*device_types):
+    """Why torch.compile cannot build its kernels here for these device types, in one line, or
+    None when it can. Inductor's CPU kernels (a CPU decode step, or the CPU arithmetic inside
+    a compiled training forward on a GPU) need a C++ compiler; CUDA kernels need Triton, and a C
+    compiler and Python's headers to build Triton's launcher. A bare CUDA image may have none."""
+    import importlib.util
+    import os
+    import shutil
+    import sysconfig
+    missing = []
+    if "cpu" in device_types:
+        try:  # the search Inductor itself makes ($CXX, else g++)
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or a PyTorch without the function
+            missing.append(f"a C++ compiler ({os.environ.get('CXX', 'g++')}, or set $CXX) for its "
+                           "CPU kernels")
+    if "cuda" in device_types:
+        if importlib.util.find_spec("triton") is None:
+            missing.append("Triton (pip install triton) for its GPU kernels")
+        else:
+            cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+            if not cc:
+                missing.append("a C compiler (gcc or clang, or set $CC) for Triton's launcher")
+            if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+                missing.append(f"Python's headers (Python.h, in {sysconfig.get_paths()['include']}) "
+                               "for Triton's launcher")
+    return f"torch.compile needs {' and '.join(missing)}: not found here" if missing else None
 
 
 @lru_cache(maxsize=None)

@@ -253,3 +253,49 @@ def test_two_thousand_words_never_overflow_a_position_table(mode, n_words, monke
         assert len(valle.text_to_ids(prompt_text)) + 1 + len(valle.text_to_ids(chunk)) <= 60
         assert prompt_frames + c.shape[1] <= 600
     assert any(p != 40 for p, *_ in calls) == (mode == "rolling")  # rolling: chunks as prompts
+
+
+def test_a_compiled_long_text_compiles_once_per_shape(monkeypatch):
+    """sample.py --compile on a long text: each chunk is a batch of its own, with a new
+    FixedShapeCache (and, with progress, a new cache class: batched.reporting). Caches of one
+    shape hand the compiled step the same buffers, and the step sees one class, so 12 chunks
+    compile once per shape, not once per chunk (the ninth would hit the recompile limit), and
+    the buffers kept are one set per shape. The graphs are counted with a backend that runs
+    them as traced: dynamo's guards decide what recompiles, whatever compiles it after."""
+    from extras import speedups
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    step = torch.compile(speedups.decode_step, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(speedups, "compiled_step", lambda device_type: step)
+    monkeypatch.setattr(speedups, "BUFFERS", {})
+    buffers = []  # each chunk's keys of layer 0, as its compiled steps see them (held: no reuse)
+
+    class Slots(speedups.Slots):
+        def __init__(self, cache):
+            super().__init__(cache)
+            buffers.append(self.k[0])
+    monkeypatch.setattr(speedups, "Slots", Slots)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = valle.get_config("tiny", d_model=16, n_head=2, n_layer=2, d_ff=64, dropout=0.0,
+                           max_frames=600, max_text_tokens=60)
+    ar, nar = EndsSoon(cfg).eval(), valle.NARModel(cfg).eval()
+    ar.bias = 5.0  # a chunk ends within a few steps
+    short, long = "Go now.", "The seven quiet rivers ran far away to the sea."  # 7 and 43 phones
+    steps = []
+    try:
+        [(texts, codes, _, _)] = long_text.generate_long(
+            ar, nar, " ".join([short, long] * 6), torch.randint(0, 1024, (8, 40)), "A prompt.",
+            "fixed", cache_class=speedups.FixedShapeCache, max_batch=1,
+            progress=lambda label, step, total: steps.append(step))
+    finally:
+        torch._dynamo.reset()
+    assert texts == [short, long] * 6 and max(steps) > 1  # 12 batches of one chunk, each decoded
+    shapes = {key[0] for key in speedups.BUFFERS}  # a short chunk's cache rounds to 256, a long one's to 512
+    assert shapes == {(1, cfg.n_head, 256, cfg.head_dim), (1, cfg.n_head, 512, cfg.head_dim)}
+    assert len(graphs) == len(shapes)  # once per shape
+    assert len(buffers) == 12 and len({t.data_ptr() for t in buffers}) == len(shapes)  # memory flat
+    assert len(speedups.BUFFERS) == len(shapes) * (1 + cfg.n_layer)  # valid/pos, then k/v per layer

@@ -148,14 +148,28 @@ def test_bad_input_gets_one_line_and_status_2(prepared, tmp_path):
 
 
 def test_two_process_ddp_on_cpu(prepared, tmp_path):
+    """Two gloo processes train, and each evaluates its share of the held-out batches: the
+    validation figures are the sums over both processes divided by the total count of batches,
+    so they equal the figures of one process evaluating every batch on the same weights."""
+    import contextlib
+    held_out = ["--val-fraction", "0.5"]  # 6 held-out utterances: batches on both processes
     out = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                     "train.py", "--data", prepared, "--out", str(tmp_path), *FAST[:-2],
+                     "train.py", "--data", prepared, "--out", str(tmp_path), *FAST[:-2], *held_out,
                      "--threads", "1", "--max-steps", "4", "--eval-every", "4", "--log-every", "1",
                      env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "2 process(es) on cpu" in out.stdout
+    assert "2 process(es) on cpu" in out.stdout and "6 train / 6 val utterances" in out.stdout
     assert sorted(losses(out.stdout)) == [1, 2, 3, 4]
-    assert cli.load_checkpoint(str(tmp_path / "last.pt"))[3]["step"] == 4
+    cfg, ar, nar, ckpt = cli.load_checkpoint(str(tmp_path / "last.pt"))  # evaluated, then saved
+    assert ckpt["step"] == 4
+    data = train_script.Dataset(prepared)
+    args = train_script.parse_args(["--data", prepared, "--out", str(tmp_path), *FAST, *held_out])
+    batches = train_script.validation_batches(data.index, train_script.split(data.index, args, cfg)[0], args)
+    assert len(batches) == 2  # one a process: dividing by a process's own count would double the figures
+    one = train_script.evaluate(train_script.Both(ar, nar), data, batches, contextlib.nullcontext())
+    assert sorted(ckpt["val"]) == sorted(one) and len(one) == 10  # ar, nar, acc0..acc7
+    for k, v in one.items():
+        assert abs(ckpt["val"][k] - v) <= 1e-5 * abs(v) + 1e-7, (k, ckpt["val"][k], v)
 
 
 # --- the data path at corpus size: planned epochs, workers, no hangs -------------------
@@ -317,6 +331,36 @@ def test_evaluation_reduces_on_the_models_device(prepared, monkeypatch):
     except Reduced:
         pass
     assert seen == ["meta"]
+
+
+def test_resume_loads_the_checkpoint_to_the_cpu_and_keeps_none_of_it(prepared, tmp_path, monkeypatch):
+    """--resume reads last.pt onto the CPU (onto a GPU it would stay there beside the models for
+    the whole run: about 1.3 GB at the paper's size) and lets it go once the models and the
+    optimizer hold their state: at the first step, none of the checkpoint's weights is alive."""
+    import gc
+    import weakref
+    args = ["--data", prepared, "--out", str(tmp_path), *FAST, "--max-steps", "2",
+            "--eval-every", "1", "--log-every", "1"]
+    train_script.main(args + ["--stop-at", "1"])
+    loads, load = [], cli.load_checkpoint
+
+    def spy(path, device="cpu"):
+        cfg, ar, nar, ckpt = load(path, device)
+        loads.append((str(device), [weakref.ref(t) for name in ("ar", "nar") for t in ckpt[name].values()]))
+        return cfg, ar, nar, ckpt
+    alive, train_step = [], train_script.train_step
+
+    def first_step(*a, **k):
+        if not alive:
+            gc.collect()
+            alive.append(sum(ref() is not None for ref in loads[0][1]))
+        return train_step(*a, **k)
+    monkeypatch.setattr(cli, "load_checkpoint", spy)
+    monkeypatch.setattr(train_script, "train_step", first_step)
+    train_script.main(args + ["--resume"])
+    assert [device for device, _ in loads] == ["cpu"] and len(loads[0][1]) > 20
+    assert alive == [0]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_resume_refuses_another_run(prepared, tmp_path):
