@@ -642,18 +642,16 @@ def sample(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
 def repetition_ratio(codes, history, window):
     """r = (1/K) * #{k in 1..K : c_t == c_{t-k}} (§3.4.1): codes (B,), history (B, H) of the
     codes before them, the newest last (H < K while there are fewer) -> (B,) ratios."""
-    recent = history[:, -window:]
-    return (recent == codes[:, None]).sum(dim=1).double() / window
+    return (history[:, -window:] == codes[:, None]).sum(dim=1).double() / window
 
 
 def repetition_aware_sample(logits, history, generator=None, cfg=Sampling()):
     """Algorithm 1: nucleus sampling, unless the drawn code repeats in the history; then a plain
     random sample from the full distribution. It fires when r >= t_r over the K codes before c_t:
     with the paper's K=10, t_r=0.1, once the code appeared among the last ten. (The written sum,
-    read with k from 0, counts c_t itself and tests r > t_r: the same rule.) The fallback is the
-    model's own distribution, as SPEC §4 reads Algorithm 1: no temperature, top-k or top-p, so
-    that a loop the nucleus holds on is broken by what the model itself finds likely. Both draws
-    are always made, so the random stream does not depend on the data."""
+    read with k from 0, counts c_t itself and tests r > t_r: the same rule.) The fallback draws
+    from the model's own distribution (no temperature, top-k or top-p), so what breaks a loop is
+    what the model finds likely. Both draws are always made: the stream does not depend on data."""
     nucleus = sample(logits, generator, cfg.temperature, cfg.top_k, cfg.top_p)
     if not cfg.ras:
         return nucleus
@@ -673,8 +671,8 @@ def pad_ids(seqs, device=None):
 
 
 def inference(fn):
-    """Decoding is inference, whatever mode the caller left a model in: every model among fn's
-    arguments runs in eval mode (no dropout), under inference_mode, and gets its mode back."""
+    """Decoding is inference, whatever mode the caller left a model in: fn's model arguments run
+    in eval mode (no dropout), under inference_mode, and get their mode back."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         modes = [(m, m.training) for m in args if isinstance(m, nn.Module)]
