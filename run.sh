@@ -7,10 +7,13 @@
 #                      2,000 steps (about 2 h 20 min on 2 idle cores; run it again to continue a run)
 #   bash run.sh bilingual  docs/languages.md: English and German in the same voices, then
 #                          an English voice speaks German
-#   bash run.sh gpu-check  docs/tests.md: tests/test_cuda.py, figures in gpu_check.txt; needs
-#                          PyTorch with CUDA and numpy, installs nothing else (a GPU machine may be
-#                          bare and offline: numpy comes from wheels/ if it is missing there)
-#   bash run.sh gpu-wheels numpy's wheel into wheels/, on a machine with network, for a bare one
+#   bash run.sh gpu-check [--dry-run] [FILE]  docs/tests.md: tests/test_cuda.py, figures in
+#                          gpu_check.txt (or FILE); needs PyTorch with CUDA, installs nothing (a GPU
+#                          machine may be bare and offline: numpy comes from wheels/ if it is
+#                          missing there; what lacks numpy or a compiler is skipped, and said).
+#                          --dry-run: the same checks on the CPU, small, on any machine
+#   bash run.sh gpu-wheels [3.X ...]  numpy's wheels into wheels/, on a machine with network, for
+#                          a bare one: Pythons 3.10-3.14 (or those given), x86_64 and aarch64
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VALLE_VENV:-.venv}"
@@ -18,19 +21,54 @@ PY="$VENV/bin/python"
 if [ "${1:-}" = gpu-wheels ] || [ "${1:-}" = gpu-check ]; then
   [ -x "$PY" ] || PY=python3  # this project's venv where there is one, else the machine's Python
 fi
-if [ "${1:-}" = gpu-wheels ]; then  # on a machine with network: numpy's wheel, for a bare GPU machine
-  exec "$PY" -m pip download -q --only-binary=:all: --no-deps -d wheels "$(grep '^numpy==' requirements.txt)"
+if [ "${1:-}" = gpu-wheels ]; then  # on a machine with network: numpy's wheels, for a bare GPU machine
+  shift
+  spec=$(grep '^numpy==' requirements.txt)
+  versions=("$@")
+  [ ${#versions[@]} -gt 0 ] || versions=(3.10 3.11 3.12 3.13 3.14)
+  for py in "${versions[@]}"; do
+    for machine in x86_64 aarch64; do
+      get() {  # the wheel of $1 for Python $py on $machine (glibc 2.28 or older: CUDA's images)
+        "$PY" -m pip download -q --only-binary=:all: --no-deps -d wheels --python-version "$py" \
+          --platform "manylinux_2_28_$machine" --platform "manylinux_2_17_$machine" \
+          --platform "manylinux2014_$machine" "$1" >/dev/null 2>&1
+      }
+      if get "$spec"; then echo "wheels/: $spec for Python $py on $machine"
+      elif get numpy; then echo "wheels/: numpy for Python $py on $machine (the newest for it: $spec has none)"
+      else echo "note: no numpy wheel for Python $py on $machine"; fi
+    done
+  done
+  exit 0
 fi
 if [ "${1:-}" = gpu-check ]; then
+  shift
   if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "error: $PY has no PyTorch: install PyTorch with CUDA, or point VALLE_VENV at a venv" >&2
     exit 2
   fi
-  if ! "$PY" -c "import numpy" 2>/dev/null && ls wheels/numpy-*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --find-links wheels --target .gpu-site numpy  # not into $PY
-    export PYTHONPATH=".gpu-site${PYTHONPATH:+:$PYTHONPATH}"
+  site="$PWD/.gpu-site"  # numpy from wheels/, beside the code, not in $PY's own packages
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  if ! "$PY" -c "import numpy" 2>/dev/null; then
+    rm -rf "$site"  # another Python's numpy, if any
+    cp=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+    if "$PY" -m pip --version >/dev/null 2>&1; then  # pip picks the wheel that fits, if one does
+      "$PY" -m pip install -q --no-index --find-links wheels --target "$site" numpy >/dev/null 2>&1 || true
+    else  # no pip either: a wheel is a zip
+      whl=$(ls wheels/numpy-*-"$cp"-"$cp"-*"$(uname -m)".whl 2>/dev/null | tail -n 1)
+      [ -z "$whl" ] || "$PY" -m zipfile -e "$whl" "$site"
+    fi
+    if ! "$PY" -c "import numpy" 2>/dev/null; then
+      echo "note: numpy is missing for $PY ($cp, $(uname -m)) and wheels/ holds no wheel that" \
+        "fits: the checks that need it are skipped; bash run.sh gpu-wheels ${cp:2:1}.${cp:3} on a" \
+        "machine with a network fetches it (copy wheels/ here)"
+    fi
   fi
-  exec "$PY" tests/test_cuda.py --out "${2:-gpu_check.txt}"
+  args=() prev=
+  for a in "$@"; do  # a bare FILE is --out FILE
+    if [[ "$a" != -* && "$prev" != --out ]]; then args+=(--out "$a"); else args+=("$a"); fi
+    prev=$a
+  done
+  exec "$PY" tests/test_cuda.py ${args[@]+"${args[@]}"}
 fi
 stamp="$VENV/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
@@ -57,6 +95,12 @@ case "${1:-}" in
     exec "$PY" -m pytest -q "$@"  # all of tests/ (pytest.ini), or the files/options given
     ;;
   demo)
+    # 1. The shipped model says a sentence it never heard, in a bundled voice it knows
+    mkdir -p runs
+    hear=(); "$PY" -c "import faster_whisper" 2>/dev/null && hear=(--transcribe)  # optional scorers
+    "$PY" sample.py --text "The little boat drifted slowly toward the island." \
+      --out runs/shipped.wav ${hear[@]+"${hear[@]}"}
+    # 2. The pipeline end to end in minutes: prepare the demo corpus, train the tiny preset, speak
     STEPS="${DEMO_STEPS:-300}"
     if [ ! -f data/prepared/demo/meta.json ]; then
       "$PY" data/prepare.py --layout folder --src data/demo --out data/prepared/demo
@@ -88,31 +132,59 @@ case "${1:-}" in
         --tokens-only --prompt-seconds 1 --per-speaker 10 | tee "runs/learn/eval_$at.txt"
     done
     ;;
-  speak)  # docs/learning.md "Heard": a model that speaks, judged by Whisper, offline
-    extras  # the mel codec's vocoder, Whisper and resemblyzer
-    STEPS="${SPEAK_STEPS:-12000}"
-    EVERY="${SPEAK_EVERY:-2000}"
-    if [ ! -f data/prepared/flite/meta.json ]; then
-      "$PY" data/make_corpus.py --out data/flite --train 2000 --test 40 --voices slt,rms
-      "$PY" data/prepare.py --layout folder --src data/flite/train --out data/prepared/flite --codec mel
+  speak)  # docs/model.md: the shipped model, models/flite-small.pt, made from scratch on 2 CPU cores
+    extras  # Whisper and resemblyzer, which measure it
+    DATA="${SPEAK_DATA:-data}"  # where the corpora and the prepared data go (git-ignored in data/)
+    RUN="${SPEAK_RUN:-runs/speak}"  # the run: speak_ar/, speak_nar/, evaluations, model.pt
+    AR_STEPS="${SPEAK_AR_STEPS:-8000}"
+    NAR_STEPS="${SPEAK_NAR_STEPS:-4000}"
+    EVERY=1000  # a stop (and a kept checkpoint, step_<N>.pt) every EVERY steps
+    voices=slt,rms,awb,kal16
+    if [ ! -f "$DATA/prepared/speak/meta.json" ]; then  # 12 h of speech, then its codes (~40 min)
+      "$PY" data/make_corpus.py --out "$DATA/speak" --text data/sentences.txt --train 16000 \
+        --test 80 --voices "$voices"
+      "$PY" data/make_corpus.py --out "$DATA/speak_open" --text data/open_vocab.txt --train 0 \
+        --test 50 --voices "$voices"
+      "$PY" data/prepare.py --layout folder --src "$DATA/speak/train" --out "$DATA/prepared/speak" \
+        --codec mel
     fi
-    flags=(--data data/prepared/flite --out runs/flite --preset tiny --max-steps "$STEPS"
-           --lr 1e-3 --warmup 200 --batch-frames 4000 --eval-every 500 --log-every 100)
-    step() {  # the step of runs/flite/last.pt (0: none yet)
-      "$PY" -c 'import sys, torch; print(torch.load(sys.argv[1], map_location="cpu", weights_only=True)["step"])' \
-        runs/flite/last.pt 2>/dev/null || echo 0
+    train() {  # MODEL STEPS BATCH_FRAMES: one model, a core of its own, in stops it resumes from
+      local out="$RUN/speak_$1" at
+      mkdir -p "$out"
+      local flags=(--data "$DATA/prepared/speak" --out "$out" --preset small --models "$1"
+                   --max-steps "$2" --lr 1e-3 --warmup 500 --batch-frames "$3" --eval-every 500
+                   --log-every 100 --threads 1)
+      for ((at = EVERY; at < $2 + EVERY; at += EVERY)); do
+        ((at > $2)) && at=$2
+        [ -f "$out/step_$at.pt" ] && continue  # passed before an interruption
+        resume=(); [ -f "$out/last.pt" ] && resume=(--resume)
+        "$PY" train.py "${flags[@]}" --stop-at "$at" "${resume[@]}" >> "$out/train.log"
+        cp "$out/last.pt" "$out/step_$at.tmp" && mv "$out/step_$at.tmp" "$out/step_$at.pt"
+      done
     }
-    for ((at = EVERY; at < STEPS + EVERY; at += EVERY)); do
-      ((at > STEPS)) && at=$STEPS
-      ((at < $(step))) && continue  # a run here already passed this stop: it continues
-      resume=(); [ -f runs/flite/last.pt ] && resume=(--resume)
-      "$PY" train.py "${flags[@]}" --stop-at "$at" "${resume[@]}"
-      [ -f "runs/flite/eval_$at.txt" ] && continue  # measured before the run was interrupted
-      echo "== step $at: Whisper and resemblyzer on 10 held-out sentences"
-      "$PY" eval.py --checkpoint runs/flite/last.pt --layout folder --src data/flite/test \
-        --per-speaker 5 --prompt-seconds 1 --real-c0 --out "runs/flite/eval_$at" > "runs/flite/eval_$at.tmp"
-      mv "runs/flite/eval_$at.tmp" "runs/flite/eval_$at.txt" && cat "runs/flite/eval_$at.txt"
+    echo "== training the AR ($AR_STEPS steps) and the NAR ($NAR_STEPS) side by side: $RUN/speak_*/train.log"
+    train ar "$AR_STEPS" 4000 & ar=$!
+    train nar "$NAR_STEPS" 3000 & nar=$!
+    wait "$ar" && wait "$nar"
+    nar_last="$RUN/speak_nar/step_$NAR_STEPS.pt"
+    for ((at = EVERY; at < AR_STEPS + EVERY; at += EVERY)); do  # the AR's learning, with the last NAR
+      ((at > AR_STEPS)) && at=$AR_STEPS
+      [ -f "$RUN/eval_$at.txt" ] && continue
+      "$PY" models/export.py "$RUN/speak_ar/step_$at.pt" "$RUN/at_$at.pt" --nar-from "$nar_last" --fp32
+      "$PY" eval.py --checkpoint "$RUN/at_$at.pt" --layout folder --src "$DATA/speak/test" --per-speaker 5 \
+        --prompt-seconds 1 --top-p 0 > "$RUN/eval_$at.tmp"
+      mv "$RUN/eval_$at.tmp" "$RUN/eval_$at.txt" && rm "$RUN/at_$at.pt"
+      echo "== step $at:" && grep "this model" "$RUN/eval_$at.txt"
     done
+    "$PY" models/export.py "$RUN/speak_ar/step_$AR_STEPS.pt" "$RUN/model.pt" --nar-from "$nar_last"
+    for sampling in "--top-p 0" "--top-p 0.8"; do  # greedy with RAS, and the default sampling
+      name=${sampling// /}
+      "$PY" eval.py --checkpoint "$RUN/model.pt" --layout folder --src "$DATA/speak/test" \
+        --prompt-seconds 1 --real-c0 $sampling | tee "$RUN/final_heldout$name.txt"
+      "$PY" eval.py --checkpoint "$RUN/model.pt" --layout folder --src "$DATA/speak_open/test" \
+        --prompt-seconds 1 $sampling | tee "$RUN/final_open$name.txt"
+    done
+    echo "== $RUN/model.pt: the model; docs/model.md compares it with models/flite-small.pt"
     ;;
   bilingual)  # docs/languages.md: VALL-E X's language ID on a generated corpus
     STEPS="${BILINGUAL_STEPS:-300}"
@@ -130,7 +202,8 @@ case "${1:-}" in
       --text "Die Katze findet den Schlüssel im Garten." --out runs/bilingual/de.wav
     ;;
   *)
-    echo "usage: bash run.sh demo | learn | speak | bilingual | test [pytest arguments]" >&2
+    echo "usage: bash run.sh demo | learn | speak | bilingual | test [pytest arguments] |" \
+      "gpu-check [--dry-run] [FILE] | gpu-wheels [3.X ...]" >&2
     exit 2
     ;;
 esac

