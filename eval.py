@@ -16,10 +16,10 @@ SIM, the cosine of speaker embeddings of output and prompt (mean); the duration 
 seconds over the real recording's (mean). The real recordings, scored the same way, make the
 ground-truth row; the paper's figures are printed below them.
 
-Inputs: --layout librispeech reads LibriSpeech's own folders (speaker/chapter/*.flac and the
-chapter's *.trans.txt) and keeps utterances of 4-10 s, the paper's test set; every layout of
-data/prepare.py works too, unfiltered unless --min-seconds or --max-seconds is given. --limit and
---per-speaker make quick runs. --real-c0 adds a row: the NAR's codebooks over each recording's
+Inputs: every layout of data/prepare.py. --layout librispeech reads LibriSpeech's own folders
+(speaker/chapter/*.flac and the chapter's *.trans.txt) and keeps utterances of 4-10 s, the
+paper's test set; the other layouts are unfiltered unless --min-seconds or --max-seconds is
+given. --limit and --per-speaker make quick runs. --real-c0 adds a row: the NAR's codebooks over each recording's
 real codebook 0, which tells whether the AR or the NAR limits the WER. --out DIR writes the outputs (DIR/<mode>/<utterance>.wav) and
 DIR/scores.tsv, one row per utterance and mode.
 
@@ -38,7 +38,6 @@ and WavLM-TDNN, so compare a model with the ground-truth row of the same run, no
 Errors print one line and exit with status 2 before anything is written.
 """
 import argparse
-import glob
 import math
 import os
 import sys
@@ -75,22 +74,7 @@ PAPER = {
 # Utterances: a corpus's (id, audio path, text, speaker), in order
 
 
-def librispeech(src):
-    """LibriSpeech's own layout: <speaker>/<chapter>/<utterance>.flac, each chapter's transcripts
-    in <speaker>-<chapter>.trans.txt, one "<utterance> <TEXT>" per line."""
-    items = []
-    for trans in glob.glob(os.path.join(src, "*", "*", "*.trans.txt")):
-        chapter = os.path.dirname(trans)
-        speaker = os.path.basename(os.path.dirname(chapter))
-        with open(trans, encoding="utf-8") as f:
-            for line in f:
-                utt, _, text = line.strip().partition(" ")
-                if utt:
-                    items.append((utt, os.path.join(chapter, utt + ".flac"), text.strip(), speaker))
-    return sorted(items)
-
-
-LAYOUTS = {"librispeech": librispeech, **prepare.LAYOUTS}  # each returns sorted tuples
+LAYOUTS = prepare.LAYOUTS  # librispeech among them: one reader for prepare.py and eval.py
 
 
 def audio_seconds(path):
@@ -476,7 +460,8 @@ def parse_args(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/demo/best.pt", help="from train.py")
     p.add_argument("--layout", required=True, choices=LAYOUTS,
-                   help="librispeech (speaker/chapter/*.flac + *.trans.txt) or a data/prepare.py layout")
+                   help="a data/prepare.py layout; librispeech: LibriSpeech's "
+                        "speaker/chapter/*.flac + *.trans.txt")
     p.add_argument("--src", required=True, help="corpus folder (or manifest file)")
     p.add_argument("--language", default="en",
                    help="the utterances' language, unless a manifest line gives its own "

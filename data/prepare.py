@@ -5,6 +5,7 @@ memory-mapped arrays, an index and a meta file.
     python data/prepare.py --layout folder --src data/demo --out data/prepared/demo
     python data/prepare.py --layout ljspeech --src LJSpeech-1.1 --out data/prepared/ljspeech
     python data/prepare.py --layout libritts --src LibriTTS/train-clean-100 --out data/prepared/libritts
+    python data/prepare.py --layout librispeech --src LibriSpeech/train-clean-100 --out data/prepared/librispeech
     python data/prepare.py --layout vctk --src VCTK-Corpus --out data/prepared/vctk
     python data/prepare.py --layout manifest --src my_list.txt --out data/prepared/mine
 
@@ -24,6 +25,9 @@ copy those folders into one DIR, then merge them into the dataset:
 Layouts:
   ljspeech  metadata.csv (id|text|normalized text) + wavs/<id>.wav, one speaker
   libritts  <speaker>/<chapter>/<id>.wav + <id>.normalized.txt (LibriTTS and LibriTTS-R)
+  librispeech
+            <speaker>/<chapter>/<id>.flac + <speaker>-<chapter>.trans.txt of "<id> <TEXT>" lines
+            (LibriSpeech; eval.py reads it with the same function)
   vctk      wav48*/<speaker>/<id>[_mic1].wav|flac + txt/<speaker>/<id>.txt
   folder    any audio file with a same-name .txt transcript; the speaker is its folder's name
   manifest  a text file of lines path|text|speaker|language (paths relative to the manifest;
@@ -107,6 +111,22 @@ def libritts(src):
     return items
 
 
+def librispeech(src):
+    """LibriSpeech's own layout: <speaker>/<chapter>/<id>.flac, each chapter's transcripts in
+    <speaker>-<chapter>.trans.txt, one "<id> <TEXT>" per line (a line without its .flac is kept:
+    it is skipped later as a missing audio file, and counted)."""
+    items = []
+    for trans in glob.glob(os.path.join(src, "*", "*", "*.trans.txt")):
+        chapter = os.path.dirname(trans)
+        speaker = os.path.basename(os.path.dirname(chapter))
+        with open(trans, encoding="utf-8") as f:
+            for line in f:
+                utt, _, text = line.strip().partition(" ")
+                if utt:
+                    items.append((utt, os.path.join(chapter, utt + ".flac"), text.strip(), speaker))
+    return sorted(items)
+
+
 def vctk(src):
     items, seen = [], set()
     for path in sorted(glob.glob(os.path.join(src, "wav48*", "*", "*"))):
@@ -154,8 +174,8 @@ def with_language(items, default):
     return [(*item[:4], item[4] if len(item) > 4 and item[4] else default) for item in items]
 
 
-LAYOUTS = {"ljspeech": ljspeech, "libritts": libritts, "vctk": vctk, "folder": folder,
-           "manifest": manifest}
+LAYOUTS = {"ljspeech": ljspeech, "libritts": libritts, "librispeech": librispeech, "vctk": vctk,
+           "folder": folder, "manifest": manifest}
 
 
 # -----------------------------------------------------------------------------

