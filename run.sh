@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The quick start's two commands; each sets itself up (a venv in .venv from requirements.txt).
-#   bash run.sh demo   prepare the bundled demo data, train the tiny preset, speak a sentence
+#   bash run.sh demo   the shipped model says a new sentence; then prepare the bundled demo data,
+#                      train the tiny preset and speak with it
 #   bash run.sh test   run the test suite (arguments, if any, go to pytest instead of tests/)
+#   bash run.sh speak  docs/model.md: the shipped model's recipe, from scratch (flite voices, the
+#                      mel codec, the small preset; run it again to continue where it stopped)
 #   bash run.sh learn  docs/learning.md: train on a generated espeak-ng corpus (about 1 h 45 min)
-#   bash run.sh speak  docs/learning.md "Heard": flite voices, the mel codec, Whisper's WER every
-#                      2,000 steps (about 2 h 20 min on 2 idle cores; run it again to continue a run)
 #   bash run.sh bilingual  docs/languages.md: English and German in the same voices, then
 #                          an English voice speaks German
 #   bash run.sh gpu-check [--dry-run] [FILE]  docs/tests.md: tests/test_cuda.py, figures in

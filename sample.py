@@ -244,7 +244,7 @@ def run(args):
     if not codec.speaks:
         print(f"note: this checkpoint was trained on codes of a test codec ({ckpt['codec']}; the "
               "pretrained EnCodec was not available): the output is noise with the right timing, "
-              "not speech. Speech offline: the mel codec (bash run.sh speak, docs/learning.md)",
+              "not speech. Speech offline: the mel codec, as the shipped model has (docs/model.md)",
               file=sys.stderr)
     prompt_codes = codec.encode(prompt_wav).to(device)  # (8, Tp)
     sampling = args.sampling

@@ -73,7 +73,7 @@ PRESETS = {
     # the shipped model's (docs/model.md): 4.0M (AR) and 5.8M (NAR), utterances up to 20 s
     "small": dict(n_layer=4, n_head=4, d_model=256, d_ff=1024, dropout=0.1,
                   max_text_tokens=256, max_frames=20 * FRAME_RATE),
-    # VALL-E's size (VALL-E §5): ~150M parameters per model
+    # VALL-E's size (VALL-E §5): 159M (AR) and 164M (NAR) parameters
     "paper": dict(n_layer=12, n_head=16, d_model=1024, d_ff=4096, dropout=0.1),
 }
 
