@@ -3,9 +3,10 @@ Whisper's WER against steps) and the AR's attention from audio to text at a few 
 
     python docs/figures.py --run runs/speak --data data/speak/test --out docs/img
 
-Reads <run>/train.log (train.py's output), <run>/eval_<step>.txt (eval.py's tables, as
-`bash run.sh speak` writes them) and <run>/step_<step>.pt (the checkpoints it keeps at each
-stop). Needs matplotlib (`pip install matplotlib`), which nothing else here uses.
+Reads what `bash run.sh speak` writes into the run's folder: speak_ar/train.log and
+speak_nar/train.log (train.py's output), eval_<step>.txt (eval.py's tables at each of the AR's
+stops) and speak_ar/step_<step>.pt (the AR's checkpoints). Needs matplotlib (`pip install
+matplotlib`), which nothing else here uses.
 """
 import argparse
 import glob
@@ -20,14 +21,15 @@ import valle  # noqa: E402
 from extras import audio, cli, codecs  # noqa: E402
 
 
-def validation_losses(log_path):
-    """train.log -> {step: (AR loss, NAR loss)} from its `val` lines."""
+def validation_losses(log_path, model):
+    """train.log -> {step: the model's validation loss}, from its lines "val <step> | ar X nar Y | ..."."""
     losses = {}
     with open(log_path, encoding="utf-8") as f:
         for line in f:
-            m = re.match(r"val\s+(\d+) \| ar ([\d.]+) nar ([\d.]+)", line)
-            if m:
-                losses[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+            m = re.match(r"val\s+(\d+) \|([^|]*)\|", line)
+            loss = re.search(rf"\b{model} ([\d.]+)", m.group(2)) if m else None
+            if loss:
+                losses[int(m.group(1))] = float(loss.group(1))
     return losses
 
 
@@ -47,11 +49,10 @@ def eval_wers(run):
 
 
 @torch.inference_mode()
-def text_attention(ar, text, groups):
-    """The AR's attention from each audio position (<bos>, then each group) to each phone,
-    teacher-forced on one utterance: text (1, L), groups (1, N, G) -> (layers, N + 1, L), the
-    mean over heads. Recomputed from each block's queries and keys (scaled_dot_product_attention
-    returns no weights)."""
+def attention(ar, text, groups):
+    """The AR's attention probabilities, teacher-forced on one utterance: text (1, L), groups
+    (1, N, G) -> (layers, heads, S, S) over the whole sequence (S = L + 2 + N), recomputed from
+    each block's queries and keys (scaled_dot_product_attention returns no weights)."""
     qkv = []
     hooks = [b.qkv.register_forward_hook(lambda m, i, out: qkv.append(out)) for b in ar.transformer.blocks]
     try:
@@ -59,16 +60,21 @@ def text_attention(ar, text, groups):
     finally:
         for h in hooks:
             h.remove()
-    L, cfg = text.shape[1], ar.cfg
-    maps = []
+    cfg, maps = ar.cfg, []
     for out in qkv:  # (1, S, 3d)
         q, k, _ = out.split(cfg.d_model, dim=2)
         q, k = (t.view(1, -1, cfg.n_head, cfg.head_dim).transpose(1, 2) for t in (q, k))  # (1, nh, S, hs)
         scores = q @ k.transpose(-1, -2) / cfg.head_dim ** 0.5  # (1, nh, S, S)
         S = scores.shape[-1]
-        scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
-        maps.append(scores.softmax(-1)[0].mean(0)[L + 1:, :L])  # (N + 1, L): audio -> text
+        maps.append(scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)[0])
     return torch.stack(maps)
+
+
+def text_attention(ar, text, groups):
+    """From each audio position (<bos>, then each group) to each phone: (layers, N + 1, L), the
+    mean over heads."""
+    L = text.shape[1]
+    return attention(ar, text, groups).mean(1)[:, L + 1:, :L]
 
 
 def diagonality(attention):
@@ -97,20 +103,22 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     # 1. The learning curve
-    losses, wers = validation_losses(os.path.join(args.run, "train.log")), eval_wers(args.run)
-    if not losses:
-        cli.fail(f"no validation lines in {args.run}/train.log")
+    losses = {m: validation_losses(os.path.join(args.run, f"speak_{m}", "train.log"), m)
+              for m in ("ar", "nar") if os.path.exists(os.path.join(args.run, f"speak_{m}", "train.log"))}
+    if not any(losses.values()):
+        cli.fail(f"no validation lines in {args.run}/speak_ar/train.log or speak_nar/train.log")
+    wers = eval_wers(args.run)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    steps = sorted(losses)
-    top.plot(steps, [losses[s][0] for s in steps], label="AR (codebook 0)")
-    top.plot(steps, [losses[s][1] for s in steps], label="NAR (codebooks 1-7)")
+    for model, label in (("ar", "AR (codebook 0)"), ("nar", "NAR (codebooks 1-7)")):
+        steps = sorted(losses.get(model, {}))
+        top.plot(steps, [losses[model][s] for s in steps], label=label)
     top.set_ylabel("validation loss (nats)")
     top.legend()
     for mode in ("continuation", "cross"):
         points = sorted((s, w[mode]) for s, w in wers.items() if mode in w)
         if points:
             bottom.plot(*zip(*points), marker="o", label=mode)
-    bottom.set_ylabel("WER % (Whisper tiny.en)")
+    bottom.set_ylabel("WER % (Whisper tiny.en)\nthe AR of the step, the last NAR")
     bottom.set_xlabel("training step")
     bottom.legend()
     fig.tight_layout()
@@ -119,9 +127,9 @@ def main(argv=None):
 
     # 2. Attention from audio to text at each kept checkpoint
     found = sorted((int(re.search(r"step_(\d+)\.pt$", c).group(1)), c)
-                   for c in glob.glob(os.path.join(args.run, "step_*.pt")))
+                   for c in glob.glob(os.path.join(args.run, "speak_ar", "step_*.pt")))
     if not found:
-        cli.fail(f"no step_<N>.pt checkpoints in {args.run}")
+        cli.fail(f"no step_<N>.pt checkpoints in {args.run}/speak_ar")
     found = [found[i] for i in sorted({round(i * (len(found) - 1) / 3) for i in range(4)})]
     from data import prepare
     items = prepare.list_items(args.data, "folder", "en")
