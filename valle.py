@@ -166,7 +166,7 @@ def text_to_ids(text, language="en"):
 # Codec: EnCodec 24 kHz at 6 kbps, audio <-> [8, T] codes (VALL-E 2 §3.2)
 
 def fp32(device):
-    """A region in fp32 even under a caller's autocast (tests' "meta" device has none)."""
+    """A region in fp32 even under a caller's autocast (the "meta" device has none)."""
     return nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
@@ -220,7 +220,6 @@ class KVCache:
 
     def __init__(self, cfg, batch_size, max_len, device=None):
         self.shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
-        # a tensor per layer, not views of one, which a compiled step might copy whole to write
         self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len

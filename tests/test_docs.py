@@ -16,12 +16,13 @@ import valle
 from conftest import ROOT
 
 SCRIPTS = ["train.py", "sample.py", "eval.py", "bench.py", "data/prepare.py",
-           "data/make_corpus.py", "data/make_demo.py"]
+           "data/make_corpus.py", "data/make_demo.py", "data/wordnet_sentences.py",
+           "models/export.py", "docs/figures.py"]
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 # Folders of the repository whose files a command may name; what commands write (runs/,
 # data/prepared/, data/corpus/, anything after --out) and users' data (LJSpeech-1.1, ...)
 # need not exist.
-TRACKED = ("data/", "tests/", "extras/", "docs/")
+TRACKED = ("data/", "tests/", "extras/", "docs/", "models/")
 WRITTEN = ("data/prepared", "data/corpus", "data/flite", "data/bilingual")  # made by the commands
 
 
