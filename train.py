@@ -555,8 +555,10 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             die(str(e) + ("" if not args.resume else "; drop --resume to start a new run"))
         if ckpt.get("codec") != data.meta["codec"]:
+            same = (f"data/prepare.py --codec mel --codebooks {source}" if str(ckpt.get("codec")).startswith("mel-")
+                    else "the same codec")
             die(f"{source} was trained on codes of codec {ckpt.get('codec')}, {args.data} holds "
-                f"codes of {data.meta['codec']}: prepare the data with the same codec")
+                f"codes of {data.meta['codec']}: prepare the data with {same}")
         if args.group_size is not None and args.group_size != cfg.group_size:
             die(f"{source} has group size {cfg.group_size}; it cannot continue with {args.group_size}")
         wanted = args.models.split(",")

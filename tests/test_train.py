@@ -91,6 +91,14 @@ def test_fine_tune_from_a_checkpoint(prepared, tmp_path):
     bad = train(prepared, tmp_path / "ft2", "--init-from", str(tmp_path / "base" / "last.pt"),
                 "--group-size", "4", "--max-steps", "1")
     assert bad.returncode == 2 and "group size 2" in bad.stderr
+    # a checkpoint of another codec's codes: one line that says how to prepare the data (the
+    # mel codec's codebooks come from the checkpoint itself)
+    ckpt = torch.load(tmp_path / "base" / "last.pt", weights_only=True)
+    cli.save_checkpoint(str(tmp_path / "mel.pt"), **{**ckpt, "codec": "mel-0123456789ab"})
+    other = train(prepared, tmp_path / "ft4", "--init-from", str(tmp_path / "mel.pt"), "--max-steps", "1")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert (f"was trained on codes of codec mel-0123456789ab, {prepared} holds codes of untrained-seed0: "
+            f"prepare the data with data/prepare.py --codec mel --codebooks {tmp_path / 'mel.pt'}") in other.stderr
 
 
 def test_ar_only_then_nar_only(prepared, tmp_path):
