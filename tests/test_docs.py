@@ -23,7 +23,7 @@ DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.pat
 # data/prepared/, data/corpus/, anything after --out) and users' data (LJSpeech-1.1, ...)
 # need not exist.
 TRACKED = ("data/", "tests/", "extras/", "docs/", "models/")
-WRITTEN = ("data/prepared", "data/corpus", "data/flite", "data/bilingual")  # made by the commands
+WRITTEN = ("data/prepared", "data/corpus", "data/flite", "data/bilingual", "data/speak", "data/ked")  # made by the commands
 
 
 def read(path):
@@ -155,9 +155,10 @@ FIGURES = [
            r"demo's real-time factor (?:is |of )?(\d+\.\d+)", where=("docs/performance.md",)),
     Figure("pocketsphinx's WER on the demo's sentences 15-19, which dropped it",
            r"pocketsphinx\b[^|]{0,100}?\bheard (?:a WER of )?(\d\.\d+)", where=("docs/learning.md",)),
-    # The shipped model's, once docs/model.md quotes them, e.g.:
-    # Figure("the shipped model's held-out WER", r"held-out WER (?:of |is )?(\d+\.\d+)%",
-    #        where=("docs/model.md", "README.md")),
+    Figure("the shipped model's held-out WER, greedy (continuation / cross)",
+           r"(\d+\.\d)% / (\d+\.\d)% greedy", where=("docs/model.md", "README.md")),
+    Figure("the shipped model's open-vocabulary WER, greedy (cross)",
+           r"(?:never heard at|open vocabulary at most 35% cross \|) (\d+\.\d)%", where=("docs/model.md", "README.md")),
 ]
 
 
